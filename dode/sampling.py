@@ -1,0 +1,114 @@
+"""Sampling: one loop that drives any scheduler over a model, with per-sample seeds."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .models import resolve_device
+from .scheduler import DODEScheduler
+from .solvers import Solver, get_solver, make_scheduler, solver_of, start_sigma, state_sigmas, to_ddpm_state
+
+
+class Trajectory(NamedTuple):
+    """States in the DDPM convention: the initial one, then one after each model evaluation."""
+
+    states: torch.Tensor  # (nfe + 1, num_samples, *sample_shape)
+    sigmas: torch.Tensor  # (nfe + 1,) noise level of each state, float64
+
+
+def seeded_noise(shape, num: int, seed: int) -> torch.Tensor:
+    """Standard normal noise (num, *shape), float32 on the CPU; sample k comes from seed + k alone."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + k)) for k in range(num)])
+
+
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def prepare_scheduler(model, solver_or_scheduler, nfe: int):
+    """(scheduler, num_inference_steps) for a solver name, a diffusers scheduler or a DODEScheduler."""
+    if isinstance(solver_or_scheduler, (str, Solver)):
+        solver = get_solver(solver_or_scheduler)
+        return make_scheduler(solver.name, model), solver.steps_for(nfe)
+    if isinstance(solver_or_scheduler, DODEScheduler):
+        if nfe != solver_or_scheduler.nfe:
+            raise ValueError(f"this DODEScheduler was fitted for NFE {solver_or_scheduler.nfe}, not {nfe}")
+        return solver_or_scheduler, solver_or_scheduler.num_inference_steps
+    return solver_or_scheduler, solver_of(solver_or_scheduler).steps_for(nfe)
+
+
+@torch.no_grad()
+def integrate(
+    model,
+    scheduler,
+    num_inference_steps: int,
+    noise: torch.Tensor,
+    *,
+    before_step: Callable | None = None,
+    record: bool = False,
+):
+    """Solve from ``noise`` with ``scheduler``; returns (final sample, states or None).
+
+    ``before_step(k, model_output, t, x)`` runs between each model evaluation and its ``step`` (distillation
+    hooks in there). States are recorded in the DDPM convention, the initial state first.
+    """
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    sigmas = state_sigmas(scheduler)
+    x = noise * scheduler.init_noise_sigma
+    states = [to_ddpm_state(x, start_sigma(scheduler), scheduler).cpu()] if record else None
+    for k, t in enumerate(scheduler.timesteps):
+        output = model(scheduler.scale_model_input(x, t), t)
+        if not torch.isfinite(output).all():
+            raise FloatingPointError(
+                f"the model output at evaluation {k + 1} of {len(scheduler.timesteps)} (timestep {float(t):g}) "
+                "contains NaN or inf"
+            )
+        if before_step is not None:
+            before_step(k, output, t, x)
+        x = scheduler.step(output, t, x).prev_sample
+        if record:
+            states.append(to_ddpm_state(x, sigmas[k], scheduler).cpu())
+    return x, (torch.stack(states) if record else None)
+
+
+def sample(
+    model,
+    solver_or_scheduler,
+    nfe: int,
+    num_samples: int,
+    *,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device="auto",
+    return_trajectory: bool = False,
+    progress: bool = True,
+):
+    """Draw ``num_samples`` samples with exactly ``nfe`` model evaluations each.
+
+    ``solver_or_scheduler`` is a solver name (see ``dode.SOLVERS``), a diffusers scheduler or a
+    ``DODEScheduler``. Sample k starts from the noise of seed + k, so results do not depend on
+    ``batch_size``. Returns a CPU tensor (num_samples, *model.sample_shape), and a ``Trajectory`` when
+    ``return_trajectory``.
+    """
+    scheduler, steps = prepare_scheduler(model, solver_or_scheduler, nfe)
+    batch_size = check_batch_size(batch_size or num_samples)
+    device = resolve_device(device)
+    model.to(device)
+    samples, trajectories = [], []
+    starts = range(0, num_samples, batch_size)
+    for start in tqdm(starts, desc=f"sampling {nfe} NFE", disable=not progress or len(starts) < 2):
+        noise = seeded_noise(model.sample_shape, min(batch_size, num_samples - start), seed + start).to(device)
+        x, states = integrate(model, scheduler, steps, noise, record=return_trajectory)
+        if len(scheduler.timesteps) != nfe:
+            raise RuntimeError(f"{type(scheduler).__name__} made {len(scheduler.timesteps)} evaluations, not {nfe}")
+        samples.append(x.float().cpu())
+        trajectories.append(states)
+    samples = torch.cat(samples)
+    if not return_trajectory:
+        return samples
+    sigmas = torch.cat([torch.tensor([start_sigma(scheduler)], dtype=torch.float64), state_sigmas(scheduler)])
+    return samples, Trajectory(torch.cat(trajectories, dim=1), sigmas)

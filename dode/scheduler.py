@@ -1,0 +1,121 @@
+"""``DODEScheduler``: any diffusers scheduler with D-ODE's one scalar per model evaluation.
+
+Before the base scheduler sees model output o_i it becomes o_i + lambda_i (o_i - o_{i-1}) (lambda_0 = 0).
+Everything else (``timesteps``, ``init_noise_sigma``, ``scale_model_input``, ``config``, ...) is the base
+scheduler's, so a DODEScheduler drops in wherever the base scheduler is used.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import diffusers
+import torch
+
+from .solvers import solver_of
+
+LAMBDAS_FILE = "dode_lambdas.json"
+
+
+class DODEScheduler:
+    def __init__(self, base_scheduler, lambdas, num_inference_steps: int, fit_info: dict | None = None):
+        lambdas = [float(v) for v in lambdas]
+        if not lambdas:
+            raise ValueError("a DODEScheduler needs one lambda per model evaluation; got none")
+        if not all(math.isfinite(v) for v in lambdas):
+            raise ValueError(f"lambdas must be finite, got {lambdas}")
+        self.base_scheduler = base_scheduler
+        self.lambdas = lambdas
+        self.num_inference_steps = int(num_inference_steps)
+        self.fit_info = dict(fit_info or {})
+        self._reset()
+
+    @property
+    def nfe(self) -> int:
+        """Model evaluations per sampling run: one per lambda."""
+        return len(self.lambdas)
+
+    def _reset(self):
+        self._evaluation = 0
+        self._previous_output = None
+
+    def __getattr__(self, name):
+        # Only called for attributes this object lacks: hand them to the base scheduler.
+        if name.startswith("__") or "base_scheduler" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.base_scheduler, name)
+
+    def __repr__(self):
+        lams = ", ".join(f"{v:+.3f}" for v in self.lambdas)
+        return f"DODEScheduler({type(self.base_scheduler).__name__}, nfe={self.nfe}, lambdas=[{lams}])"
+
+    def set_timesteps(self, num_inference_steps: int | None = None, *args, **kwargs):
+        if num_inference_steps is not None and int(num_inference_steps) != self.num_inference_steps:
+            raise ValueError(
+                f"these lambdas were fitted for num_inference_steps={self.num_inference_steps} "
+                f"({self.nfe} NFE); got {num_inference_steps}. Distil again for another step count."
+            )
+        self.base_scheduler.set_timesteps(self.num_inference_steps, *args, **kwargs)
+        self._reset()
+
+    def corrected_output(self, model_output: torch.Tensor, lam: float | None = None) -> torch.Tensor:
+        """o~_i = o_i + lambda_i (o_i - o_{i-1}) for the evaluation about to be stepped (no state change)."""
+        lam = self.lambdas[self._evaluation] if lam is None else lam
+        if self._previous_output is None or lam == 0.0:
+            return model_output
+        return model_output + lam * (model_output - self._previous_output)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *args, lam: float | None = None, **kwargs):
+        """The base scheduler's ``step`` on the corrected output. ``lam`` overrides this step's lambda."""
+        if self._evaluation >= self.nfe:
+            raise RuntimeError(
+                f"step() called {self._evaluation + 1} times, but the lambdas cover {self.nfe} model evaluations; "
+                "call set_timesteps() before every sampling run"
+            )
+        corrected = self.corrected_output(model_output, lam)
+        self._previous_output = model_output
+        self._evaluation += 1
+        return self.base_scheduler.step(corrected, timestep, sample, *args, **kwargs)
+
+    # -- persistence, in diffusers' layout: the base scheduler's config plus the lambdas ---------------------
+    def save_pretrained(self, save_directory):
+        save_directory = Path(save_directory)
+        self.base_scheduler.save_pretrained(save_directory)
+        record = {
+            "base_scheduler": type(self.base_scheduler).__name__,
+            "num_inference_steps": self.num_inference_steps,
+            "nfe": self.nfe,
+            "lambdas": self.lambdas,
+            "fit": self.fit_info,
+        }
+        (save_directory / LAMBDAS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "DODEScheduler":
+        directory = Path(directory)
+        path = directory / LAMBDAS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} holds no {LAMBDAS_FILE}: not a saved DODEScheduler")
+        try:
+            record = json.loads(path.read_text())
+            class_name, steps, nfe = record["base_scheduler"], int(record["num_inference_steps"]), int(record["nfe"])
+            lambdas = [float(v) for v in record["lambdas"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is corrupt: {err!r}") from err
+        scheduler_class = getattr(diffusers, class_name, None)
+        if scheduler_class is None:
+            raise ValueError(f"{path} names an unknown diffusers scheduler {class_name!r}")
+        base = scheduler_class.from_pretrained(directory)
+        if len(lambdas) != nfe:
+            raise ValueError(f"{path} is inconsistent: {len(lambdas)} lambdas for nfe={nfe}")
+        try:
+            solver = solver_of(base)
+        except ValueError:  # a scheduler without an NFE rule: trust the stored count
+            solver = None
+        if solver is not None and solver.nfe_of_steps(steps) != nfe:
+            raise ValueError(
+                f"{path} is inconsistent: {solver.name} with num_inference_steps={steps} makes "
+                f"{solver.nfe_of_steps(steps)} model evaluations, but {nfe} lambdas are stored"
+            )
+        return cls(base, lambdas, steps, record.get("fit"))

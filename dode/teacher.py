@@ -1,0 +1,105 @@
+"""The teacher: the same model solved with many small DDIM steps, read off at the student's own times.
+
+DDIM (eta = 0) is the Euler method of the probability-flow ODE in sigma, so the teacher is diffusers'
+``EulerDiscreteScheduler`` on an explicit sigma grid, which can hold any noise level, fractional
+timesteps included. Two grids:
+
+- ``grid=C`` (an integer, the paper's teacher): every interval of the student's grid split into C steps,
+  uniform in the training timestep. Each student times is on the grid by construction.
+- ``grid="fine"``: every training timestep. Its trajectory is computed once per start and shared by every
+  solver and NFE; a student time between two grid points is reached by one Euler step from the point above.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import EulerDiscreteScheduler
+
+from .models import resolve_device, training_sigmas
+from .sampling import seeded_noise
+from .solvers import is_sigma_space, start_sigma, state_sigmas
+
+
+class Teacher:
+    def __init__(self, model, *, batch_size: int = 100, seed: int = 0, grid: int | str = 10, device="auto"):
+        if grid != "fine" and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
+            raise ValueError(f"teacher grid must be a positive integer C (refinement) or 'fine', got {grid!r}")
+        self.model = model
+        self.grid = grid
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = resolve_device(device)
+        self.noise = seeded_noise(model.sample_shape, batch_size, seed).to(self.device)
+        sigmas = training_sigmas(model.scheduler_config)
+        self._log_sigmas = np.log(sigmas)
+        self._training_sigmas = sigmas
+        self._fine_runs: dict = {}
+        self.nfe = 0  # model evaluations spent so far
+
+    def __repr__(self):
+        return f"Teacher(grid={self.grid!r}, batch_size={self.batch_size}, seed={self.seed}, nfe so far={self.nfe})"
+
+    # -- time <-> noise level, the log-linear map diffusers' sigma schedulers use --------------------------
+    def _timestep(self, sigma):
+        return np.interp(np.log(sigma), self._log_sigmas, np.arange(len(self._log_sigmas)))
+
+    def _sigma(self, t):
+        return np.exp(np.interp(t, np.arange(len(self._log_sigmas)), self._log_sigmas))
+
+    def refined_grid(self, sigmas) -> np.ndarray:
+        """Split each interval of a descending sigma grid (ending at 0) into ``self.grid`` timestep-uniform steps."""
+        knots = [float(s) for i, s in enumerate(sigmas) if i == 0 or s != sigmas[i - 1]]
+        grid = [knots[0]]
+        for high, low in zip(knots[:-1], knots[1:]):
+            t_high = self._timestep(high)
+            if low > 0:
+                inner = np.linspace(t_high, self._timestep(low), self.grid + 1)[1:-1]
+                grid += [*self._sigma(inner), low]
+            else:  # the last step lands on sigma = 0: refine down to t = 0, then one step to the clean sample
+                inner = np.linspace(t_high, 0.0, self.grid)[1:]
+                grid += [*self._sigma(inner), 0.0]
+        return np.asarray(grid)
+
+    def _euler(self, x_ddpm: torch.Tensor, grid: np.ndarray) -> torch.Tensor:
+        """DDIM along ``grid`` (descending sigmas) from a DDPM-convention state; every state, DDPM convention."""
+        euler = EulerDiscreteScheduler.from_config(self.model.scheduler_config)
+        euler.set_timesteps(sigmas=list(grid), device=x_ddpm.device)
+        x = x_ddpm * float(np.sqrt(1 + grid[0] ** 2))
+        states = [x_ddpm.cpu()]
+        with torch.no_grad():
+            for k, t in enumerate(euler.timesteps):
+                x = euler.step(self.model(euler.scale_model_input(x, t), t), t, x).prev_sample
+                states.append((x / float(np.sqrt(1 + grid[k + 1] ** 2))).cpu())
+        self.nfe += len(euler.timesteps)
+        return torch.stack(states)
+
+    def targets(self, scheduler) -> torch.Tensor:
+        """Teacher states at the noise levels of ``scheduler``'s states after each model evaluation.
+
+        ``scheduler`` must have had ``set_timesteps``; the teacher starts where the student starts (same noise,
+        same noise level, same initial scale). Returns (nfe, batch, *shape) in the DDPM convention, on the CPU.
+        """
+        start = start_sigma(scheduler)
+        scale = float(scheduler.init_noise_sigma)
+        if is_sigma_space(scheduler):
+            scale /= float(np.sqrt(1 + start**2))
+        x_start = self.noise * scale
+        wanted = state_sigmas(scheduler).numpy()
+        if self.grid != "fine":
+            grid = self.refined_grid(np.concatenate([[start], wanted]))
+            states = self._euler(x_start, grid)
+            index = [int(np.argmin(np.abs(grid - s))) for s in wanted]
+            return states[index]
+        return torch.stack([self._fine_state(x_start, start, scale, s) for s in wanted])
+
+    def _fine_state(self, x_start, start: float, scale: float, sigma: float) -> torch.Tensor:
+        key = (round(start, 6), round(scale, 9))
+        if key not in self._fine_runs:
+            below = self._training_sigmas[self._training_sigmas < start * (1 - 1e-6)][::-1]
+            grid = np.concatenate([[start], below, [0.0]])
+            self._fine_runs[key] = (grid, self._euler(x_start, grid))
+        grid, states = self._fine_runs[key]
+        j = int(np.nonzero(grid >= sigma * (1 - 1e-6))[0][-1])  # the last grid point at or above sigma
+        if abs(grid[j] - sigma) <= 1e-6 * max(sigma, 1e-12):
+            return states[j]
+        return self._euler(states[j].to(self.device), np.array([grid[j], sigma]))[-1]
