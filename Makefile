@@ -18,11 +18,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+NOTEBOOKS := $(wildcard notebooks/*.ipynb)
+
 test: setup
 	$(PY) -m pytest -q tests
+ifneq ($(NOTEBOOKS),)
+	$(PY) -m pytest -q --nbval-lax $(NOTEBOOKS)
+endif
 
 reproduce: setup
-	$(PY) -m dode.reproduce --out results
+	$(PY) -m dode.reproduce --out results $(ARGS)
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks

@@ -31,7 +31,7 @@ def solve_ode(model, num_samples: int, *, seed: int = 0, batch_size: int | None 
 
     Starts, like the solvers in ``dode.SOLVERS``, from x_T = noise at the last training timestep.
     """
-    batch_size = check_batch_size(batch_size or num_samples)
+    batch_size = check_batch_size(num_samples if batch_size is None else batch_size)
     device = resolve_device(device)
     model.to(device)
     dtype = _model_dtype(model)

@@ -95,7 +95,7 @@ def sample(
     ``return_trajectory``.
     """
     scheduler, steps = prepare_scheduler(model, solver_or_scheduler, nfe)
-    batch_size = check_batch_size(batch_size or num_samples)
+    batch_size = check_batch_size(num_samples if batch_size is None else batch_size)
     device = resolve_device(device)
     model.to(device)
     samples, trajectories = [], []
