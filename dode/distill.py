@@ -85,7 +85,7 @@ def distill(model, solver, nfe: int, *, batch_size: int | None = None, seed: int
         "solver": solver.name,
         "nfe": nfe,
         "num_inference_steps": steps,
-        "teacher": teacher.grid if teacher.grid == "fine" else f"C={teacher.grid}",
+        "teacher": teacher.label,
         "batch_size": teacher.batch_size,
         "seed": teacher.seed,
         "model": getattr(model, "name", type(model).__name__),

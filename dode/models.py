@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,7 +24,10 @@ DDPM_SCHEDULE = {
     "prediction_type": "epsilon",
 }
 
-MODELS = ("gmm-digits",)
+MODELS = ("gmm-digits", "unet-digits")
+
+#: Weights trained by this project and shipped with the package (``make models`` retrains them).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -166,50 +170,99 @@ class ModelNotFoundError(OSError):
     """A model name, folder or hub id that cannot be loaded."""
 
 
-def _load_diffusers(name_or_path: str) -> DiffusersEpsModel:
-    from diffusers import DDPMScheduler, UNet2DModel
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all: without network, fail in seconds, not after minutes of retries."""
+    from urllib.parse import urlparse
 
-    local = Path(name_or_path)
-    is_local = local.exists()
-    if not is_local and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1):
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _load_unet(name_or_path: str, **kwargs):
+    """A UNet2DModel from a pipeline layout (unet/) or a bare UNet layout."""
+    from diffusers import UNet2DModel
+
+    kwargs.setdefault("low_cpu_mem_usage", False)  # the default wants `accelerate`, and says so at length
+    try:
+        return UNet2DModel.from_pretrained(name_or_path, subfolder="unet", **kwargs)
+    except (OSError, ValueError):
+        return UNet2DModel.from_pretrained(name_or_path, **kwargs)
+
+
+def _load_diffusers(name_or_path: str) -> DiffusersEpsModel:
+    from diffusers import DDPMScheduler
+
+    is_local = Path(name_or_path).expanduser().exists()
+    if is_local:
+        name_or_path = str(Path(name_or_path).expanduser())
+        try:
+            unet = _load_unet(name_or_path)
+        except Exception as err:
+            raise ModelNotFoundError(f"{name_or_path!r} is not a loadable diffusers UNet2DModel folder: {err}") from err
+    elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise ModelNotFoundError(
             f"unknown model {name_or_path!r}: not an embedded model ({', '.join(MODELS)}), "
             "not an existing folder, and not a hub id of the form 'owner/name'"
         )
-    # A pipeline folder keeps the UNet in unet/ and the schedule in scheduler/; a bare UNet folder holds
-    # config.json (and may hold scheduler_config.json beside it).
-    unet_sub = "unet" if (local / "unet").is_dir() or not is_local else None
-    try:
-        try:
-            unet = UNet2DModel.from_pretrained(name_or_path, subfolder=unet_sub)
-        except (OSError, EnvironmentError):
-            if is_local:
-                raise
-            unet = UNet2DModel.from_pretrained(name_or_path)
-    except Exception as err:  # huggingface_hub raises several kinds; all mean "could not get it"
-        if is_local:
-            raise ModelNotFoundError(f"{name_or_path!r} is not a loadable diffusers UNet2DModel folder: {err}") from err
-        raise ModelNotFoundError(
-            f"could not download {name_or_path!r} from the Hugging Face hub ({type(err).__name__}). Without "
-            "network access, download it on a machine that has it (e.g. `huggingface-cli download "
-            f"{name_or_path} --local-dir ./my-model`), copy the folder here and call "
-            "dode.load_model('./my-model')."
-        ) from err
+    else:
+        try:  # a copy in the local hub cache needs no network
+            unet = _load_unet(name_or_path, local_files_only=True)
+        except Exception:
+            unet = None
+        if unet is None:
+            advice = (
+                f"Download it on a machine with network access (e.g. `huggingface-cli download {name_or_path} "
+                "--local-dir ./my-model`), copy the folder here and call dode.load_model('./my-model'). "
+                f"(No local folder named {name_or_path!r} exists either.)"
+            )
+            if not _hub_reachable():
+                raise ModelNotFoundError(f"cannot download {name_or_path!r}: the Hugging Face hub is unreachable "
+                                         f"(offline?). {advice}")
+            try:
+                unet = _load_unet(name_or_path)
+            except Exception as err:  # huggingface_hub raises several kinds; all mean "could not get it"
+                raise ModelNotFoundError(f"could not download {name_or_path!r} ({type(err).__name__}: {err}). "
+                                         f"{advice}") from err
     schedule = dict(DDPM_SCHEDULE)
     for sub in ("scheduler", None):
         try:
-            schedule = dict(DDPMScheduler.load_config(name_or_path, subfolder=sub))
+            schedule = dict(DDPMScheduler.load_config(name_or_path, subfolder=sub, local_files_only=True))
             break
         except Exception:  # no scheduler config there: try the next place, else keep the DDPM default
             continue
     return DiffusersEpsModel(unet, schedule, name_or_path)
 
 
+def load_unet_digits(folder: str | os.PathLike = WEIGHTS_DIR / "unet-digits") -> DiffusersEpsModel:
+    """The ``unet-digits`` testbed from its folder (default: the shipped weights), with a clear error if broken."""
+    folder = Path(folder)
+    try:
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(f"no config.json in {str(folder)!r}")
+        model = _load_diffusers(str(folder))
+    except ModelNotFoundError as err:
+        raise ModelNotFoundError(
+            f"the unet-digits weights in {str(folder)!r} are missing or corrupt ({err}); `make models` retrains them"
+        ) from err
+    model.name = "unet-digits"
+    return model
+
+
 def load_model(name_or_path: str | os.PathLike = "gmm-digits", device: str | torch.device = "auto") -> nn.Module:
-    """Load a model by embedded name (``"gmm-digits"``), local diffusers UNet2DModel folder or hub id."""
+    """Load a model by name (``"gmm-digits"``, ``"unet-digits"``), local diffusers UNet2DModel folder or hub id."""
     name = str(name_or_path)
     if name == "gmm-digits":
         model = gmm_digits()
+    elif name == "unet-digits":
+        model = load_unet_digits()
     else:
         model = _load_diffusers(name)
     return model.to(resolve_device(device)).eval()

@@ -63,7 +63,7 @@ _SOLVERS = [
            dict(solver_order=3, timestep_spacing="trailing"), paper="DEIS"),
     # Heun: two evaluations per step except the last (an Euler step to sigma = 0), 2n - 1 NFE.
     Solver("heun", HeunDiscreteScheduler,
-           dict(use_karras_sigmas=True, timestep_spacing="trailing"),
+           dict(use_karras_sigmas=True, timestep_spacing="linspace"),
            nfe_of_steps=lambda steps: 2 * steps - 1, paper="EDM"),
     Solver("unipc", UniPCMultistepScheduler,
            dict(solver_order=2, solver_type="bh2", timestep_spacing="trailing", final_sigmas_type="zero"),

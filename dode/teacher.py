@@ -8,6 +8,11 @@ timesteps included. Two grids:
   uniform in the training timestep. Each student times is on the grid by construction.
 - ``grid="fine"``: every training timestep. Its trajectory is computed once per start and shared by every
   solver and NFE; a student time between two grid points is reached by one Euler step from the point above.
+
+``match="index"`` (an ablation, with an integer C) instead does what the paper's public code does: a DDIM
+teacher with C x NFE steps on its own grid (DDIM's original ``range(0, T, T // (C NFE))``, which starts at
+t = T - T / (C NFE), not at the student's first time), from the same noise, and every C-th state as the
+target whether or not it lies at the student's time. Only the final (clean) state is then aligned.
 """
 from __future__ import annotations
 
@@ -21,11 +26,15 @@ from .solvers import is_sigma_space, start_sigma, state_sigmas
 
 
 class Teacher:
-    def __init__(self, model, *, batch_size: int = 100, seed: int = 0, grid: int | str = 10, device="auto"):
+    def __init__(self, model, *, batch_size: int = 100, seed: int = 0, grid: int | str = 10, match: str = "time",
+                 device="auto"):
         if grid != "fine" and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
             raise ValueError(f"teacher grid must be a positive integer C (refinement) or 'fine', got {grid!r}")
+        if match not in ("time", "index") or (match == "index" and grid == "fine"):
+            raise ValueError(f"match must be 'time', or 'index' with an integer grid; got match={match!r}, grid={grid!r}")
         self.model = model
         self.grid = grid
+        self.match = match
         self.batch_size = batch_size
         self.seed = seed
         self.device = resolve_device(device)
@@ -37,7 +46,14 @@ class Teacher:
         self.nfe = 0  # model evaluations spent so far
 
     def __repr__(self):
-        return f"Teacher(grid={self.grid!r}, batch_size={self.batch_size}, seed={self.seed}, nfe so far={self.nfe})"
+        return (f"Teacher(grid={self.grid!r}, match={self.match!r}, batch_size={self.batch_size}, seed={self.seed}, "
+                f"nfe so far={self.nfe})")
+
+    @property
+    def label(self) -> str:
+        """"fine", "C=10", or "C=10, index-matched"."""
+        name = "fine" if self.grid == "fine" else f"C={self.grid}"
+        return name + (", index-matched" if self.match == "index" else "")
 
     # -- time <-> noise level, the log-linear map diffusers' sigma schedulers use --------------------------
     def _timestep(self, sigma):
@@ -55,9 +71,11 @@ class Teacher:
             if low > 0:
                 inner = np.linspace(t_high, self._timestep(low), self.grid + 1)[1:-1]
                 grid += [*self._sigma(inner), low]
-            else:  # the last step lands on sigma = 0: refine down to t = 0, then one step to the clean sample
+            elif t_high > 1e-6:  # the last step lands on sigma = 0: refine down to t = 0, then jump to clean
                 inner = np.linspace(t_high, 0.0, self.grid)[1:]
                 grid += [*self._sigma(inner), 0.0]
+            else:  # from the smallest training sigma (t = 0) the model can only make the final jump
+                grid += [0.0]
         return np.asarray(grid)
 
     def _euler(self, x_ddpm: torch.Tensor, grid: np.ndarray) -> torch.Tensor:
@@ -85,6 +103,11 @@ class Teacher:
             scale /= float(np.sqrt(1 + start**2))
         x_start = self.noise * scale
         wanted = state_sigmas(scheduler).numpy()
+        if self.match == "index":
+            steps = self.grid * len(wanted)
+            leading = np.arange(0, len(self._log_sigmas), len(self._log_sigmas) // steps)[:steps][::-1]
+            grid = np.append(self._training_sigmas[leading], 0.0)
+            return self._euler(x_start, grid)[self.grid :: self.grid]
         if self.grid != "fine":
             grid = self.refined_grid(np.concatenate([[start], wanted]))
             states = self._euler(x_start, grid)
