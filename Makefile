@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # here; pyproject.toml keeps an open range for users who bring their own.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test reproduce lab clean
+.PHONY: setup test reproduce models lab clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,15 @@ ifneq ($(NOTEBOOKS),)
 	$(PY) -m pytest -q --nbval-lax $(NOTEBOOKS)
 endif
 
+# FORCE=1 reruns notebooks whose parameters and code have not changed; ARGS passes more options
+# (python -m dode.reproduce --help), e.g. ARGS="--only 05_ablations-gmm-digits".
 reproduce: setup
-	$(PY) -m dode.reproduce --out results $(ARGS)
+	$(PY) -m dode.reproduce --results results $(if $(FORCE),--force) $(ARGS)
+
+# Retrain the shipped unet-digits and digits-classifier weights (dode/weights/); ~10 min on 2 CPU cores.
+models: setup
+	mkdir -p results/notebooks
+	$(PY) -m papermill notebooks/train_unet_digits.ipynb results/notebooks/train_unet_digits.ipynb
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks

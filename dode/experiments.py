@@ -5,19 +5,31 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from .distill import distill
 from .metrics import frechet_distance, rmse
-from .sampling import sample
+from .ode import solve_ode
+from .sampling import prepare_scheduler, sample
 from .solvers import SOLVERS, get_solver
+from .teacher import Teacher
 
 PAPER_NFES = (3, 4, 5, 6, 8, 10)
+
+
+def output_dir(out_dir=None) -> Path:
+    """The folder a notebook writes into: ``out_dir``, or a fresh temporary folder when None."""
+    path = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="dode-"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def possible(solver: str, nfe: int) -> bool:
@@ -28,17 +40,62 @@ def possible(solver: str, nfe: int) -> bool:
     return True
 
 
-def evaluate_grid(model, reference, exact, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
-                  fit_batch_size: int = 100, fit_seed: int = 0, teacher=10, batch_size: int | None = None,
-                  save_dir=None, device="auto", progress: bool = True) -> pd.DataFrame:
-    """One row per (solver, NFE, variant): Frechet distance to ``reference`` and RMSE to ``exact``.
+class EvaluationData(NamedTuple):
+    """What samples are judged against: a reference distribution, and the reference solution of each seed."""
 
-    ``exact`` holds the reference ODE solutions of the evaluation seeds seed, seed + 1, ... (its length is the
-    number of samples). NFEs a solver cannot make are skipped. Each fitted DODEScheduler is saved under
+    reference: torch.Tensor  # samples of the target distribution, for Frechet distances
+    exact: torch.Tensor  # the ODE solution of evaluation seeds seed, seed + 1, ... (same order as samples)
+    floor: dict  # Frechet distance of ``exact`` to ``reference`` per feature space: the best any solver can do
+    description: str
+
+
+def evaluation_data(model, num_samples: int, *, seed: int = 1000, reference_samples: int = 10_000,
+                    features=("pixel",), fine_nfe: int = 1000, device="auto", progress: bool = True) -> EvaluationData:
+    """Reference data for a model.
+
+    A model with an exact sampler (``sample_data``, as gmm-digits) is judged against its own data distribution,
+    and each seed against the exact ODE solution (``dode.solve_ode``). Any other model is judged against its
+    fine-solver samples (DDIM with ``fine_nfe`` steps) of the same seeds, for both.
+    """
+    if hasattr(model, "sample_data"):
+        reference = model.sample_data(reference_samples, seed=10**6)
+        exact = solve_ode(model, num_samples, seed=seed, device=device, progress=progress)
+        description = (f"{reference_samples} samples of the data distribution; exact ODE (scipy RK45, "
+                       "rtol = atol = 1e-7) of the same seeds")
+    else:
+        exact = sample(model, "ddim", fine_nfe, num_samples, seed=seed, batch_size=500, device=device,
+                       progress=progress)
+        reference = exact
+        description = f"{fine_nfe}-step DDIM samples of the same seeds (reference distribution and solution)"
+    floor = {f: frechet_distance(exact, reference, features=f) if reference is not exact else 0.0 for f in features}
+    return EvaluationData(reference, exact, floor, description)
+
+
+def evaluate_scheduler(model, scheduler, nfe: int, data: EvaluationData, *, seed: int = 1000, features=("pixel",),
+                       batch_size: int | None = None, device="auto") -> dict:
+    """Frechet distance per feature space and RMSE to the reference solution, for one solver or DODEScheduler."""
+    began = time.perf_counter()
+    x = sample(model, scheduler, nfe, len(data.exact), seed=seed, batch_size=batch_size, device=device,
+               progress=False)
+    row = {f"fd_{f}": frechet_distance(x, data.reference, features=f) for f in features}
+    row["rmse_exact"] = rmse(x, data.exact)
+    row["total_variance"] = float(x.flatten(1).var(0).sum())
+    row["sample_seconds"] = time.perf_counter() - began
+    return row
+
+
+def evaluate_grid(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
+                  fit_batch_size: int = 100, fit_seed: int = 0, teacher=10, features=("pixel",),
+                  batch_size: int | None = None, save_dir=None, device="auto", progress: bool = True) -> pd.DataFrame:
+    """One row per (solver, NFE, variant base | dode), scored by ``evaluate_scheduler``.
+
+    NFEs a solver cannot make are skipped. Each fitted DODEScheduler is saved under
     ``save_dir/<solver>-nfe<k>`` when ``save_dir`` is given.
     """
-    num_samples = len(exact)
     jobs = [(s, n) for s in solvers for n in nfes if possible(s, n)]
+    if teacher == "fine":  # one fine-grid teacher run serves every solver and NFE
+        teacher = Teacher(model, batch_size=fit_batch_size, seed=fit_seed, grid="fine", device=device)
+        fit_batch_size = fit_seed = None
     rows = []
     for solver, nfe in tqdm(jobs, desc=f"{getattr(model, 'name', 'model')}: solver x NFE", disable=not progress):
         began = time.perf_counter()
@@ -47,20 +104,31 @@ def evaluate_grid(model, reference, exact, *, solvers=SOLVERS, nfes=PAPER_NFES, 
         if save_dir is not None:
             fitted.save_pretrained(Path(save_dir) / f"{solver}-nfe{nfe}")
         for variant, scheduler in (("base", solver), ("dode", fitted)):
-            began = time.perf_counter()
-            x = sample(model, scheduler, nfe, num_samples, seed=seed, batch_size=batch_size, device=device,
-                       progress=False)
-            rows.append({
-                "solver": solver, "variant": variant, "nfe": nfe,
-                "fd": frechet_distance(x, reference), "rmse_exact": rmse(x, exact),
-                "lambdas": json.dumps([round(v, 6) for v in fitted.lambdas]) if variant == "dode" else "",
-                "fit_seconds": fit_seconds if variant == "dode" else 0.0,
-                "sample_seconds": time.perf_counter() - began,
-            })
+            row = {"solver": solver, "variant": variant, "nfe": nfe}
+            row.update(evaluate_scheduler(model, scheduler, nfe, data, seed=seed, features=features,
+                                          batch_size=batch_size, device=device))
+            row["lambdas"] = json.dumps([round(v, 6) for v in fitted.lambdas]) if variant == "dode" else ""
+            row["fit_seconds"] = fit_seconds if variant == "dode" else 0.0
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
-def gap_summary(results: pd.DataFrame, floor: float, metric: str = "fd") -> pd.DataFrame:
+def teacher_distances(model, scheduler, nfe: int, teacher: Teacher, device="auto") -> pd.DataFrame:
+    """RMSE between a solver's states and the teacher's at the same noise levels, step by step, on the
+    teacher's noise batch (the fitting batch, or held-out seeds with a teacher built on them)."""
+    _, trajectory = sample(model, scheduler, nfe, teacher.batch_size, seed=teacher.seed, device=device,
+                           return_trajectory=True, progress=False)
+    prepared, steps = prepare_scheduler(model, scheduler, nfe)
+    prepared.set_timesteps(steps)
+    targets = teacher.targets(prepared)
+    return pd.DataFrame({
+        "evaluation": range(1, nfe + 1),
+        "sigma": trajectory.sigmas[1:].numpy(),
+        "rmse_teacher": [rmse(trajectory.states[k + 1], targets[k]) for k in range(nfe)],
+    })
+
+
+def gap_summary(results: pd.DataFrame, floor: float, metric: str = "fd_pixel") -> pd.DataFrame:
     """Per solver and NFE: base, D-ODE, their ratio, and the fraction of the base-to-floor gap D-ODE closes."""
     wide = results.pivot_table(index=["solver", "nfe"], columns="variant", values=metric).reset_index()
     wide["ratio"] = wide["dode"] / wide["base"]
@@ -80,8 +148,8 @@ def provenance(parameters: dict, seconds: float) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                                 cwd=Path(__file__).parent).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent).stdout.strip())
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+                                    capture_output=True, text=True, cwd=Path(__file__).parents[1]).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
     return {
