@@ -16,6 +16,25 @@ def gmm():
     return dode.load_model("gmm-digits", device="cpu")
 
 
+class WrappedModel(torch.nn.Module):
+    """Another model behind the same interface, counting its calls; ``alter(output, call)`` may change outputs."""
+
+    def __init__(self, model, alter=None):
+        super().__init__()
+        self.model, self.alter, self.calls = model, alter, 0
+        self.sample_shape, self.scheduler_config = model.sample_shape, model.scheduler_config
+
+    def forward(self, x, t):
+        self.calls += 1
+        out = self.model(x, t)
+        return out if self.alter is None else self.alter(out, self.calls)
+
+
+@pytest.fixture
+def wrap():
+    return WrappedModel
+
+
 class GaussianODE:
     """A one-component 'mixture': x0 ~ N(mu, S). Its probability-flow ODE has a closed form."""
 

@@ -207,24 +207,13 @@ def test_a_dode_scheduler_refuses_another_step_count_or_extra_steps(gmm):
         dode.DODEScheduler(scheduler.base_scheduler, [0.0, float("nan")], 2)
 
 
-class BrokenModel(torch.nn.Module):
-    """Returns NaN from its third evaluation on."""
+def test_nan_model_output_names_the_evaluation(gmm, wrap):
+    def nan_from_third_call(out, call):
+        return out * float("nan") if call >= 3 else out
 
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.calls = model, 0
-        self.sample_shape, self.scheduler_config = model.sample_shape, model.scheduler_config
-
-    def forward(self, x, t):
-        self.calls += 1
-        out = self.model(x, t)
-        return out * float("nan") if self.calls >= 3 else out
-
-
-def test_nan_model_output_names_the_evaluation(gmm):
     with pytest.raises(FloatingPointError, match="evaluation 3 of 5"):
-        dode.sample(BrokenModel(gmm), "ddim", NFE, 4, progress=False)
-    broken = BrokenModel(gmm)
+        dode.sample(wrap(gmm, nan_from_third_call), "ddim", NFE, 4, progress=False)
+    broken = wrap(gmm, nan_from_third_call)
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         dode.distill(broken, "ddim", NFE, batch_size=4, teacher=dode.Teacher(broken, batch_size=4, grid=1))
 

@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import papermill
 import pytest
-import torch
 
 import dode
 from dode import reproduce

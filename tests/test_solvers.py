@@ -7,17 +7,6 @@ import dode
 from dode.solvers import get_solver
 
 
-class CountingModel(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.calls = model, 0
-        self.sample_shape, self.scheduler_config = model.sample_shape, model.scheduler_config
-
-    def forward(self, x, t):
-        self.calls += 1
-        return self.model(x, t)
-
-
 def valid_nfes(solver, nfes=range(1, 11)):
     out = []
     for nfe in nfes:
@@ -30,11 +19,11 @@ def valid_nfes(solver, nfes=range(1, 11)):
 
 
 @pytest.mark.parametrize("solver", dode.SOLVERS)
-def test_each_solver_makes_exactly_the_requested_number_of_model_evaluations(gmm, solver):
+def test_each_solver_makes_exactly_the_requested_number_of_model_evaluations(gmm, wrap, solver):
     nfes = valid_nfes(solver)
     assert len(nfes) >= 4
     for nfe in nfes:
-        counting = CountingModel(gmm)
+        counting = wrap(gmm)
         dode.sample(counting, solver, nfe, 4, progress=False)
         assert counting.calls == nfe, (solver, nfe)
 
