@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-FEATURES = ("pixel",)
+FEATURES = ("pixel", "digits")
 
 
 class PixelFeatures(nn.Module):
@@ -18,6 +18,12 @@ class PixelFeatures(nn.Module):
 def _feature_module(features: str, sample_shape):
     if features == "pixel":
         return PixelFeatures()
+    if features == "digits":
+        if tuple(sample_shape) != (1, 8, 8):
+            raise ValueError(f"features='digits' needs 8x8 digits of shape (1, 8, 8), got {tuple(sample_shape)}")
+        from .features import DigitsFeatures
+
+        return DigitsFeatures()
     raise ValueError(f"unknown features {features!r}; valid: {', '.join(FEATURES)}")
 
 
@@ -25,8 +31,9 @@ def frechet_distance(samples: torch.Tensor, reference: torch.Tensor, features: s
                      batch_size: int = 1000) -> float:
     """Frechet distance between the Gaussians fitted to the features of ``samples`` and ``reference``.
 
-    ``features="pixel"``: the raw pixels (FD in pixel space). Computed with torchmetrics'
-    FrechetInceptionDistance given the feature module, in float64.
+    ``features="pixel"``: the raw pixels (FD in pixel space). ``features="digits"``: the penultimate layer
+    of the shipped digits classifier (``dode.features``), i.e. FD-digits, for 8x8 digits in [-1, 1].
+    Computed with torchmetrics' FrechetInceptionDistance given the feature module, in float64.
     """
     if samples.shape[1:] != reference.shape[1:]:
         raise ValueError(f"samples {tuple(samples.shape)} and reference {tuple(reference.shape)} differ in shape")
