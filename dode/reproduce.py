@@ -84,7 +84,7 @@ def execute(run: Run, results: Path, manifest: dict, *, force: bool, label: str)
         print(f"{label} {run.name}: up to date, skipped", flush=True)
         return False
     print(f"{label} {run.name}: running {run.notebook} with {json.dumps(run.parameters)}", flush=True)
-    staging = results / f".staging-{run.name}"
+    staging = results.resolve() / f".staging-{run.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     executed = staging / run.notebook
@@ -101,6 +101,9 @@ def execute(run: Run, results: Path, manifest: dict, *, force: bool, label: str)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     outputs = sorted(p.relative_to(staging / "out").as_posix() for p in (staging / "out").rglob("*") if p.is_file())
+    if not outputs:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(f"{run.name} wrote nothing into its out_dir {staging / 'out'}")
     for stale in set(previous.get("outputs", [])) - set(outputs):
         (results / stale).unlink(missing_ok=True)
     for relative in outputs:
@@ -167,7 +170,7 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="rerun runs that are up to date")
     args = parser.parse_args(argv)
 
-    results = args.results
+    results = args.results.resolve()  # the notebooks run in notebooks/: hand them absolute paths
     runs = plan(results, args.models or available_models())
     if args.list:
         print("\n".join(f"{r.name}: {r.notebook} {json.dumps(r.parameters)}" for r in runs))

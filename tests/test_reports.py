@@ -63,6 +63,7 @@ def test_teacher_distances_agree_with_the_fit_on_the_fitting_batch(gmm):
 
 # -- the runner ---------------------------------------------------------------------------------------------
 def tiny_notebook(path, body):
+    """A notebook with a parameters cell (value, out_dir) and one cell of code."""
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("value = 1\nout_dir = None", metadata={"tags": ["parameters"]}),
         nbformat.v4.new_code_cell(body),
@@ -114,3 +115,16 @@ def test_a_notebook_honours_non_default_parameters(tmp_path):
     assert (tmp_path / "figures/quickstart-gmm-digits-deis-nfe4.png").is_file()
     text = json.dumps(nbformat.read(executed, as_version=4).cells)
     assert "D-DEIS" in text and "DODEScheduler(DEISMultistepScheduler, nfe=4" in text
+
+
+def test_runner_accepts_a_relative_results_folder(tmp_path, monkeypatch):
+    """Notebooks run in notebooks/, so out_dir must reach them as an absolute path (`make reproduce` passes
+    `--results results`)."""
+    monkeypatch.setattr(reproduce, "NOTEBOOKS", tmp_path / "nb")
+    (tmp_path / "nb").mkdir()
+    tiny_notebook(tmp_path / "nb" / "w.ipynb", WRITE)
+    monkeypatch.setattr(reproduce, "plan", lambda results, models: [reproduce.Run("w", "w.ipynb", {"value": 3})])
+    monkeypatch.chdir(tmp_path)
+    reproduce.main(["--results", "res", "--models", "gmm-digits"])
+    assert (tmp_path / "res/m/v.txt").read_text() == "3"
+    assert json.loads((tmp_path / "res/manifest.json").read_text())["runs"]["w"]["outputs"] == ["m/v.txt"]
