@@ -148,7 +148,8 @@ def provenance(parameters: dict, seconds: float) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                                 cwd=Path(__file__).parent).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+        # uncommitted changes to what produces results (the package, the notebooks, the dependencies)
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "dode", "notebooks", "pyproject.toml"],
                                     capture_output=True, text=True, cwd=Path(__file__).parents[1]).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
