@@ -13,6 +13,7 @@ import time
 import torch
 
 from . import __version__
+from .metrics import rmse
 from .models import resolve_device
 from .sampling import check_batch_size, integrate
 from .scheduler import DODEScheduler
@@ -77,8 +78,8 @@ def distill(model, solver, nfe: int, *, batch_size: int | None = None, seed: int
             x_fit = x_base + dode.lambdas[k] * (x_unit - x_base)
         else:
             x_fit = x_base
-        before.append(_rmse(x_base, targets[k]))
-        after.append(_rmse(x_fit, targets[k]))
+        before.append(rmse(x_base.cpu(), targets[k]))
+        after.append(rmse(x_fit.cpu(), targets[k]))
 
     integrate(model, dode, steps, teacher.noise.to(device), before_step=fit)
     dode.fit_info = {
@@ -97,6 +98,3 @@ def distill(model, solver, nfe: int, *, batch_size: int | None = None, seed: int
     }
     return dode
 
-
-def _rmse(a, b) -> float:
-    return float(torch.sqrt(torch.mean((a.double().cpu() - b.double().cpu()) ** 2)))

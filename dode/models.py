@@ -45,6 +45,17 @@ def training_sigmas(scheduler_config: dict) -> np.ndarray:
     return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
 
 
+def sigma_to_timestep(sigma, log_sigmas: np.ndarray):
+    """The (fractional) training timestep of noise level sigma: log-sigma is linear between timesteps, the map
+    diffusers' sigma-space schedulers use (``_sigma_to_t``)."""
+    return np.interp(np.log(sigma), log_sigmas, np.arange(len(log_sigmas)))
+
+
+def timestep_to_sigma(t, log_sigmas: np.ndarray):
+    """The inverse of ``sigma_to_timestep``."""
+    return np.exp(np.interp(t, np.arange(len(log_sigmas)), log_sigmas))
+
+
 def load_digits_data() -> np.ndarray:
     """scikit-learn's bundled 8x8 digits (1797 images), scaled from 0..16 to [-1, 1], shape (N, 1, 8, 8)."""
     from sklearn.datasets import load_digits

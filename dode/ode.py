@@ -13,7 +13,7 @@ import torch
 from scipy.integrate import solve_ivp
 from tqdm.auto import tqdm
 
-from .models import resolve_device, training_sigmas
+from .models import resolve_device, sigma_to_timestep, training_sigmas
 from .sampling import check_batch_size, seeded_noise
 
 
@@ -37,10 +37,9 @@ def solve_ode(model, num_samples: int, *, seed: int = 0, batch_size: int | None 
     dtype = _model_dtype(model)
     sigmas = training_sigmas(model.scheduler_config)
     log_sigmas = np.log(sigmas)
-    timesteps = np.arange(len(sigmas))
 
     def eps(x_ve: np.ndarray, sigma: float, shape) -> torch.Tensor:
-        t = torch.tensor(float(np.interp(np.log(sigma), log_sigmas, timesteps)), device=device)
+        t = torch.tensor(float(sigma_to_timestep(sigma, log_sigmas)), device=device)
         x_t = torch.from_numpy(x_ve).reshape(shape).to(device, dtype) / np.sqrt(1 + sigma**2)
         return model(x_t, t).double().cpu()
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from .models import resolve_device, training_sigmas
+from .models import resolve_device, sigma_to_timestep, timestep_to_sigma, training_sigmas
 from .sampling import seeded_noise
 from .solvers import is_sigma_space, start_sigma, state_sigmas
 
@@ -55,25 +55,18 @@ class Teacher:
         name = "fine" if self.grid == "fine" else f"C={self.grid}"
         return name + (", index-matched" if self.match == "index" else "")
 
-    # -- time <-> noise level, the log-linear map diffusers' sigma schedulers use --------------------------
-    def _timestep(self, sigma):
-        return np.interp(np.log(sigma), self._log_sigmas, np.arange(len(self._log_sigmas)))
-
-    def _sigma(self, t):
-        return np.exp(np.interp(t, np.arange(len(self._log_sigmas)), self._log_sigmas))
-
     def refined_grid(self, sigmas) -> np.ndarray:
         """Split each interval of a descending sigma grid (ending at 0) into ``self.grid`` timestep-uniform steps."""
         knots = [float(s) for i, s in enumerate(sigmas) if i == 0 or s != sigmas[i - 1]]
         grid = [knots[0]]
         for high, low in zip(knots[:-1], knots[1:]):
-            t_high = self._timestep(high)
+            t_high = sigma_to_timestep(high, self._log_sigmas)
             if low > 0:
-                inner = np.linspace(t_high, self._timestep(low), self.grid + 1)[1:-1]
-                grid += [*self._sigma(inner), low]
+                inner = np.linspace(t_high, sigma_to_timestep(low, self._log_sigmas), self.grid + 1)[1:-1]
+                grid += [*timestep_to_sigma(inner, self._log_sigmas), low]
             elif t_high > 1e-6:  # the last step lands on sigma = 0: refine down to t = 0, then jump to clean
                 inner = np.linspace(t_high, 0.0, self.grid)[1:]
-                grid += [*self._sigma(inner), 0.0]
+                grid += [*timestep_to_sigma(inner, self._log_sigmas), 0.0]
             else:  # from the smallest training sigma (t = 0) the model can only make the final jump
                 grid += [0.0]
         return np.asarray(grid)
