@@ -1,14 +1,9 @@
-import warnings
-
 import numpy as np
 import pytest
 import torch
 
 import dode
 from dode.models import GaussianMixtureDenoiser
-
-# diffusers' singlestep DPM-Solver warns about lower_order_final on every set_timesteps
-warnings.filterwarnings("ignore", message=".*lower_order_final.*")
 
 
 @pytest.fixture(scope="session")
