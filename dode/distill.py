@@ -67,21 +67,27 @@ def distill(model, solver, nfe: int, *, batch_size: int | None = None, seed: int
     teacher_nfe = teacher.nfe
     targets = teacher.targets(dode)
     teacher_nfe = teacher.nfe - teacher_nfe
+    seconds = {"teacher": time.perf_counter() - began, "trial_steps": 0.0, "lstsq": 0.0}
     sigmas = state_sigmas(dode)
     before, after = [], []  # RMSE to the teacher after each step: lambda = 0 and fitted
 
     def fit(k, output, t, x):
+        clock = time.perf_counter()
         x_base = to_ddpm_state(_trial_step(dode, k, 0.0, output, t, x), sigmas[k], dode)
+        x_unit = to_ddpm_state(_trial_step(dode, k, 1.0, output, t, x), sigmas[k], dode) if k > 0 else x_base
+        seconds["trial_steps"] += time.perf_counter() - clock
+        clock = time.perf_counter()
         if k > 0:
-            x_unit = to_ddpm_state(_trial_step(dode, k, 1.0, output, t, x), sigmas[k], dode)
             dode.lambdas[k] = least_squares_lambda(x_base, x_unit, targets[k])
-            x_fit = x_base + dode.lambdas[k] * (x_unit - x_base)
-        else:
-            x_fit = x_base
+        seconds["lstsq"] += time.perf_counter() - clock
+        x_fit = x_base + dode.lambdas[k] * (x_unit - x_base)
         before.append(rmse(x_base.cpu(), targets[k]))
         after.append(rmse(x_fit.cpu(), targets[k]))
 
+    student_began = time.perf_counter()
     integrate(model, dode, steps, teacher.noise.to(device), before_step=fit)
+    # the student's own evaluations and steps (and RMSE bookkeeping): its run less trial steps and solves
+    seconds["student"] = time.perf_counter() - student_began - seconds["trial_steps"] - seconds["lstsq"]
     dode.fit_info = {
         "solver": solver.name,
         "nfe": nfe,
@@ -94,6 +100,8 @@ def distill(model, solver, nfe: int, *, batch_size: int | None = None, seed: int
         "rmse_to_teacher_base": before,
         "rmse_to_teacher_fitted": after,
         "seconds": time.perf_counter() - began,
+        # wall time split: the teacher's run, the student's evaluations, trial steps, least-squares solves
+        "seconds_split": seconds,
         "dode_version": __version__,
     }
     return dode
