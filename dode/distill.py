@@ -4,6 +4,9 @@ Go through the student's evaluations in order. For evaluation i, with x0 = step(
 v = step(o_i + (o_i - o_{i-1})) - x0, the state after the step is x0 + lambda v (every scheduler is affine
 in its model output), so the lambda closest to the teacher's state at the same time is the
 one-dimensional least-squares solution lambda_i = <target - x0, v> / <v, v>. Apply it, step, go on.
+
+``refine="joint"`` / ``"joint+timesteps"`` (beyond the paper, ``dode.refine``) then moves all lambdas together,
+and optionally the time grid, to bring the student's final samples closer to the teacher's.
 """
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ import torch
 from . import __version__
 from .metrics import rmse
 from .models import resolve_device
+from .refine import MODES, refine as refine_jointly
 from .sampling import check_batch_size, integrate
 from .scheduler import DODEScheduler
-from .solvers import get_solver, make_scheduler, state_sigmas, to_ddpm_state
+from .solvers import GRID_SOLVERS, get_solver, make_scheduler, state_sigmas, to_ddpm_state
 from .teacher import Teacher
 
 
@@ -37,15 +41,28 @@ def _trial_step(dode: DODEScheduler, k: int, lam: float, output, t, x) -> torch.
 
 
 def distill(model, solver, nfe: int, *, batch_size: int | None = None, seed: int | None = None, teacher=10,
-            device="auto") -> DODEScheduler:
+            device="auto", refine: str | None = None, refine_iterations: int = 50,
+            progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
 
     The fitting batch is ``batch_size`` samples (default 100) from seeds ``seed``, ``seed + 1``, ... (default 0).
     ``teacher``: an integer C (DDIM with each student step split into C steps, the paper's choice, default 10),
     ``"fine"`` (every training timestep), or a ``dode.Teacher`` to share one teacher run between fits (its
     noise batch is then the fitting batch).
+
+    ``refine``: None (the paper's greedy fit), ``"joint"`` (then all lambdas together, against the teacher's
+    state after every step, at most ``refine_iterations`` L-BFGS iterations) or ``"joint+timesteps"`` (lambdas
+    and the noise level of every step but the first, against the teacher's final samples; only for the solvers
+    in ``dode.solvers.GRID_SOLVERS``).
     """
     solver = get_solver(solver)
+    if refine not in MODES:
+        raise ValueError(f"refine must be one of {MODES}, got {refine!r}")
+    if refine == "joint+timesteps" and solver.name not in GRID_SOLVERS:
+        raise ValueError(
+            f"refine='joint+timesteps' cannot learn a time grid for {solver.name}: its diffusers scheduler steps on "
+            f"integer timesteps. Use refine='joint', or one of: {', '.join(GRID_SOLVERS)}"
+        )
     steps = solver.steps_for(nfe)
     device = resolve_device(device)
     model.to(device)
@@ -104,5 +121,10 @@ def distill(model, solver, nfe: int, *, batch_size: int | None = None, seed: int
         "seconds_split": seconds,
         "dode_version": __version__,
     }
+    if refine is not None:
+        timesteps = refine == "joint+timesteps"
+        dode = refine_jointly(model, dode, teacher.noise.to(device), targets, timesteps=timesteps,
+                              objective="final" if timesteps else "all", max_iterations=refine_iterations,
+                              progress=progress)
     return dode
 

@@ -1,7 +1,8 @@
 """``DODEScheduler``: any diffusers scheduler with D-ODE's one scalar per model evaluation.
 
 Before the base scheduler sees model output o_i it becomes o_i + lambda_i (o_i - o_{i-1}) (lambda_0 = 0).
-Everything else (``timesteps``, ``init_noise_sigma``, ``scale_model_input``, ``config``, ...) is the base
+A learned time grid (``distill(refine="joint+timesteps")``), when there is one, replaces the base
+scheduler's noise levels after every ``set_timesteps``. Everything else (``timesteps``, ``init_noise_sigma``, ``scale_model_input``, ``config``, ...) is the base
 scheduler's, so a DODEScheduler drops in wherever the base scheduler is used.
 """
 from __future__ import annotations
@@ -13,13 +14,14 @@ from pathlib import Path
 import diffusers
 import torch
 
-from .solvers import solver_of
+from .solvers import set_grid, solver_of
 
 LAMBDAS_FILE = "dode_lambdas.json"
 
 
 class DODEScheduler:
-    def __init__(self, base_scheduler, lambdas, num_inference_steps: int, fit_info: dict | None = None):
+    def __init__(self, base_scheduler, lambdas, num_inference_steps: int, fit_info: dict | None = None,
+                 grid=None):
         lambdas = [float(v) for v in lambdas]
         if not lambdas:
             raise ValueError("a DODEScheduler needs one lambda per model evaluation; got none")
@@ -29,6 +31,8 @@ class DODEScheduler:
         self.lambdas = lambdas
         self.num_inference_steps = int(num_inference_steps)
         self.fit_info = dict(fit_info or {})
+        #: the noise level of every step (``dode.solvers.time_grid``), or None for the base scheduler's own
+        self.grid = None if grid is None else [float(v) for v in grid]
         self._reset()
 
     @property
@@ -48,7 +52,8 @@ class DODEScheduler:
 
     def __repr__(self):
         lams = ", ".join(f"{v:+.3f}" for v in self.lambdas)
-        return f"DODEScheduler({type(self.base_scheduler).__name__}, nfe={self.nfe}, lambdas=[{lams}])"
+        grid = "" if self.grid is None else ", grid=[" + ", ".join(f"{v:.4g}" for v in self.grid) + "]"
+        return f"DODEScheduler({type(self.base_scheduler).__name__}, nfe={self.nfe}, lambdas=[{lams}]{grid})"
 
     def set_timesteps(self, num_inference_steps: int | None = None, *args, **kwargs):
         if num_inference_steps is not None and int(num_inference_steps) != self.num_inference_steps:
@@ -57,6 +62,8 @@ class DODEScheduler:
                 f"({self.nfe} NFE); got {num_inference_steps}. Distil again for another step count."
             )
         self.base_scheduler.set_timesteps(self.num_inference_steps, *args, **kwargs)
+        if self.grid is not None:
+            set_grid(self.base_scheduler, self.grid)
         self._reset()
 
     def corrected_output(self, model_output: torch.Tensor, lam: float | None = None) -> torch.Tensor:
@@ -87,6 +94,7 @@ class DODEScheduler:
             "num_inference_steps": self.num_inference_steps,
             "nfe": self.nfe,
             "lambdas": self.lambdas,
+            "grid": self.grid,
             "fit": self.fit_info,
         }
         (save_directory / LAMBDAS_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -101,6 +109,7 @@ class DODEScheduler:
             record = json.loads(path.read_text())
             class_name, steps, nfe = record["base_scheduler"], int(record["num_inference_steps"]), int(record["nfe"])
             lambdas = [float(v) for v in record["lambdas"]]
+            grid = None if record.get("grid") is None else [float(v) for v in record["grid"]]
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path} is corrupt: {err!r}") from err
         scheduler_class = getattr(diffusers, class_name, None)
@@ -118,4 +127,10 @@ class DODEScheduler:
                 f"{path} is inconsistent: {solver.name} with num_inference_steps={steps} makes "
                 f"{solver.nfe_of_steps(steps)} model evaluations, but {nfe} lambdas are stored"
             )
-        return cls(base, lambdas, steps, record.get("fit"))
+        dode = cls(base, lambdas, steps, record.get("fit"), grid=grid)
+        if grid is not None:
+            try:  # check the grid against the schedule now rather than at the first sampling run
+                dode.set_timesteps(steps)
+            except ValueError as err:
+                raise ValueError(f"{path} holds a grid this scheduler cannot use: {err}") from err
+        return dode

@@ -1,0 +1,199 @@
+"""Joint refinement and learned time grids (dode/refine.py, solvers.set_grid), against independent computations."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import dode
+from dode.models import training_sigmas
+from dode.refine import _loss, _student_states, grid_from_params, params_from_grid, refine
+from dode.sampling import integrate, seeded_noise
+from dode.solvers import GRID_SOLVERS, make_scheduler, set_grid, start_sigma, state_sigmas, time_grid
+
+NOISE_SEED, BATCH = 7, 12
+
+
+def _with_grid(scheduler, grid):
+    """The scheduler with ``set_grid(grid)`` after each of its ``set_timesteps`` (what a DODEScheduler does)."""
+    original = scheduler.set_timesteps
+
+    def set_timesteps(steps, **kwargs):
+        original(steps, **kwargs)
+        set_grid(scheduler, grid)
+
+    scheduler.set_timesteps = set_timesteps
+    return scheduler
+
+
+def test_grid_parameters_always_give_a_strictly_descending_grid_with_fixed_ends():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        z = rng.normal(scale=4.0, size=rng.integers(1, 8))
+        grid = grid_from_params(z, 157.4, 0.01)
+        assert grid[0] == pytest.approx(157.4, rel=1e-12)
+        assert len(grid) == len(z) + 1 and np.all(np.diff(grid) < 0) and grid[-1] > 0.01
+    grid = np.array([157.4, 20.0, 3.0, 0.5])
+    np.testing.assert_allclose(grid_from_params(params_from_grid(grid, 0.01), 157.4, 0.01), grid, rtol=1e-12)
+
+
+@pytest.mark.parametrize("solver", GRID_SOLVERS)
+def test_setting_the_default_grid_changes_nothing(gmm, solver):
+    steps = dode.get_solver(solver).steps_for(5)
+    base = make_scheduler(solver, gmm)
+    base.set_timesteps(steps)
+    noise = seeded_noise(gmm.sample_shape, BATCH, NOISE_SEED)
+    expected, _ = integrate(gmm, base, steps, noise)
+    moved = _with_grid(make_scheduler(solver, gmm), time_grid(base))
+    got, _ = integrate(gmm, moved, steps, noise)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(state_sigmas(moved), state_sigmas(base), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["dpm_solver_2", "dpm_solver_pp_2m", "heun"])
+def test_a_custom_grid_equals_diffusers_own_custom_timesteps(gmm, solver):
+    """diffusers takes integer custom timesteps for these schedulers: the same levels through set_grid agree."""
+    timesteps = [999, 700, 420, 150, 40]
+    overrides = {"use_karras_sigmas": False} if solver == "heun" else {}
+    noise = seeded_noise(gmm.sample_shape, BATCH, NOISE_SEED)
+    theirs = make_scheduler(solver, gmm, **overrides)
+    theirs.set_timesteps(timesteps=timesteps)
+    steps = len(theirs.timesteps) if solver != "heun" else len(timesteps)
+    expected = _run_custom(gmm, theirs, timesteps, noise)
+    grid = training_sigmas(gmm.scheduler_config)[timesteps]
+    ours = _with_grid(make_scheduler(solver, gmm, **overrides), grid)
+    got, _ = integrate(gmm, ours, steps if solver != "heun" else len(timesteps), noise)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(time_grid(ours), grid, rtol=1e-6)
+
+
+def _run_custom(model, scheduler, timesteps, noise):
+    """diffusers' own loop over a scheduler set with custom timesteps."""
+    scheduler.set_timesteps(timesteps=timesteps)
+    x = noise * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("solver", ["unipc", "heun"])
+def test_teacher_targets_follow_a_custom_grid_onto_the_exact_ode(gaussian, solver):
+    model = gaussian.model
+    steps = dode.get_solver(solver).steps_for(5)
+    scheduler = make_scheduler(solver, model)
+    scheduler.set_timesteps(steps)
+    default = time_grid(scheduler)
+    custom = np.concatenate([[default[0]], np.geomspace(default[0] / 3, 0.05, len(default) - 1)])
+    scheduler = _with_grid(make_scheduler(solver, model), custom)
+    scheduler.set_timesteps(steps)
+    np.testing.assert_allclose(time_grid(scheduler), custom, rtol=1e-6)
+    teacher = dode.Teacher(model, batch_size=8, seed=3, grid="fine")
+    targets = teacher.targets(scheduler)
+    scale = float(scheduler.init_noise_sigma) / (np.sqrt(1 + start_sigma(scheduler) ** 2) if solver == "heun" else 1)
+
+    def exact(sigma):
+        return gaussian.ddpm_state(teacher.noise, scale, start_sigma(scheduler), sigma)
+
+    default_levels = np.append(default[1:], 0.0)
+    far_from_default = 0
+    for k, sigma in enumerate(state_sigmas(scheduler).numpy()):
+        assert float((targets[k].double() - exact(sigma)).abs().max()) < 0.02, (k, sigma)
+        nearest_default = default_levels[np.argmin(np.abs(np.log((default_levels + 1e-9) / (sigma + 1e-9))))]
+        far_from_default += float((exact(nearest_default) - exact(sigma)).abs().max()) > 0.1
+    assert far_from_default >= 1
+
+
+def test_set_grid_rejects_integer_timestep_schedulers_and_bad_grids(gmm):
+    for solver in ("ddim", "pndm"):
+        scheduler = make_scheduler(solver, gmm)
+        scheduler.set_timesteps(4)
+        with pytest.raises(ValueError, match="cannot take a custom time grid.*" + GRID_SOLVERS[0]):
+            set_grid(scheduler, [100.0, 10.0, 1.0, 0.1])
+    scheduler = make_scheduler("unipc", gmm)
+    scheduler.set_timesteps(4)
+    with pytest.raises(ValueError, match="needs 4 noise levels"):
+        set_grid(scheduler, [100.0, 1.0])
+    with pytest.raises(ValueError, match="strictly descending"):
+        set_grid(scheduler, [100.0, 10.0, 20.0, 1.0])
+
+
+def _fitting_loss(model, dode_scheduler, teacher, objective):
+    """The refinement objective recomputed through the public sampling path (dode.sample with a trajectory)."""
+    _, trajectory = dode.sample(model, dode_scheduler, dode_scheduler.nfe, teacher.batch_size, seed=teacher.seed,
+                                return_trajectory=True, progress=False)
+    probe = copy.deepcopy(dode_scheduler)
+    probe.set_timesteps(probe.num_inference_steps)
+    targets = teacher.targets(probe)
+    states = trajectory.states[1:]
+    pairs = [(states[-1], targets[-1])] if objective == "final" else list(zip(states, targets))
+    return float(np.mean([torch.mean((x.double() - y.double()) ** 2) for x, y in pairs]))
+
+
+@pytest.mark.parametrize("solver", ["ddim", "pndm", "dpm_solver_pp_2m"])
+def test_joint_refinement_never_ends_worse_than_its_greedy_start(gmm, solver):
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, grid=4)
+    greedy = dode.distill(gmm, solver, 4, teacher=teacher)
+    joint = dode.distill(gmm, solver, 4, teacher=teacher, refine="joint", refine_iterations=8, progress=False)
+    before, after = (_fitting_loss(gmm, d, teacher, "all") for d in (greedy, joint))
+    assert after <= before
+    info = joint.fit_info["refine"]
+    assert info["mse_start"] == pytest.approx(before, rel=1e-4)
+    assert info["mse_refined"] == pytest.approx(after, rel=1e-4)
+    assert joint.lambdas[0] == 0.0 and joint.grid is None
+
+
+def test_the_lambda_gradient_through_the_trajectory_matches_finite_differences(gmm):
+    teacher = dode.Teacher(gmm, batch_size=10, seed=1, grid=3)
+    student = dode.distill(gmm, "deis", 4, teacher=teacher)
+    student.set_timesteps(student.num_inference_steps)
+    targets = teacher.targets(student)
+    lam = torch.tensor(student.lambdas[1:], dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        loss = _loss(_student_states(gmm, student, teacher.noise, [0.0, *lam], None), targets, "all")
+        loss.backward()
+    for i in range(len(lam)):
+        moved = [list(student.lambdas), list(student.lambdas)]
+        moved[0][i + 1] += 1e-3
+        moved[1][i + 1] -= 1e-3
+        up, down = (float(_loss(_student_states(gmm, student, teacher.noise, m, None), targets, "all")) for m in moved)
+        assert float(lam.grad[i]) == pytest.approx((up - down) / 2e-3, rel=2e-2, abs=1e-6)
+
+
+def test_a_learned_grid_is_monotone_keeps_its_ends_improves_the_fit_and_round_trips(gmm, tmp_path):
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, grid=4)
+    greedy = dode.distill(gmm, "dpm_solver_pp_2m", 4, teacher=teacher)
+    learned = dode.distill(gmm, "dpm_solver_pp_2m", 4, teacher=teacher, refine="joint+timesteps",
+                           refine_iterations=6, progress=False)
+    probe = copy.deepcopy(greedy)
+    probe.set_timesteps(probe.num_inference_steps)
+    default = time_grid(probe)
+    grid = np.array(learned.grid)
+    assert grid[0] == pytest.approx(default[0], rel=1e-9)
+    assert np.all(np.diff(grid) < 0) and grid[-1] > training_sigmas(gmm.scheduler_config)[0]
+    assert not np.allclose(grid, default)
+    assert _fitting_loss(gmm, learned, teacher, "final") < _fitting_loss(gmm, greedy, teacher, "final")
+    learned.save_pretrained(tmp_path)
+    loaded = dode.DODEScheduler.from_pretrained(tmp_path)
+    assert loaded.grid == learned.grid and loaded.lambdas == learned.lambdas
+    x, y = (dode.sample(gmm, d, 4, 6, seed=100, progress=False) for d in (learned, loaded))
+    assert torch.equal(x, y)
+    assert not torch.equal(x, dode.sample(gmm, greedy, 4, 6, seed=100, progress=False))
+
+
+def test_refinement_errors_are_clear(gmm, tmp_path):
+    with pytest.raises(ValueError, match="cannot learn a time grid for ddim.*refine='joint'.*unipc"):
+        dode.distill(gmm, "ddim", 4, batch_size=4, refine="joint+timesteps")
+    with pytest.raises(ValueError, match="refine must be one of"):
+        dode.distill(gmm, "ddim", 4, batch_size=4, refine="jointly")
+    teacher = dode.Teacher(gmm, batch_size=4, seed=0, grid=2)
+    greedy = dode.distill(gmm, "ddim", 4, teacher=teacher)
+    with pytest.raises(ValueError, match="custom time grid"):
+        refine(gmm, greedy, teacher.noise, teacher.targets(greedy), timesteps=True, objective="final")
+    with pytest.raises(ValueError, match="objective"):
+        refine(gmm, greedy, teacher.noise, teacher.targets(greedy), objective="all states")
+    unipc = dode.distill(gmm, "unipc", 4, teacher=teacher)
+    unipc.grid = [100.0, 10.0, 20.0, 1.0]  # not descending
+    unipc.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="grid this scheduler cannot use.*strictly descending"):
+        dode.DODEScheduler.from_pretrained(tmp_path)
