@@ -1,6 +1,8 @@
 """Sampling: one loop that drives any scheduler over a model, with per-sample seeds."""
 from __future__ import annotations
 
+import contextlib
+import numbers
 from typing import Callable, NamedTuple
 
 import torch
@@ -23,10 +25,33 @@ def seeded_noise(shape, num: int, seed: int) -> torch.Tensor:
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + k)) for k in range(num)])
 
 
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
+    return positive_int(batch_size, "batch_size")
+
+
+#: the ``autocast`` options: half-precision model calls, the scheduler's arithmetic stays in float32
+AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_autocast(autocast) -> torch.dtype | None:
+    """The torch dtype of an ``autocast`` option (None: full precision)."""
+    if autocast is None:
+        return None
+    if not isinstance(autocast, str) or autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be None or one of {', '.join(map(repr, AUTOCAST_DTYPES))}, got {autocast!r}")
+    return AUTOCAST_DTYPES[autocast]
+
+
+def model_precision(device: torch.device, autocast):
+    """The context of each model call: ``torch.autocast`` in the ``autocast`` dtype, or nothing for None."""
+    dtype = check_autocast(autocast)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def prepare_scheduler(model, solver_or_scheduler, nfe: int):
@@ -50,18 +75,24 @@ def integrate(
     *,
     before_step: Callable | None = None,
     record: bool = False,
+    autocast: str | None = None,
 ):
     """Solve from ``noise`` with ``scheduler``; returns (final sample, states or None).
 
     ``before_step(k, model_output, t, x)`` runs between each model evaluation and its ``step`` (distillation
-    hooks in there). States are recorded in the DDPM convention, the initial state first.
+    hooks in there). States are recorded in the DDPM convention, the initial state first. ``autocast``
+    (``"float16"``, ``"bfloat16"``) runs the model calls under ``torch.autocast``; their outputs are cast back to
+    the state's dtype before the scheduler sees them.
     """
+    precision = model_precision(noise.device, autocast)
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     sigmas = state_sigmas(scheduler)
     x = noise * scheduler.init_noise_sigma
     states = [to_ddpm_state(x, start_sigma(scheduler), scheduler).cpu()] if record else None
     for k, t in enumerate(scheduler.timesteps):
-        output = model(scheduler.scale_model_input(x, t), t)
+        with precision:
+            output = model(scheduler.scale_model_input(x, t), t)
+        output = output.to(x.dtype)
         if not torch.isfinite(output).all():
             raise FloatingPointError(
                 f"the model output at evaluation {k + 1} of {len(scheduler.timesteps)} (timestep {float(t):g}) "
@@ -86,14 +117,18 @@ def sample(
     device="auto",
     return_trajectory: bool = False,
     progress: bool = True,
+    autocast: str | None = None,
 ):
     """Draw ``num_samples`` samples with exactly ``nfe`` model evaluations each.
 
     ``solver_or_scheduler`` is a solver name (see ``dode.SOLVERS``), a diffusers scheduler or a
     ``DODEScheduler``. Sample k starts from the noise of seed + k, so results do not depend on
-    ``batch_size``. Returns a CPU tensor (num_samples, *model.sample_shape), and a ``Trajectory`` when
-    ``return_trajectory``.
+    ``batch_size``. ``autocast`` (``"float16"``, ``"bfloat16"``) runs the model in half precision under
+    ``torch.autocast`` (for UNets; the scheduler's arithmetic stays in float32). Returns a CPU tensor
+    (num_samples, *model.sample_shape), and a ``Trajectory`` when ``return_trajectory``.
     """
+    positive_int(num_samples, "num_samples")
+    check_autocast(autocast)
     scheduler, steps = prepare_scheduler(model, solver_or_scheduler, nfe)
     batch_size = check_batch_size(num_samples if batch_size is None else batch_size)
     device = resolve_device(device)
@@ -102,7 +137,7 @@ def sample(
     starts = range(0, num_samples, batch_size)
     for start in tqdm(starts, desc=f"sampling {nfe} NFE", disable=not progress or len(starts) < 2):
         noise = seeded_noise(model.sample_shape, min(batch_size, num_samples - start), seed + start).to(device)
-        x, states = integrate(model, scheduler, steps, noise, record=return_trajectory)
+        x, states = integrate(model, scheduler, steps, noise, record=return_trajectory, autocast=autocast)
         if len(scheduler.timesteps) != nfe:
             raise RuntimeError(f"{type(scheduler).__name__} made {len(scheduler.timesteps)} evaluations, not {nfe}")
         samples.append(x.float().cpu())
