@@ -1,6 +1,7 @@
 """Experiments: the paper's grid (solver x NFE x base | D-ODE) evaluated on one model, plus provenance."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -18,8 +19,10 @@ from tqdm.auto import tqdm
 from .distill import distill
 from .metrics import frechet_distance, rmse
 from .ode import solve_ode
+from .refine import refine
 from .sampling import prepare_scheduler, sample
-from .solvers import SOLVERS, get_solver
+from .solvers import GRID_SOLVERS, SOLVERS, get_solver
+from .tables import VARIANTS
 from .teacher import Teacher
 
 PAPER_NFES = (3, 4, 5, 6, 8, 10)
@@ -84,33 +87,64 @@ def evaluate_scheduler(model, scheduler, nfe: int, data: EvaluationData, *, seed
     return row
 
 
-def evaluate_grid(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
-                  fit_batch_size: int = 100, fit_seed: int = 0, teacher=10, features=("pixel",),
-                  batch_size: int | None = None, save_dir=None, device="auto", progress: bool = True) -> pd.DataFrame:
-    """One row per (solver, NFE, variant base | dode), scored by ``evaluate_scheduler``.
+def _fits(model, solver: str, nfe: int, refine: dict, **fit):
+    """(variant, fitted DODEScheduler, seconds) for the greedy fit and each refinement ``refine`` asks for here."""
+    began = time.perf_counter()
+    greedy = distill(model, solver, nfe, **fit)
+    yield "dode", greedy, time.perf_counter() - began
+    for mode, nfes in refine.items():
+        if nfe in nfes and (mode == "joint" or solver in GRID_SOLVERS):
+            began = time.perf_counter()
+            refined = refine_jointly(model, greedy, fit["teacher"], mode, progress=False)
+            yield f"dode-{mode}", refined, time.perf_counter() - began
 
-    NFEs a solver cannot make are skipped. Each fitted DODEScheduler is saved under
-    ``save_dir/<solver>-nfe<k>`` when ``save_dir`` is given.
+
+def evaluate_grid(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
+                  fit_batch_size: int = 100, fit_seed: int = 0, teacher=10, refine: dict | None = None,
+                  features=("pixel",), batch_size: int | None = None, save_dir=None, device="auto",
+                  progress: bool = True) -> pd.DataFrame:
+    """One row per (solver, NFE, variant), scored by ``evaluate_scheduler``; variants are in ``VARIANTS``.
+
+    ``refine`` maps a refinement ("joint", "joint+timesteps") to the NFEs where it is added (from the greedy
+    fit, against the same teacher; "joint+timesteps" only for solvers that take a custom grid). NFEs a solver
+    cannot make are skipped. Each fitted DODEScheduler is saved under ``save_dir/<solver>-nfe<k>[-<mode>]``
+    when ``save_dir`` is given. ``fit_rmse_teacher`` is the RMSE of the final samples to the teacher's on the
+    fitting batch, beside the held-out scores.
     """
     jobs = [(s, n) for s in solvers for n in nfes if possible(s, n)]
-    if teacher == "fine":  # one fine-grid teacher run serves every solver and NFE
-        teacher = Teacher(model, batch_size=fit_batch_size, seed=fit_seed, grid="fine", device=device)
-        fit_batch_size = fit_seed = None
+    teacher = Teacher(model, batch_size=fit_batch_size, seed=fit_seed, grid=teacher, device=device)
     rows = []
     for solver, nfe in tqdm(jobs, desc=f"{getattr(model, 'name', 'model')}: solver x NFE", disable=not progress):
-        began = time.perf_counter()
-        fitted = distill(model, solver, nfe, batch_size=fit_batch_size, seed=fit_seed, teacher=teacher, device=device)
-        fit_seconds = time.perf_counter() - began
-        if save_dir is not None:
-            fitted.save_pretrained(Path(save_dir) / f"{solver}-nfe{nfe}")
-        for variant, scheduler in (("base", solver), ("dode", fitted)):
-            row = {"solver": solver, "variant": variant, "nfe": nfe}
-            row.update(evaluate_scheduler(model, scheduler, nfe, data, seed=seed, features=features,
-                                          batch_size=batch_size, device=device))
-            row["lambdas"] = json.dumps([round(v, 6) for v in fitted.lambdas]) if variant == "dode" else ""
-            row["fit_seconds"] = fit_seconds if variant == "dode" else 0.0
-            rows.append(row)
+        rows.append({"solver": solver, "variant": "base", "nfe": nfe, "fit_seconds": 0.0, "lambdas": "",
+                     **evaluate_scheduler(model, solver, nfe, data, seed=seed, features=features,
+                                          batch_size=batch_size, device=device)})
+        for variant, fitted, seconds in _fits(model, solver, nfe, refine or {}, teacher=teacher, device=device):
+            if save_dir is not None:
+                fitted.save_pretrained(Path(save_dir) / f"{solver}-nfe{nfe}{variant[4:]}")
+            rows.append({"solver": solver, "variant": variant, "nfe": nfe, "fit_seconds": seconds,
+                         "lambdas": json.dumps([round(v, 6) for v in fitted.lambdas]),
+                         "grid": json.dumps(fitted.grid and [round(v, 6) for v in fitted.grid]),
+                         "fit_rmse_teacher": fitting_rmse(model, fitted, teacher, device=device),
+                         **evaluate_scheduler(model, fitted, nfe, data, seed=seed, features=features,
+                                              batch_size=batch_size, device=device)})
     return pd.DataFrame(rows)
+
+
+def refine_jointly(model, greedy, teacher: Teacher, mode: str, **options):
+    """``distill(refine=mode)`` from an existing greedy fit: the same teacher targets, no second greedy pass."""
+    probe = copy.deepcopy(greedy)
+    probe.set_timesteps(probe.num_inference_steps)
+    timesteps = mode == "joint+timesteps"
+    return refine(model, greedy, teacher.noise, teacher.targets(probe), timesteps=timesteps,
+                  objective="final" if timesteps else "all", **options)
+
+
+def fitting_rmse(model, scheduler, teacher: Teacher, device="auto") -> float:
+    """RMSE of a fitted scheduler's final samples to the teacher's, on the teacher's (fitting) batch."""
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(probe.num_inference_steps)
+    x = sample(model, scheduler, scheduler.nfe, teacher.batch_size, seed=teacher.seed, device=device, progress=False)
+    return rmse(x, teacher.targets(probe)[-1])
 
 
 def teacher_distances(model, scheduler, nfe: int, teacher: Teacher, device="auto") -> pd.DataFrame:
@@ -129,10 +163,13 @@ def teacher_distances(model, scheduler, nfe: int, teacher: Teacher, device="auto
 
 
 def gap_summary(results: pd.DataFrame, floor: float, metric: str = "fd_pixel") -> pd.DataFrame:
-    """Per solver and NFE: base, D-ODE, their ratio, and the fraction of the base-to-floor gap D-ODE closes."""
+    """Per solver and NFE: base, D-ODE (and its refinements, where present), the ratio to base, and the fraction
+    of the base-to-floor gap each closes."""
     wide = results.pivot_table(index=["solver", "nfe"], columns="variant", values=metric).reset_index()
-    wide["ratio"] = wide["dode"] / wide["base"]
-    wide["gap_closed"] = (wide["base"] - wide["dode"]) / (wide["base"] - floor)
+    for variant in [v for v in VARIANTS[1:] if v in wide]:
+        suffix = variant[4:]
+        wide["ratio" + suffix] = wide[variant] / wide["base"]
+        wide["gap_closed" + suffix] = (wide["base"] - wide[variant]) / (wide["base"] - floor)
     order = {s: i for i, s in enumerate(SOLVERS)}
     return wide.sort_values(["solver", "nfe"], key=lambda c: c.map(order) if c.name == "solver" else c)
 

@@ -31,12 +31,16 @@ def sample_grid(samples: torch.Tensor, ncol: int = 8, ax=None, title: str | None
 
 
 def quality_vs_nfe(results: pd.DataFrame, metric: str = "fd_pixel", floor: float | None = None, col_wrap: int = 4):
-    """One panel per solver: ``metric`` against NFE, base dashed, D-ODE solid, the floor as a grey line."""
+    """One panel per solver: ``metric`` against NFE, base dashed, D-ODE (and its refinements) solid, the floor as
+    a grey line."""
+    names = {"base": "base", "dode": "D-ODE", "dode-joint": "D-ODE joint", "dode-joint+timesteps": "D-ODE joint+timesteps"}
     data = results.copy()
-    data["variant"] = data["variant"].map({"base": "base", "dode": "D-ODE"})
+    data["variant"] = data["variant"].map(names)
     order = [s for s in SOLVERS if s in set(data["solver"])]
+    hues = [v for v in names.values() if v in set(data["variant"])]
     grid = sns.relplot(data=data, x="nfe", y=metric, col="solver", col_order=order, hue="variant", style="variant",
-                       dashes={"base": (4, 2), "D-ODE": ""}, markers=True, kind="line", col_wrap=col_wrap,
+                       hue_order=hues, style_order=hues, dashes={v: (4, 2) if v == "base" else "" for v in hues},
+                       markers=True, kind="line", col_wrap=col_wrap,
                        height=2.4, aspect=1.1, facet_kws={"sharey": False})
     for ax in grid.axes.flat:
         if floor is not None:

@@ -9,8 +9,8 @@ The grid enters the scheduler's coefficients and the model's time input, which d
 autograd, so its gradient is a forward finite difference (one extra student run per grid parameter).
 
 The grid is parametrised so that it stays strictly descending between its fixed first level and the
-smallest training noise level: with ``z`` free, the gaps between consecutive log-levels are
-``softmax([z, 0])`` of that span, so any ``z`` is a valid grid.
+smallest training noise level: the gaps between consecutive log-levels are ``softmax([z, 0])`` of that span,
+so any ``z`` is a valid grid (``z`` is kept in a box so that no two levels merge in float32).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from .solvers import GRID_SOLVERS, solver_of, state_sigmas, time_grid, to_ddpm_s
 MODES = (None, "joint", "joint+timesteps")
 _FD_STEP = 1e-4  # finite-difference step in the grid parameters z
 _MIN_GAP = 0.02  # smallest share of the log-sigma span between two grid levels at the start
+_Z_BOUND = 8.0  # |z| bound: no gap is below about e^-16 of another, so the levels stay distinct in float32
 
 
 def grid_from_params(z: np.ndarray, first: float, lowest: float) -> np.ndarray:
@@ -42,7 +43,7 @@ def params_from_grid(grid: np.ndarray, lowest: float) -> np.ndarray:
     """The ``z`` of ``grid_from_params``; gaps under ``_MIN_GAP`` of the span are widened to it."""
     positions = np.log(grid[0] / np.append(grid, lowest)) / np.log(grid[0] / lowest)
     gaps = np.maximum(np.diff(positions), _MIN_GAP)
-    return np.log(gaps[:-1] / gaps[-1])
+    return np.clip(np.log(gaps[:-1] / gaps[-1]), -_Z_BOUND, _Z_BOUND)
 
 
 def _student_states(model, dode: DODEScheduler, noise: torch.Tensor, lambdas, grid) -> list[torch.Tensor]:
@@ -123,7 +124,8 @@ def refine(model, dode: DODEScheduler, noise: torch.Tensor, targets: torch.Tenso
         p.requires_grad_(False)
     try:
         with tqdm(desc=f"refining {solver.name}", disable=not progress, unit="eval") as bar:
-            result = scipy.optimize.minimize(value_and_gradient, x0, jac=True, method="L-BFGS-B",
+            bounds = [(None, None)] * n_lam + [(-_Z_BOUND, _Z_BOUND)] * (len(x0) - n_lam)
+            result = scipy.optimize.minimize(value_and_gradient, x0, jac=True, method="L-BFGS-B", bounds=bounds,
                                              options={"maxiter": max_iterations})
     finally:
         for p in frozen:
@@ -141,5 +143,6 @@ def refine(model, dode: DODEScheduler, noise: torch.Tensor, targets: torch.Tenso
         "student_runs": len(history) * (1 + len(x0) - n_lam),
         "seconds": time.perf_counter() - began,
         "optimizer_message": str(result.message),
+        "history": history,  # the objective at every evaluation, in order
     }
     return refined

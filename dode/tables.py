@@ -5,16 +5,21 @@ import pandas as pd
 
 from .solvers import SOLVERS, get_solver
 
+VARIANTS = ("base", "dode", "dode-joint", "dode-joint+timesteps")
+
 
 def row_label(solver: str, variant: str) -> str:
+    """"DDIM", "D-DDIM" (the paper's greedy fit), "D-DDIM joint", "D-DDIM joint+timesteps"."""
     paper = get_solver(solver).paper
-    return paper if variant == "base" else f"D-{paper}"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    return paper if variant == "base" else f"D-{paper}" + variant[4:].replace("-", " ")
 
 
 def paper_table(results: pd.DataFrame, metric: str = "fd") -> pd.DataFrame:
-    """Numeric table: index = solver rows in the paper's order (base, then D-ODE), columns = NFE."""
+    """Numeric table: index = solver rows in the paper's order (base, D-ODE, its refinements), columns = NFE."""
     table = results.pivot_table(index=["solver", "variant"], columns="nfe", values=metric)
-    order = [(s, v) for s in SOLVERS for v in ("base", "dode") if (s, v) in table.index]
+    order = [(s, v) for s in SOLVERS for v in VARIANTS if (s, v) in table.index]
     table = table.loc[order]
     table.index = [row_label(s, v) for s, v in order]
     table.columns = [f"NFE {n}" for n in table.columns]

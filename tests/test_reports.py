@@ -50,6 +50,23 @@ def test_gap_summary_ratio_and_share_of_the_gap_closed():
     assert list(summary["solver"].unique()) == ["ddim", "heun"]
 
 
+def test_refined_rows_follow_their_solver_and_get_their_own_ratios():
+    results = toy_results()
+    refined = results[results.variant == "dode"].assign(variant="dode-joint", fd_pixel=lambda d: d.fd_pixel * 0.5)
+    learned = refined[refined.solver == "heun"].assign(variant="dode-joint+timesteps", fd_pixel=lambda d: d.fd_pixel * 0.5)
+    results = pd.concat([results, refined, learned])
+    table = paper_table(results, "fd_pixel")
+    assert list(table.index) == ["DDIM", "D-DDIM", "D-DDIM joint", "EDM", "D-EDM", "D-EDM joint",
+                                 "D-EDM joint+timesteps"]
+    summary = gap_summary(results, floor=0.2).set_index(["solver", "nfe"])
+    base, joint = 9.0 / 5, 0.5 * 0.5 * 9.0 / 5
+    assert summary.at[("heun", 5), "ratio-joint"] == pytest.approx(joint / base)
+    assert summary.at[("heun", 5), "gap_closed-joint+timesteps"] == pytest.approx((base - joint / 2) / (base - 0.2))
+    assert np.isnan(summary.at[("ddim", 5), "ratio-joint+timesteps"])
+    with pytest.raises(ValueError, match="unknown variant"):
+        dode.tables.row_label("ddim", "dode-jointly")
+
+
 def test_teacher_distances_agree_with_the_fit_on_the_fitting_batch(gmm):
     teacher = dode.Teacher(gmm, batch_size=12, seed=5, grid=10)
     fitted = dode.distill(gmm, "unipc", 4, teacher=teacher)
