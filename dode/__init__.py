@@ -6,14 +6,18 @@ The whole public API::
     dode.SOLVERS, dode.make_scheduler("ddim", model)            # solvers.py
     scheduler = dode.distill(model, "ddim", nfe=5)              # distill.py (+ teacher.py)
     x = dode.sample(model, scheduler, nfe=5, num_samples=64)    # sampling.py
-    dode.frechet_distance(x, reference), dode.rmse(x, exact)    # metrics.py
+    dode.frechet_distance(x, reference), dode.rmse(x, exact)    # metrics.py (+ features.py, Inception FID)
+    scheduler = dode.distill(model, "unipc", nfe=5, refine="joint+timesteps")  # refine.py: beyond the paper
+    pipe = dode.use_dode(pipe, scheduler)                       # pipelines.py: any diffusers pipeline
+    torchrun -m dode.distributed ...                            # distributed.py: generation across processes
     scheduler.save_pretrained("ddim-5"); dode.DODEScheduler.from_pretrained("ddim-5")  # scheduler.py
 """
 __version__ = "0.1.0"
 
 from .distill import distill, least_squares_lambda
-from .metrics import frechet_distance, rmse
-from .models import MODELS, ModelNotFoundError, load_model
+from .metrics import feature_statistics, frechet_distance, load_statistics, rmse, save_statistics
+from .models import MODELS, PREDICTION_TYPES, ModelNotFoundError, as_prediction_type, load_model
+from .pipelines import load_pipeline, pipeline_model, use_dode
 from .ode import solve_ode
 from .sampling import Trajectory, sample, seeded_noise
 from .scheduler import DODEScheduler
@@ -21,7 +25,8 @@ from .solvers import SOLVERS, get_solver, make_scheduler
 from .teacher import Teacher
 
 __all__ = [
-    "DODEScheduler", "MODELS", "ModelNotFoundError", "SOLVERS", "Teacher", "Trajectory", "distill",
-    "frechet_distance", "get_solver", "least_squares_lambda", "load_model", "make_scheduler", "rmse",
-    "sample", "seeded_noise", "solve_ode",
+    "DODEScheduler", "MODELS", "ModelNotFoundError", "PREDICTION_TYPES", "SOLVERS", "Teacher", "Trajectory",
+    "as_prediction_type", "distill", "feature_statistics", "frechet_distance", "get_solver", "least_squares_lambda",
+    "load_model", "load_pipeline", "load_statistics", "make_scheduler", "pipeline_model", "rmse", "sample",
+    "save_statistics", "seeded_noise", "solve_ode", "use_dode",
 ]

@@ -1,13 +1,17 @@
-"""Models (testbeds): every model is an eps-predictor ``model(x_t, t) -> eps`` on a DDPM schedule.
+"""Models (testbeds): every model is ``model(x_t, t) -> output`` on a DDPM-style discrete noise schedule.
 
-A model carries ``sample_shape`` (C, H, W), ``scheduler_config`` (the DDPM-style noise schedule every
-diffusers scheduler is built from) and ``name``. ``load_model`` returns one by name, folder or hub id.
+A model carries ``sample_shape`` (C, H, W), ``scheduler_config`` (the noise schedule every diffusers scheduler is
+built from, and ``prediction_type``: what the output is, ``epsilon``, ``v_prediction`` or ``sample``) and
+``name``. The output goes to the scheduler unchanged, as in a diffusers pipeline, so D-ODE corrects the output in
+the model's own parametrisation; ``as_prediction_type`` converts it exactly to another one.
+``load_model`` returns a model by name, folder or hub id.
 """
 from __future__ import annotations
 
 import functools
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +30,12 @@ DDPM_SCHEDULE = {
 
 MODELS = ("gmm-digits", "unet-digits")
 
+#: What a model's output can be (``scheduler_config["prediction_type"]``), as diffusers' schedulers name it.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: The scheduler-config keys that belong to the model (its noise schedule and output); the rest (clipping, spacing,
+#: solver order, ...) belongs to the solver, which ``dode.solvers`` configures.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+
 #: Weights trained by this project and shipped with the package (``make models`` retrains them).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -35,6 +45,24 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_prediction_type(prediction_type) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {prediction_type!r}; dode handles {', '.join(PREDICTION_TYPES)}")
+    return prediction_type
+
+
+def schedule_config(config) -> dict:
+    """The noise schedule and prediction type in a diffusers scheduler config (``SCHEDULE_KEYS``), DDPM defaults
+    for missing keys; ValueError for what dode cannot handle."""
+    config = dict(config)
+    if config.get("rescale_betas_zero_snr"):
+        raise ValueError("zero-terminal-SNR schedules (rescale_betas_zero_snr=True) are not supported: their last "
+                         "noise level is infinite")
+    schedule = {**DDPM_SCHEDULE, **{key: config[key] for key in SCHEDULE_KEYS if config.get(key) is not None}}
+    check_prediction_type(schedule["prediction_type"])
+    return schedule
 
 
 def training_sigmas(scheduler_config: dict) -> np.ndarray:
@@ -54,6 +82,15 @@ def sigma_to_timestep(sigma, log_sigmas: np.ndarray):
 def timestep_to_sigma(t, log_sigmas: np.ndarray):
     """The inverse of ``sigma_to_timestep``."""
     return np.exp(np.interp(t, np.arange(len(log_sigmas)), log_sigmas))
+
+
+def interpolated_sigma(t, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """sigma at (fractional) timesteps t, log-sigma linear between training timesteps: ``timestep_to_sigma`` on
+    tensors, on the device of ``log_sigmas`` (float64)."""
+    t = torch.as_tensor(t, dtype=torch.float64, device=log_sigmas.device).clamp(0, len(log_sigmas) - 1)
+    low = t.floor().long().clamp(max=len(log_sigmas) - 2)
+    w = t - low
+    return torch.exp((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1])
 
 
 def load_digits_data() -> np.ndarray:
@@ -101,10 +138,7 @@ class GaussianMixtureDenoiser(nn.Module):
 
     def sigma(self, t) -> torch.Tensor:
         """Noise level sigma(t), log-linear between training timesteps, float64."""
-        t = torch.as_tensor(t, dtype=torch.float64, device=self.log_sigmas.device).clamp(0, len(self.log_sigmas) - 1)
-        low = t.floor().long().clamp(max=len(self.log_sigmas) - 2)
-        w = t - low
-        return torch.exp((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[low + 1])
+        return interpolated_sigma(t, self.log_sigmas)
 
     def posterior_mean(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """E[x0 | x0 + sigma * noise = y] for y of shape (B, D) and sigma of shape (B,), float64."""
@@ -161,20 +195,74 @@ def gmm_digits(n_components: int = 10, reg_covar: float = 1e-2, random_state: in
     return GaussianMixtureDenoiser(*params, (1, 8, 8), DDPM_SCHEDULE, "gmm-digits")
 
 
-class DiffusersEpsModel(nn.Module):
-    """A diffusers ``UNet2DModel`` seen through the common interface ``model(x_t, t) -> eps``."""
+def convert_prediction(output: torch.Tensor, x_t: torch.Tensor, alpha_bar, source: str, target: str) -> torch.Tensor:
+    """A model output of prediction type ``source`` as type ``target``, at the state x_t (DDPM convention) whose
+    cumulative alpha is ``alpha_bar``. With x_t = a x0 + s eps (a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar)) and
+    v = a eps - s x0, each type is affine in each other one, so the conversion is exact."""
+    for name in (source, target):
+        check_prediction_type(name)
+    a, s = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    if source == "epsilon":
+        eps, x0 = output, (x_t - s * output) / a
+    elif source == "sample":
+        eps, x0 = (x_t - a * output) / s, output
+    else:
+        eps, x0 = a * output + s * x_t, a * x_t - s * output
+    return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[target]
 
-    def __init__(self, unet, scheduler_config: dict, name: str):
+
+class PredictionConverter(nn.Module):
+    """``model`` with its output converted to another prediction type, in float64 (``as_prediction_type``)."""
+
+    def __init__(self, model, prediction_type: str):
+        super().__init__()
+        self.model = model
+        self.source = model.scheduler_config["prediction_type"]
+        self.scheduler_config = {**model.scheduler_config, "prediction_type": prediction_type}
+        self.sample_shape = model.sample_shape
+        self.name = getattr(model, "name", type(model).__name__)
+        log_sigmas = np.log(training_sigmas(model.scheduler_config))
+        self.register_buffer("log_sigmas", torch.from_numpy(log_sigmas), persistent=False)
+
+    def forward(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        sigma = interpolated_sigma(t, self.log_sigmas).reshape(-1, *[1] * (x_t.dim() - 1))
+        output = self.model(x_t, t).double()
+        target = self.scheduler_config["prediction_type"]
+        return convert_prediction(output, x_t.double(), 1 / (1 + sigma**2), self.source, target).to(x_t.dtype)
+
+
+def as_prediction_type(model, prediction_type: str = "epsilon") -> nn.Module:
+    """``model`` seen as predicting ``prediction_type`` (``epsilon``, ``v_prediction`` or ``sample``): the same
+    ODE, so base solvers give the same samples, but D-ODE then corrects that parametrisation of the output.
+
+    The model itself when it already predicts that. Fractional timesteps use the log-sigma interpolation of
+    diffusers' sigma-space schedulers. Uses: ``dode.solve_ode`` (needs epsilon), PNDM (takes no ``sample``
+    models), and D-ODE on epsilon for a v-prediction model (often better than on v itself).
+    """
+    check_prediction_type(prediction_type)
+    if isinstance(model, PredictionConverter):
+        model = model.model
+    if model.scheduler_config["prediction_type"] == prediction_type:
+        return model
+    return PredictionConverter(model, prediction_type)
+
+
+class DiffusersModel(nn.Module):
+    """A diffusers UNet as a dode model: ``model(x_t, t)`` is the UNet's output, of the prediction type in
+    ``scheduler_config`` (the checkpoint's), handed to the scheduler unchanged as a diffusers pipeline does."""
+
+    def __init__(self, unet, scheduler_config, name: str):
         super().__init__()
         self.unet = unet
-        self.scheduler_config = dict(scheduler_config)
+        self.scheduler_config = schedule_config(scheduler_config)
         channels, size = unet.config.in_channels, unet.config.sample_size
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
         self.sample_shape = (channels, *size)
         self.name = name
 
-    def forward(self, x_t, t):
-        return self.unet(x_t, t).sample
+    def forward(self, x_t, t, **conditioning):
+        """The UNet at (x_t, t), in its own dtype; ``conditioning`` (e.g. ``encoder_hidden_states``) goes to it."""
+        return self.unet(x_t.to(self.unet.dtype), t, **conditioning).sample.to(x_t.dtype)
 
 
 class ModelNotFoundError(OSError):
@@ -197,62 +285,85 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _load_unet(name_or_path: str, **kwargs):
-    """A UNet2DModel from a pipeline layout (unet/) or a bare UNet layout."""
-    from diffusers import UNet2DModel
+def _is_hub_id(name: str) -> bool:
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1
 
-    kwargs.setdefault("low_cpu_mem_usage", False)  # the default wants `accelerate`, and says so at length
+
+def is_available(name_or_path) -> bool:
+    """Whether ``load_model`` / ``dode.load_pipeline`` can get it here without waiting: an embedded model, a local
+    folder, a hub id with a copy in the local cache, or any hub id while the hub answers."""
+    from huggingface_hub import snapshot_download
+
+    name = str(name_or_path)
+    if name in MODELS or Path(name).expanduser().exists():
+        return True
+    if not _is_hub_id(name):
+        return False
     try:
-        return UNet2DModel.from_pretrained(name_or_path, subfolder="unet", **kwargs)
-    except (OSError, ValueError):
-        return UNet2DModel.from_pretrained(name_or_path, **kwargs)
+        snapshot_download(name, local_files_only=True)
+    except Exception:  # not in the cache (huggingface_hub raises several kinds)
+        return _hub_reachable()
+    return True
 
 
-def _load_diffusers(name_or_path: str) -> DiffusersEpsModel:
-    from diffusers import DDPMScheduler
+def fetch(load, name_or_path, what: str = "diffusers UNet2DModel", loader: str = "dode.load_model"):
+    """``load(path_or_id, **kwargs)`` on a local folder, else on a hub id from the local cache, else from the hub.
 
-    is_local = Path(name_or_path).expanduser().exists()
-    if is_local:
-        name_or_path = str(Path(name_or_path).expanduser())
+    Raises ``ModelNotFoundError`` at once when none has it, offline saying how to use a local folder instead
+    (``loader`` names the function to pass the folder to).
+    """
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
         try:
-            unet = _load_unet(name_or_path)
+            return load(str(path))
         except Exception as err:
-            raise ModelNotFoundError(f"{name_or_path!r} is not a loadable diffusers UNet2DModel folder: {err}") from err
-    elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        raise ModelNotFoundError(
-            f"unknown model {name_or_path!r}: not an embedded model ({', '.join(MODELS)}), "
-            "not an existing folder, and not a hub id of the form 'owner/name'"
-        )
-    else:
-        try:  # a copy in the local hub cache needs no network
-            unet = _load_unet(name_or_path, local_files_only=True)
-        except Exception:
-            unet = None
-        if unet is None:
-            advice = (
-                f"Download it on a machine with network access (e.g. `huggingface-cli download {name_or_path} "
-                "--local-dir ./my-model`), copy the folder here and call dode.load_model('./my-model'). "
-                f"(No local folder named {name_or_path!r} exists either.)"
-            )
-            if not _hub_reachable():
-                raise ModelNotFoundError(f"cannot download {name_or_path!r}: the Hugging Face hub is unreachable "
-                                         f"(offline?). {advice}")
-            try:
-                unet = _load_unet(name_or_path)
-            except Exception as err:  # huggingface_hub raises several kinds; all mean "could not get it"
-                raise ModelNotFoundError(f"could not download {name_or_path!r} ({type(err).__name__}: {err}). "
-                                         f"{advice}") from err
-    schedule = dict(DDPM_SCHEDULE)
-    for sub in ("scheduler", None):
+            raise ModelNotFoundError(f"{str(path)!r} is not a loadable {what} folder: {err}") from err
+    if not _is_hub_id(name):
+        raise ModelNotFoundError(f"unknown model {name!r}: not an embedded model ({', '.join(MODELS)}), not an "
+                                 "existing folder, and not a hub id of the form 'owner/name'")
+    try:  # a copy in the local hub cache needs no network
+        return load(name, local_files_only=True)
+    except Exception:
+        pass
+    advice = (f"Download it on a machine with network access (e.g. `huggingface-cli download {name} --local-dir "
+              f"./my-model`), copy the folder here and call {loader}('./my-model'). (No local folder named {name!r} "
+              "exists either.)")
+    if not _hub_reachable():
+        raise ModelNotFoundError(f"cannot download {name!r}: the Hugging Face hub is unreachable (offline?). {advice}")
+    try:
+        return load(name)
+    except Exception as err:  # huggingface_hub raises several kinds; all mean "could not get it"
+        raise ModelNotFoundError(f"could not download {name!r} ({type(err).__name__}: {err}). {advice}") from err
+
+
+def _load_unet(name_or_path: str, local_files_only: bool = False):
+    """(UNet2DModel, its scheduler config or None) from a pipeline layout (unet/, scheduler/) or a bare UNet layout."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    # low_cpu_mem_usage: the default wants `accelerate`, and says so at length
+    options = dict(local_files_only=local_files_only, low_cpu_mem_usage=False)
+    try:
+        unet = UNet2DModel.from_pretrained(name_or_path, subfolder="unet", **options)
+    except (OSError, ValueError):
+        unet = UNet2DModel.from_pretrained(name_or_path, **options)
+    for subfolder in ("scheduler", None):
         try:
-            schedule = dict(DDPMScheduler.load_config(name_or_path, subfolder=sub, local_files_only=True))
-            break
-        except Exception:  # no scheduler config there: try the next place, else keep the DDPM default
+            return unet, DDPMScheduler.load_config(name_or_path, subfolder=subfolder, local_files_only=local_files_only)
+        except OSError:  # no scheduler config there: try the next place
             continue
-    return DiffusersEpsModel(unet, schedule, name_or_path)
+    return unet, None
 
 
-def load_unet_digits(folder: str | os.PathLike = WEIGHTS_DIR / "unet-digits") -> DiffusersEpsModel:
+def _load_diffusers(name_or_path: str) -> DiffusersModel:
+    unet, config = fetch(_load_unet, name_or_path)
+    if config is None:
+        warnings.warn(f"{name_or_path!r} has no scheduler config: assuming the DDPM schedule {DDPM_SCHEDULE}",
+                      stacklevel=3)
+    return DiffusersModel(unet, config or DDPM_SCHEDULE, str(name_or_path))
+
+
+def load_unet_digits(folder: str | os.PathLike = WEIGHTS_DIR / "unet-digits") -> DiffusersModel:
     """The ``unet-digits`` testbed from its folder (default: the shipped weights), with a clear error if broken."""
     folder = Path(folder)
     try:
@@ -268,7 +379,13 @@ def load_unet_digits(folder: str | os.PathLike = WEIGHTS_DIR / "unet-digits") ->
 
 
 def load_model(name_or_path: str | os.PathLike = "gmm-digits", device: str | torch.device = "auto") -> nn.Module:
-    """Load a model by name (``"gmm-digits"``, ``"unet-digits"``), local diffusers UNet2DModel folder or hub id."""
+    """Load a model by name (``"gmm-digits"``, ``"unet-digits"``), local diffusers UNet2DModel folder or hub id.
+
+    A folder is a saved pipeline (``unet/``, ``scheduler/``) or a bare UNet (``config.json``, weights and maybe
+    ``scheduler_config.json``). The noise schedule and ``prediction_type`` come from the checkpoint's scheduler
+    config (DDPM's linear schedule and epsilon when it has none); the model's output is the UNet's, unconverted.
+    A hub id not in the local cache fails at once without network (``ModelNotFoundError``, saying what to do).
+    """
     name = str(name_or_path)
     if name == "gmm-digits":
         model = gmm_digits()

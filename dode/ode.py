@@ -13,7 +13,7 @@ import torch
 from scipy.integrate import solve_ivp
 from tqdm.auto import tqdm
 
-from .models import resolve_device, sigma_to_timestep, training_sigmas
+from .models import as_prediction_type, resolve_device, sigma_to_timestep, training_sigmas
 from .sampling import check_batch_size, seeded_noise
 
 
@@ -33,6 +33,7 @@ def solve_ode(model, num_samples: int, *, seed: int = 0, batch_size: int | None 
     """
     batch_size = check_batch_size(num_samples if batch_size is None else batch_size)
     device = resolve_device(device)
+    model = as_prediction_type(model, "epsilon")  # the ODE below is written in eps
     model.to(device)
     dtype = _model_dtype(model)
     sigmas = training_sigmas(model.scheduler_config)

@@ -7,19 +7,23 @@ scheduler's, so a DODEScheduler drops in wherever the base scheduler is used.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
 
 import diffusers
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .solvers import set_grid, solver_of
 
 LAMBDAS_FILE = "dode_lambdas.json"
 
 
-class DODEScheduler:
+class DODEScheduler(SchedulerMixin):
+    """A diffusers scheduler (SchedulerMixin, so pipelines save and load it) wrapping a base scheduler."""
+
     def __init__(self, base_scheduler, lambdas, num_inference_steps: int, fit_info: dict | None = None,
                  grid=None):
         lambdas = [float(v) for v in lambdas]
@@ -59,7 +63,8 @@ class DODEScheduler:
         if num_inference_steps is not None and int(num_inference_steps) != self.num_inference_steps:
             raise ValueError(
                 f"these lambdas were fitted for num_inference_steps={self.num_inference_steps} "
-                f"({self.nfe} NFE); got {num_inference_steps}. Distil again for another step count."
+                f"({self.nfe} NFE); got {num_inference_steps}. In a pipeline, call it with "
+                f"num_inference_steps={self.num_inference_steps}; distil again for another step count."
             )
         self.base_scheduler.set_timesteps(self.num_inference_steps, *args, **kwargs)
         if self.grid is not None:
@@ -83,6 +88,9 @@ class DODEScheduler:
         corrected = self.corrected_output(model_output, lam)
         self._previous_output = model_output
         self._evaluation += 1
+        # pipelines pass what their own scheduler takes (DDPMPipeline: generator); hand on what this one takes
+        accepted = inspect.signature(self.base_scheduler.step).parameters
+        kwargs = {key: value for key, value in kwargs.items() if key in accepted}
         return self.base_scheduler.step(corrected, timestep, sample, *args, **kwargs)
 
     # -- persistence, in diffusers' layout: the base scheduler's config plus the lambdas ---------------------

@@ -420,7 +420,8 @@ def test_local_pipeline_folder(tmp_path):
 def test_local_unet_folder_without_scheduler_gets_ddpm_default(tmp_path):
     unet = tiny_unet()
     unet.save_pretrained(tmp_path)
-    model = dode.load_model(str(tmp_path), device="cpu")
+    with pytest.warns(UserWarning, match="no scheduler config: assuming the DDPM schedule"):
+        model = dode.load_model(str(tmp_path), device="cpu")
     for key, value in DDPM_SCHEDULE.items():
         assert model.scheduler_config[key] == value
 
@@ -435,3 +436,151 @@ def test_local_folder_with_corrupt_config_raises(tmp_path):
 def test_empty_local_folder_raises(tmp_path):
     with pytest.raises(dode.ModelNotFoundError):
         dode.load_model(str(tmp_path), device="cpu")
+
+
+def test_scheduler_config_holds_only_the_schedule_and_prediction_type(tmp_path):
+    """Solver settings of the checkpoint (clipping, spacing, variance) do not reach dode's solvers."""
+    tiny_unet().save_pretrained(tmp_path)
+    DDPMScheduler(beta_end=0.015, prediction_type="sample", clip_sample=True, timestep_spacing="leading",
+                  variance_type="fixed_large").save_pretrained(tmp_path)
+    model = dode.load_model(tmp_path, device="cpu")
+    assert model.scheduler_config == {**DDPM_SCHEDULE, "beta_end": 0.015, "prediction_type": "sample"}
+
+
+def test_unknown_prediction_types_are_clear_errors(tmp_path, digits_model):
+    tiny_unet().save_pretrained(tmp_path)
+    DDPMScheduler().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "scheduler_config.json").read_text())
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "flow_prediction"}))
+    with pytest.raises(ValueError, match="unknown prediction type 'flow_prediction'"):
+        dode.load_model(tmp_path, device="cpu")
+    with pytest.raises(ValueError, match="unknown prediction type 'x0'"):
+        dode.models.as_prediction_type(digits_model, "x0")
+
+
+def test_is_available(tmp_path, monkeypatch):
+    assert dode.models.is_available("gmm-digits") and dode.models.is_available(tmp_path)
+    assert not dode.models.is_available("./no/such/folder")
+    monkeypatch.setattr(dode.models, "_hub_reachable", lambda timeout=3.0: False)
+    assert not dode.models.is_available("dode-tests/not-in-the-cache")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prediction types: one ODE through an epsilon, a v and an x0 (sample) model
+# ----------------------------------------------------------------------------------------------------------
+class Reparametrised(torch.nn.Module):
+    """gmm-digits as a v- or x0-predictor, written out here: x_t = a x0 + s eps, v = a eps - s x0, with
+    abar = 1 / (1 + sigma(t)^2) at the model's own (log-linear) sigma of a fractional timestep."""
+
+    def __init__(self, eps_model, prediction_type):
+        super().__init__()
+        self.eps_model, self.prediction_type = eps_model, prediction_type
+        self.sample_shape = eps_model.sample_shape
+        self.scheduler_config = {**eps_model.scheduler_config, "prediction_type": prediction_type}
+
+    def forward(self, x_t, t):
+        eps = self.eps_model(x_t, t).double()
+        abar = 1 / (1 + self.eps_model.sigma(t).reshape(-1, 1, 1, 1) ** 2)
+        x0 = (x_t.double() - (1 - abar).sqrt() * eps) / abar.sqrt()
+        out = x0 if self.prediction_type == "sample" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+        return out.to(x_t.dtype)
+
+
+def test_convert_prediction_between_every_pair_of_types():
+    gen = torch.Generator().manual_seed(9)
+    x0, eps = (torch.randn(5, 1, 2, 2, generator=gen, dtype=torch.float64) for _ in range(2))
+    abar = torch.tensor([0.9999, 0.9, 0.5, 0.01, 4e-5], dtype=torch.float64).reshape(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    outputs = {"epsilon": eps, "sample": x0, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0}
+    for source, output in outputs.items():
+        for target, expected in outputs.items():
+            got = dode.models.convert_prediction(output, x_t, abar, source, target)
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+@pytest.mark.parametrize("solver", dode.SOLVERS)
+def test_every_solver_gives_the_eps_models_samples_for_v_and_x0_models(digits_model, solver, prediction_type):
+    """The scheduler converts the output itself: same ODE, same samples. Two exceptions in diffusers' PNDM: it
+    takes no x0 model, and it extrapolates raw v outputs before converting them (another solver); an epsilon
+    view of the model (``as_prediction_type``) gives it the eps model's samples."""
+    model = Reparametrised(digits_model, prediction_type)
+    expected = dode.sample(digits_model, solver, 5, 16, seed=3, progress=False)
+    # Heun's sigma -> fractional t -> sigma round trip is float32 in diffusers: ~1e-4 at the end
+    tolerance = 1e-3 if solver == "heun" else 1e-5
+    if solver == "pndm":
+        if prediction_type == "sample":
+            with pytest.raises(ValueError, match="prediction_type"):
+                dode.sample(model, solver, 5, 16, seed=3, progress=False)
+        else:
+            assert (dode.sample(model, solver, 5, 16, seed=3, progress=False) - expected).abs().max() > 0.1
+        model = dode.models.as_prediction_type(model, "epsilon")
+    torch.testing.assert_close(dode.sample(model, solver, 5, 16, seed=3, progress=False), expected, rtol=0,
+                               atol=tolerance)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("solver", dode.SOLVERS)
+def test_distilling_an_epsilon_view_gives_the_eps_models_lambdas(digits_model, solver):
+    expected = dode.distill(digits_model, solver, 5, batch_size=8)
+    x_expected = dode.sample(digits_model, expected, 5, 8, seed=50, progress=False)
+    for prediction_type in ("v_prediction", "sample"):
+        model = dode.models.as_prediction_type(Reparametrised(digits_model, prediction_type), "epsilon")
+        assert model.scheduler_config["prediction_type"] == "epsilon"
+        fitted = dode.distill(model, solver, 5, batch_size=8)
+        np.testing.assert_allclose(fitted.lambdas, expected.lambdas, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(dode.sample(model, fitted, 5, 8, seed=50, progress=False), x_expected,
+                                   rtol=0, atol=1e-3)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("solver", ["ddim", "heun"])
+def test_dode_corrects_the_raw_output_against_the_same_teacher(digits_model, solver):
+    """The teacher is one ODE whatever the parametrisation; D-ODE corrects the output the scheduler is given, so
+    on a v model its lambdas are not the eps model's."""
+    v_model = Reparametrised(digits_model, "v_prediction")
+    scheduler = dode.make_scheduler(solver, v_model)
+    scheduler.set_timesteps(dode.get_solver(solver).steps_for(5))
+    targets = [dode.Teacher(m, batch_size=8).targets(scheduler) for m in (digits_model, v_model)]
+    torch.testing.assert_close(targets[1], targets[0], rtol=0, atol=1e-4)
+    v_lambdas = dode.distill(v_model, solver, 5, batch_size=8).lambdas
+    eps_lambdas = dode.distill(digits_model, solver, 5, batch_size=8).lambdas
+    assert np.abs(np.subtract(v_lambdas, eps_lambdas)).max() > 0.1
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("layout", ["pipeline", "bare"])
+def test_v_prediction_unet_folder_distil_sample_save_reload(tmp_path, layout):
+    from diffusers import DDPMPipeline
+
+    unet = tiny_unet()
+    scheduler = DDPMScheduler(prediction_type="v_prediction", beta_end=0.015)
+    if layout == "pipeline":
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path)
+        assert {"model_index.json", "unet", "scheduler"} <= {p.name for p in tmp_path.iterdir()}
+    else:
+        unet.save_pretrained(tmp_path)
+        scheduler.save_pretrained(tmp_path)
+    model = dode.load_model(tmp_path, device="cpu")
+    assert model.scheduler_config == {**DDPM_SCHEDULE, "beta_end": 0.015, "prediction_type": "v_prediction"}
+    check_loaded_unet(model, unet)  # the raw (v) output
+    fitted = dode.distill(model, "dpm_solver_pp_2m", 4, batch_size=8)
+    assert fitted.config.prediction_type == "v_prediction" and fitted.lambdas[1:] != [0.0] * 3
+    x = dode.sample(model, fitted, 4, 6, seed=2, progress=False)
+    fitted.save_pretrained(tmp_path / "d-dpm")
+    reloaded = dode.DODEScheduler.from_pretrained(tmp_path / "d-dpm")
+    assert reloaded.lambdas == fitted.lambdas and reloaded.config.prediction_type == "v_prediction"
+    assert torch.equal(dode.sample(model, reloaded, 4, 6, seed=2, progress=False), x)
+    # the same ODE through an epsilon view: the same base samples, computed by the scheduler's other branch
+    eps_view = dode.models.as_prediction_type(model, "epsilon")
+    torch.testing.assert_close(dode.sample(eps_view, "dpm_solver_pp_2m", 4, 6, seed=2, progress=False),
+                               dode.sample(model, "dpm_solver_pp_2m", 4, 6, seed=2, progress=False),
+                               rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_solve_ode_takes_any_prediction_type(digits_model, prediction_type):
+    expected = dode.solve_ode(digits_model, 4, seed=5, progress=False)
+    got = dode.solve_ode(Reparametrised(digits_model, prediction_type), 4, seed=5, progress=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

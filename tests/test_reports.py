@@ -118,7 +118,8 @@ def test_runner_moves_outputs_skips_unchanged_runs_and_keeps_results_when_a_run_
 
 def test_the_full_plan_names_every_notebook_and_the_paper_grid():
     runs = reproduce.plan(ROOT / "results", ["gmm-digits"])
-    assert {r.notebook for r in runs} == {p.name for p in (ROOT / "notebooks").glob("0*.ipynb")}
+    # 06_pretrained needs a download and a GPU: users run it themselves (README), make reproduce does not
+    assert {r.notebook for r in runs} == {p.name for p in (ROOT / "notebooks").glob("0*.ipynb")} - {"06_pretrained.ipynb"}
     grid = next(r for r in runs if r.name == "02_distill_solvers-gmm-digits").parameters
     assert grid["nfes"] == [3, 4, 5, 6, 8, 10] and grid["num_samples"] == 2000 and grid["solvers"] == "all"
 
