@@ -87,7 +87,7 @@ def evaluate_scheduler(model, scheduler, nfe: int, data: EvaluationData, *, seed
     return row
 
 
-def _fits(model, solver: str, nfe: int, refine: dict, **fit):
+def _fits(model, solver: str, nfe: int, refine: dict, refine_teacher: Teacher, **fit):
     """(variant, fitted DODEScheduler, seconds) for the greedy fit and each refinement ``refine`` asks for here."""
     began = time.perf_counter()
     greedy = distill(model, solver, nfe, **fit)
@@ -95,36 +95,39 @@ def _fits(model, solver: str, nfe: int, refine: dict, **fit):
     for mode, nfes in refine.items():
         if nfe in nfes and (mode == "joint" or solver in GRID_SOLVERS):
             began = time.perf_counter()
-            refined = refine_jointly(model, greedy, fit["teacher"], mode, progress=False)
+            refined = refine_jointly(model, greedy, refine_teacher, mode, progress=False)
             yield f"dode-{mode}", refined, time.perf_counter() - began
 
 
 def evaluate_grid(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
                   fit_batch_size: int = 100, fit_seed: int = 0, teacher=10, refine: dict | None = None,
-                  features=("pixel",), batch_size: int | None = None, save_dir=None, device="auto",
+                  refine_teacher=None, features=("pixel",), batch_size: int | None = None, save_dir=None, device="auto",
                   progress: bool = True) -> pd.DataFrame:
     """One row per (solver, NFE, variant), scored by ``evaluate_scheduler``; variants are in ``VARIANTS``.
 
     ``refine`` maps a refinement ("joint", "joint+timesteps") to the NFEs where it is added (from the greedy
-    fit, against the same teacher; "joint+timesteps" only for solvers that take a custom grid). NFEs a solver
-    cannot make are skipped. Each fitted DODEScheduler is saved under ``save_dir/<solver>-nfe<k>[-<mode>]``
-    when ``save_dir`` is given. ``fit_rmse_teacher`` is the RMSE of the final samples to the teacher's on the
-    fitting batch, beside the held-out scores.
+    fit, against ``refine_teacher``: C or "fine", None for ``teacher``; "joint+timesteps" only for solvers that
+    take a custom grid). NFEs a solver cannot make are skipped. Each fitted DODEScheduler is saved under
+    ``save_dir/<solver>-nfe<k>[-<mode>]`` when ``save_dir`` is given. ``fit_rmse_teacher`` is the RMSE of the
+    final samples to the (refinement) teacher's on the fitting batch, beside the held-out scores.
     """
     jobs = [(s, n) for s in solvers for n in nfes if possible(s, n)]
     teacher = Teacher(model, batch_size=fit_batch_size, seed=fit_seed, grid=teacher, device=device)
+    refine_teacher = teacher if refine_teacher is None else Teacher(
+        model, batch_size=fit_batch_size, seed=fit_seed, grid=refine_teacher, device=device)
     rows = []
     for solver, nfe in tqdm(jobs, desc=f"{getattr(model, 'name', 'model')}: solver x NFE", disable=not progress):
         rows.append({"solver": solver, "variant": "base", "nfe": nfe, "fit_seconds": 0.0, "lambdas": "",
                      **evaluate_scheduler(model, solver, nfe, data, seed=seed, features=features,
                                           batch_size=batch_size, device=device)})
-        for variant, fitted, seconds in _fits(model, solver, nfe, refine or {}, teacher=teacher, device=device):
+        for variant, fitted, seconds in _fits(model, solver, nfe, refine or {}, refine_teacher, teacher=teacher,
+                                              device=device):
             if save_dir is not None:
                 fitted.save_pretrained(Path(save_dir) / f"{solver}-nfe{nfe}{variant[4:]}")
             rows.append({"solver": solver, "variant": variant, "nfe": nfe, "fit_seconds": seconds,
                          "lambdas": json.dumps([round(v, 6) for v in fitted.lambdas]),
                          "grid": json.dumps(fitted.grid and [round(v, 6) for v in fitted.grid]),
-                         "fit_rmse_teacher": fitting_rmse(model, fitted, teacher, device=device),
+                         "fit_rmse_teacher": fitting_rmse(model, fitted, refine_teacher, device=device),
                          **evaluate_scheduler(model, fitted, nfe, data, seed=seed, features=features,
                                               batch_size=batch_size, device=device)})
     return pd.DataFrame(rows)

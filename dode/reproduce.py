@@ -48,7 +48,9 @@ def plan(results: Path, models: list[str]) -> list[Run]:
         exact = model == "gmm-digits"
         runs.append(Run(f"02_distill_solvers-{model}", "02_distill_solvers.ipynb", {
             "model_name": model, "solvers": "all", "nfes": list(PAPER_NFES), "features": features,
-            "num_samples": 2000 if exact else 1000, "reference_samples": 10_000, "teacher": 10}))
+            "num_samples": 2000 if exact else 1000, "reference_samples": 10_000, "teacher": 10,
+            "refine": {"joint": [4, 5, 6], "joint+timesteps": [5]} if exact else {"joint": [5], "joint+timesteps": [5]},
+            "refine_teacher": "fine"}))
     metrics = [f"fd_{f}" for f in features] + ["rmse_exact"]
     runs.append(Run("03_paper_tables", "03_paper_tables.ipynb",
                     {"results_dir": os.path.relpath(results.resolve(), NOTEBOOKS), "models": models, "metrics": metrics},
@@ -59,7 +61,7 @@ def plan(results: Path, models: list[str]) -> list[Run]:
     runs.append(Run("05_ablations-gmm-digits", "05_ablations.ipynb", {
         "model_name": "gmm-digits", "solver": "ddim", "nfe": 5, "teacher_scales": [2, 5, 10, 20, "fine"],
         "batch_sizes": [10, 25, 100, 400], "fit_repeats": 3, "matching_solvers": "all", "num_samples": 2000,
-        "reference_samples": 10_000}))
+        "reference_samples": 10_000, "refine_solvers": ["ddim", "dpm_solver_pp_2m", "heun"], "refine_teacher": "fine"}))
     return runs
 
 

@@ -109,7 +109,9 @@ class Teacher:
         return torch.stack([self._fine_state(x_start, start, scale, s) for s in wanted])
 
     def _fine_state(self, x_start, start: float, scale: float, sigma: float) -> torch.Tensor:
-        key = (round(start, 6), round(scale, 9))
+        # one run per start; scales within 1e-4 share it (Heun starts at sigma_max, not sqrt(sigma_max^2 + 1),
+        # so its initial state is 2e-5 smaller than the other solvers')
+        key = (round(start, 6), float(f"{scale:.4g}"))
         if key not in self._fine_runs:
             below = self._training_sigmas[self._training_sigmas < start * (1 - 1e-6)][::-1]
             grid = np.concatenate([[start], below, [0.0]])
