@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # here; pyproject.toml keeps an open range for users who bring their own.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test reproduce models lab clean
+.PHONY: setup test reproduce bench models lab clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,12 @@ endif
 # (python -m dode.reproduce --help), e.g. ARGS="--only 05_ablations-gmm-digits".
 reproduce: setup
 	$(PY) -m dode.reproduce --results results $(if $(FORCE),--force) $(ARGS)
+
+# Benchmarks (quality against the exact ODE, index matching, distillation cost, sampling overhead, scaling) into
+# results/benchmarks.md, results/benchmarks/*.csv|json and results/figures/bench_*.png; ~12 min on 2 CPU cores.
+# ARGS passes more options (python -m dode.benchmarks --help), e.g. ARGS="--only scaling" or ARGS="--quick --out /tmp/b".
+bench: setup
+	$(PY) -m dode.benchmarks --out results $(ARGS)
 
 # Retrain the shipped unet-digits and digits-classifier weights (dode/weights/); ~10 min on 2 CPU cores.
 models: setup
