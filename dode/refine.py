@@ -131,8 +131,8 @@ def refine(model, dode: DODEScheduler, noise: torch.Tensor, targets: torch.Tenso
         for p in frozen:
             p.requires_grad_(True)
     lambdas, grid = (dode.lambdas, dode.grid) if best["theta"] is None else unpack(best["theta"])
-    refined = DODEScheduler(dode.base_scheduler, lambdas, dode.num_inference_steps, dode.fit_info,
-                            grid=None if grid is None else list(grid))
+    refined = DODEScheduler(copy.deepcopy(dode.base_scheduler), lambdas, dode.num_inference_steps, dode.fit_info,
+                            grid=None if grid is None else list(grid))  # its own base: set_grid changes it
     refined.fit_info["refine"] = {
         "mode": "joint+timesteps" if timesteps else "joint",
         "objective": f"mean squared distance to the teacher, {objective} states",
