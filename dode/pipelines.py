@@ -153,9 +153,9 @@ def use_dode(pipe, scheduler):
     been fitted on this pipeline's noise schedule and prediction type (``pipeline_model(pipe)``, or
     ``dode.load_model`` of the same checkpoint). DDPMPipeline and DDIMPipeline neither scale the noise by
     ``init_noise_sigma`` nor call ``scale_model_input``, so sigma-space solvers (heun) cannot run in them, and
-    they pass ``generator`` (DDIMPipeline also ``eta``) to ``step``: they run the D-ODE versions of the solvers
-    whose ``step`` takes these, as they run the base solvers. ``pipe.save_pretrained`` does not save a
-    DODEScheduler: keep ``scheduler.save_pretrained(folder)`` and call ``use_dode(pipe, folder)`` after loading.
+    they pass ``generator`` (DDIMPipeline also ``eta``) to ``step``, which a DODEScheduler hands on only where its
+    base scheduler's ``step`` takes them. ``pipe.save_pretrained`` saves the DODEScheduler with the pipeline;
+    DDIMPipeline turns any scheduler into a DDIMScheduler when built, so call ``use_dode`` again after loading one.
     """
     from diffusers import DDIMPipeline, DDPMPipeline
 
