@@ -109,9 +109,9 @@ class Teacher:
         return torch.stack([self._fine_state(x_start, start, scale, s) for s in wanted])
 
     def _fine_state(self, x_start, start: float, scale: float, sigma: float) -> torch.Tensor:
-        # one run per start; scales within 1e-4 share it (Heun starts at sigma_max, not sqrt(sigma_max^2 + 1),
-        # so its initial state is 2e-5 smaller than the other solvers')
-        key = (round(start, 6), float(f"{scale:.4g}"))
+        # One run per start, up to rounding: schedulers compute the same first sigma in float32 or float64
+        # (157.407269 or 157.407272), and Heun starts at sigma_max, not sqrt(sigma_max^2 + 1), 2e-5 smaller.
+        key = (float(f"{start:.6g}"), float(f"{scale:.4g}"))
         if key not in self._fine_runs:
             below = self._training_sigmas[self._training_sigmas < start * (1 - 1e-6)][::-1]
             grid = np.concatenate([[start], below, [0.0]])

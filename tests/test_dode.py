@@ -136,11 +136,14 @@ def test_refined_teacher_grid_holds_every_student_time_and_c_steps_between(gmm):
 
 def test_a_shared_fine_teacher_gives_the_same_lambdas_and_runs_once_per_start(gmm):
     teacher = dode.Teacher(gmm, batch_size=16, seed=2, grid="fine")
-    shared = {s: dode.distill(gmm, s, NFE, teacher=teacher).lambdas for s in ("ddim", "deis", "unipc")}
-    assert teacher.nfe == 1000  # one fine run served all three
+    solvers = ("ddim", "deis", "unipc", "heun", "dpm_solver_2")  # starts equal up to float32 rounding and Heun's scale
+    shared = {s: dode.distill(gmm, s, 5, teacher=teacher).lambdas for s in solvers}
+    assert teacher.nfe == 1000 + 2  # one fine run served them all (+ one step to each of Heun's fractional times)
     for solver, lambdas in shared.items():
-        alone = dode.distill(gmm, solver, NFE, batch_size=16, seed=2, teacher="fine").lambdas
-        assert lambdas == pytest.approx(alone, rel=1e-6, abs=1e-9)
+        alone = dode.distill(gmm, solver, 5, batch_size=16, seed=2, teacher="fine").lambdas
+        # Heun's own start is 2e-5 smaller than the shared run's; its ill-conditioned last steps (lambda ~ 63 at
+        # sigma 0.01) turn that into 1e-3 relative differences
+        assert lambdas == pytest.approx(alone, rel=2e-3 if solver == "heun" else 1e-6, abs=1e-9)
     with pytest.raises(ValueError, match="fixes batch_size=16, seed=2"):
         dode.distill(gmm, "ddim", NFE, teacher=teacher, seed=3)
 
