@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .metrics import rmse
 from .models import resolve_device
-from .refine import MODES, refine as refine_jointly
+from .refine import MODE_OPTIONS, MODES, refine as refine_jointly
 from .sampling import check_batch_size, integrate
 from .scheduler import DODEScheduler
 from .solvers import GRID_SOLVERS, get_solver, make_scheduler, state_sigmas, to_ddpm_state
@@ -122,9 +122,7 @@ def distill(model, solver, nfe: int, *, batch_size: int | None = None, seed: int
         "dode_version": __version__,
     }
     if refine is not None:
-        timesteps = refine == "joint+timesteps"
-        dode = refine_jointly(model, dode, teacher.noise.to(device), targets, timesteps=timesteps,
-                              objective="final" if timesteps else "all", max_iterations=refine_iterations,
-                              progress=progress)
+        dode = refine_jointly(model, dode, teacher.noise.to(device), targets, **MODE_OPTIONS[refine],
+                              max_iterations=refine_iterations, progress=progress)
     return dode
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .distill import distill
 from .metrics import frechet_distance, rmse
 from .ode import solve_ode
-from .refine import refine
+from .refine import MODE_OPTIONS, refine
 from .sampling import prepare_scheduler, sample
 from .solvers import GRID_SOLVERS, SOLVERS, get_solver
 from .tables import VARIANTS
@@ -137,9 +137,7 @@ def refine_jointly(model, greedy, teacher: Teacher, mode: str, **options):
     """``distill(refine=mode)`` from an existing greedy fit: the same teacher targets, no second greedy pass."""
     probe = copy.deepcopy(greedy)
     probe.set_timesteps(probe.num_inference_steps)
-    timesteps = mode == "joint+timesteps"
-    return refine(model, greedy, teacher.noise, teacher.targets(probe), timesteps=timesteps,
-                  objective="final" if timesteps else "all", **options)
+    return refine(model, greedy, teacher.noise, teacher.targets(probe), **MODE_OPTIONS[mode], **options)
 
 
 def fitting_rmse(model, scheduler, teacher: Teacher, device="auto") -> float:

@@ -8,7 +8,6 @@ shared FID statistics; ``save_statistics`` writes one).
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,6 +19,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
 from .models import ModelNotFoundError, resolve_device
+from .models import url_reachable as _url_reachable  # a name of its own here, so tests can go offline
 
 FEATURES = ("pixel", "digits", "inception")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -102,16 +102,6 @@ def load_images(folder: str | os.PathLike) -> torch.Tensor:
 
 
 # -- Inception weights -------------------------------------------------------------------------------------------
-def _url_reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether the host of ``url`` accepts a connection within ``timeout`` seconds (offline: fail fast)."""
-    parsed = urlparse(url)
-    try:
-        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
 def inception_weights(path: str | os.PathLike | None = None) -> str | None:
     """The Inception weights file to load, or None when torchmetrics may download it (network reachable).
 

@@ -269,20 +269,23 @@ class ModelNotFoundError(OSError):
     """A model name, folder or hub id that cannot be loaded."""
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers at all: without network, fail in seconds, not after minutes of retries."""
+def url_reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the host of ``url`` accepts a connection within ``timeout`` seconds (offline: fail fast)."""
     from urllib.parse import urlparse
 
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
+    parsed = urlparse(url)
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
     except OSError:
         return False
     return True
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all: without network, fail in seconds, not after minutes of retries."""
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_OFFLINE and url_reachable(constants.ENDPOINT, timeout)
 
 
 def _is_hub_id(name: str) -> bool:

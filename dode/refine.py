@@ -26,7 +26,10 @@ from .models import training_sigmas
 from .scheduler import DODEScheduler
 from .solvers import GRID_SOLVERS, solver_of, state_sigmas, time_grid, to_ddpm_state
 
-MODES = (None, "joint", "joint+timesteps")
+#: each refinement of ``distill(refine=...)``: what it moves, and against which teacher states
+MODE_OPTIONS = {"joint": {"timesteps": False, "objective": "all"},
+                "joint+timesteps": {"timesteps": True, "objective": "final"}}
+MODES = (None, *MODE_OPTIONS)
 _FD_STEP = 1e-4  # finite-difference step in the grid parameters z
 _MIN_GAP = 0.02  # smallest share of the log-sigma span between two grid levels at the start
 _Z_BOUND = 8.0  # |z| bound: no gap is below about e^-16 of another, so the levels stay distinct in float32
