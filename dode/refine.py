@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 from .models import training_sigmas
 from .scheduler import DODEScheduler
-from .solvers import GRID_SOLVERS, solver_of, state_sigmas, time_grid, to_ddpm_state
+from .grids import TimeGrid
+from .sampling import integrate
+from .solvers import GRID_SOLVERS, solver_of
 
 #: each refinement of ``distill(refine=...)``: what it moves, and against which teacher states
 MODE_OPTIONS = {"joint": {"timesteps": False, "objective": "all"},
@@ -51,17 +53,11 @@ def params_from_grid(grid: np.ndarray, lowest: float) -> np.ndarray:
 
 def _student_states(model, dode: DODEScheduler, noise: torch.Tensor, lambdas, grid) -> list[torch.Tensor]:
     """The student's state after every model evaluation (DDPM convention) from ``noise``, with the given lambdas
-    (floats or tensors, lambda_0 included) and grid."""
+    (floats or tensors, lambda_0 included) and grid; differentiable where autograd is on."""
     dode.grid = None if grid is None else [float(s) for s in grid]
-    dode.set_timesteps(dode.num_inference_steps, device=noise.device)
-    sigmas = state_sigmas(dode)
-    x, states = noise * dode.init_noise_sigma, []
-    for k, t in enumerate(dode.timesteps):
-        output = model(dode.scale_model_input(x, t), t)
-        lam = lambdas[k].to(output.dtype) if torch.is_tensor(lambdas[k]) else lambdas[k]
-        x = dode.step(output, t, x, lam=lam).prev_sample
-        states.append(to_ddpm_state(x, sigmas[k], dode))
-    return states
+    _, states = integrate(model, dode, dode.num_inference_steps, noise, record=True, lambdas=lambdas,
+                          grad=torch.is_grad_enabled())
+    return states[1:]
 
 
 def _loss(states, targets, objective: str) -> torch.Tensor:
@@ -85,7 +81,8 @@ def refine(model, dode: DODEScheduler, noise: torch.Tensor, targets: torch.Tenso
     began = time.perf_counter()
     student = copy.deepcopy(dode)
     student.set_timesteps(student.num_inference_steps, device=noise.device)
-    start_grid = np.asarray(student.grid if student.grid is not None else time_grid(student), dtype=np.float64)
+    start_grid = np.asarray(student.grid if student.grid is not None else TimeGrid.of(student).steps,
+                            dtype=np.float64)
     lowest = float(training_sigmas(model.scheduler_config)[0])
     n_lam = dode.nfe - 1
     x0 = np.array(dode.lambdas[1:], dtype=np.float64)

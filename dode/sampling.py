@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 from .models import resolve_device
 from .scheduler import DODEScheduler
-from .solvers import Solver, get_solver, make_scheduler, solver_of, start_sigma, state_sigmas, to_ddpm_state
+from .grids import TimeGrid
+from .solvers import Solver, get_solver, make_scheduler, solver_of
 
 
 class Trajectory(NamedTuple):
@@ -54,11 +55,20 @@ def model_precision(device: torch.device, autocast):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def prepare_scheduler(model, solver_or_scheduler, nfe: int):
-    """(scheduler, num_inference_steps) for a solver name, a diffusers scheduler or a DODEScheduler."""
+def prepare_scheduler(model, solver_or_scheduler, nfe: int, spacing=None):
+    """(scheduler, num_inference_steps) for a solver name (on ``spacing``), a diffusers scheduler or a
+    DODEScheduler."""
     if isinstance(solver_or_scheduler, (str, Solver)):
         solver = get_solver(solver_or_scheduler)
-        return make_scheduler(solver.name, model), solver.steps_for(nfe)
+        scheduler = make_scheduler(solver.name, model, spacing)
+        if isinstance(scheduler, DODEScheduler):  # an explicit grid fixes the step count
+            if scheduler.nfe != nfe:
+                raise ValueError(f"a grid of {scheduler.num_inference_steps} noise levels makes {scheduler.nfe} "
+                                 f"model evaluations with {solver.name}, not {nfe}")
+            return scheduler, scheduler.num_inference_steps
+        return scheduler, solver.steps_for(nfe)
+    if spacing is not None:
+        raise ValueError("spacing goes with a solver name; a scheduler brings its own")
     if isinstance(solver_or_scheduler, DODEScheduler):
         if nfe != solver_or_scheduler.nfe:
             raise ValueError(f"this DODEScheduler was fitted for NFE {solver_or_scheduler.nfe}, not {nfe}")
@@ -66,44 +76,56 @@ def prepare_scheduler(model, solver_or_scheduler, nfe: int):
     return solver_or_scheduler, solver_of(solver_or_scheduler).steps_for(nfe)
 
 
-@torch.no_grad()
 def integrate(
     model,
     scheduler,
-    num_inference_steps: int,
+    num_inference_steps: int | None,
     noise: torch.Tensor,
     *,
     before_step: Callable | None = None,
     record: bool = False,
     autocast: str | None = None,
+    lambdas=None,
+    grad: bool = False,
 ):
-    """Solve from ``noise`` with ``scheduler``; returns (final sample, states or None).
+    """Solve from ``noise`` (the state ``noise * init_noise_sigma``) with ``scheduler``; returns (final sample,
+    states or None). The one integration loop of the package: sampling, the teacher, the fit and the refinement.
 
-    ``before_step(k, model_output, t, x)`` runs between each model evaluation and its ``step`` (distillation
-    hooks in there). States are recorded in the DDPM convention, the initial state first. ``autocast``
-    (``"float16"``, ``"bfloat16"``) runs the model calls under ``torch.autocast``; their outputs are cast back to
-    the state's dtype before the scheduler sees them.
+    ``num_inference_steps``: passed to ``set_timesteps`` first; None when the caller has set the timesteps (a
+    teacher on an explicit grid). ``before_step(k, model_output, t, x)`` runs between each model evaluation and
+    its ``step`` (distillation hooks in there). States are recorded in the DDPM convention, the initial state
+    first, at the levels of ``TimeGrid.of(scheduler)``. ``lambdas`` (a DODEScheduler's, floats or tensors)
+    replace its own for this run; ``grad`` keeps autograd on (the refinement differentiates through the run).
+    ``autocast`` (``"float16"``, ``"bfloat16"``) runs the model calls under ``torch.autocast``; their outputs are
+    cast back to the state's dtype before the scheduler sees them.
     """
     precision = model_precision(noise.device, autocast)
-    scheduler.set_timesteps(num_inference_steps, device=noise.device)
-    sigmas = state_sigmas(scheduler)
+    if num_inference_steps is not None:
+        scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    grid = TimeGrid.of(scheduler)
     x = noise * scheduler.init_noise_sigma
-    states = [to_ddpm_state(x, start_sigma(scheduler), scheduler).cpu()] if record else None
-    for k, t in enumerate(scheduler.timesteps):
-        with precision:
-            output = model(scheduler.scale_model_input(x, t), t)
-        output = output.to(x.dtype)
-        if not torch.isfinite(output).all():
-            raise FloatingPointError(
-                f"the model output at evaluation {k + 1} of {len(scheduler.timesteps)} (timestep {float(t):g}) "
-                "contains NaN or inf"
-            )
-        if before_step is not None:
-            before_step(k, output, t, x)
-        x = scheduler.step(output, t, x).prev_sample
-        if record:
-            states.append(to_ddpm_state(x, sigmas[k], scheduler).cpu())
-    return x, (torch.stack(states) if record else None)
+    states = [grid.to_ddpm(x, grid.start).cpu()] if record else None
+    with torch.set_grad_enabled(grad):
+        for k, t in enumerate(scheduler.timesteps):
+            with precision:
+                output = model(scheduler.scale_model_input(x, t), t)
+            output = output.to(x.dtype)
+            if not grad and not torch.isfinite(output).all():
+                raise FloatingPointError(
+                    f"the model output at evaluation {k + 1} of {len(scheduler.timesteps)} (timestep {float(t):g}) "
+                    "contains NaN or inf"
+                )
+            if before_step is not None:
+                before_step(k, output, t, x)
+            if lambdas is None:
+                x = scheduler.step(output, t, x).prev_sample
+            else:
+                lam = lambdas[k].to(output.dtype) if torch.is_tensor(lambdas[k]) else lambdas[k]
+                x = scheduler.step(output, t, x, lam=lam).prev_sample
+            if record:
+                state = grid.to_ddpm(x, grid.after[k])
+                states.append(state if grad else state.cpu())
+    return x, (torch.stack(states) if record and not grad else states)
 
 
 def sample(
@@ -118,18 +140,19 @@ def sample(
     return_trajectory: bool = False,
     progress: bool = True,
     autocast: str | None = None,
+    spacing=None,
 ):
     """Draw ``num_samples`` samples with exactly ``nfe`` model evaluations each.
 
     ``solver_or_scheduler`` is a solver name (see ``dode.SOLVERS``), a diffusers scheduler or a
-    ``DODEScheduler``. Sample k starts from the noise of seed + k, so results do not depend on
+    ``DODEScheduler``; ``spacing`` goes with a solver name (``dode.make_scheduler``). Sample k starts from the noise of seed + k, so results do not depend on
     ``batch_size``. ``autocast`` (``"float16"``, ``"bfloat16"``) runs the model in half precision under
     ``torch.autocast`` (for UNets; the scheduler's arithmetic stays in float32). Returns a CPU tensor
     (num_samples, *model.sample_shape), and a ``Trajectory`` when ``return_trajectory``.
     """
     positive_int(num_samples, "num_samples")
     check_autocast(autocast)
-    scheduler, steps = prepare_scheduler(model, solver_or_scheduler, nfe)
+    scheduler, steps = prepare_scheduler(model, solver_or_scheduler, nfe, spacing)
     batch_size = check_batch_size(num_samples if batch_size is None else batch_size)
     device = resolve_device(device)
     model.to(device)
@@ -145,5 +168,5 @@ def sample(
     samples = torch.cat(samples)
     if not return_trajectory:
         return samples
-    sigmas = torch.cat([torch.tensor([start_sigma(scheduler)], dtype=torch.float64), state_sigmas(scheduler)])
+    sigmas = torch.from_numpy(TimeGrid.of(scheduler).states)
     return samples, Trajectory(torch.cat(trajectories, dim=1), sigmas)

@@ -57,7 +57,9 @@ class DODEScheduler(SchedulerMixin):
     def __repr__(self):
         lams = ", ".join(f"{v:+.3f}" for v in self.lambdas)
         grid = "" if self.grid is None else ", grid=[" + ", ".join(f"{v:.4g}" for v in self.grid) + "]"
-        return f"DODEScheduler({type(self.base_scheduler).__name__}, nfe={self.nfe}, lambdas=[{lams}]{grid})"
+        spacing = f", spacing={self.fit_info['spacing']!r}" if "spacing" in self.fit_info else ""
+        return (f"DODEScheduler({type(self.base_scheduler).__name__}{spacing}, nfe={self.nfe}, "
+                f"lambdas=[{lams}]{grid})")
 
     def set_timesteps(self, num_inference_steps: int | None = None, *args, **kwargs):
         if num_inference_steps is not None and int(num_inference_steps) != self.num_inference_steps:

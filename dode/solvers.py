@@ -1,9 +1,14 @@
-"""The base solvers: diffusers schedulers configured as in the paper, counted in NFE.
+"""The base solvers: diffusers schedulers configured as in the paper, counted in NFE, on any supported spacing.
 
-A new solver is one entry in ``_SOLVERS``: the scheduler class, its settings, how many model
-evaluations (NFE) one ``set_timesteps(n)`` costs, and whether its steps read their noise levels from
-``scheduler.sigmas`` (then ``set_grid`` can give it any time grid). Nothing else in the package is
-solver-specific.
+A new solver is one entry in ``_SOLVERS``: the scheduler class, its settings, the time-grid spacings diffusers
+supports for it (and the paper's), how many model evaluations (NFE) one ``set_timesteps(n)`` costs, and whether
+its steps read their noise levels from ``scheduler.sigmas`` (then ``set_grid`` can give it any time grid).
+Nothing else in the package is solver-specific.
+
+Spacings (``SPACINGS``) are diffusers' own options: ``"leading"``, ``"trailing"``, ``"linspace"``
+(``timestep_spacing``), ``"karras"``, ``"exponential"``, ``"beta"`` (``use_*_sigmas``) and ``"lu"`` (logSNR-uniform,
+``use_lu_lambdas``), each where the scheduler has it. A spacing can also be an explicit list of noise levels, one
+per step, for the solvers whose steps read ``scheduler.sigmas``.
 """
 from __future__ import annotations
 
@@ -22,14 +27,42 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from .grids import TimeGrid
+
+#: every spacing name, in the order tables list them
+SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "lu")
+_SIGMA_FLAGS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas",
+                "lu": "use_lu_lambdas"}
+
+
+def _spacing_options(names, timestep_spacing: bool = True) -> dict:
+    """The scheduler settings of each spacing: one flag on and every other off, on a full-range linspace grid
+    (Heun derives its Karras range from the timesteps, so these must span every training timestep)."""
+    flags = [_SIGMA_FLAGS[n] for n in names if n in _SIGMA_FLAGS]
+    options = {}
+    for name in names:
+        settings = {flag: flag == _SIGMA_FLAGS.get(name) for flag in flags}
+        if timestep_spacing:
+            settings["timestep_spacing"] = name if name in ("leading", "trailing", "linspace") else "linspace"
+        options[name] = settings
+    return options
+
+
+_TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+_SIGMA_SPACINGS = ("karras", "exponential", "beta")
+
 
 @dataclass(frozen=True)
 class Solver:
-    """A base solver: a diffusers scheduler class with fixed settings and its NFE <-> steps map."""
+    """A base solver: a diffusers scheduler class with fixed settings, its spacings and its NFE <-> steps map."""
 
     name: str
     scheduler_class: type
     settings: dict = field(default_factory=dict)
+    #: spacing name -> the scheduler settings that select it (``_spacing_options``)
+    spacings: dict = field(default_factory=dict)
+    #: the paper's spacing, the default of ``make_scheduler`` and ``distill``
+    default_spacing: str = "leading"
     #: model evaluations made by ``set_timesteps(steps)``
     nfe_of_steps: Callable[[int], int] = lambda steps: steps
     min_steps: int = 1
@@ -49,35 +82,63 @@ class Solver:
             raise ValueError(f"solver {self.name!r} cannot make exactly {nfe} model evaluations ({hint})")
         return possible[0]
 
+    def check_spacing(self, spacing):
+        """A spacing name this solver supports, or an explicit grid as a float64 array; ValueError otherwise."""
+        supported = ", ".join(map(repr, self.spacings)) + (", or a list of noise levels" if self.custom_grid else "")
+        if spacing is None:
+            return self.default_spacing
+        if isinstance(spacing, str):
+            if spacing not in self.spacings:
+                raise ValueError(f"solver {self.name!r} does not support spacing {spacing!r}; supported: {supported}")
+            return spacing
+        if not self.custom_grid:
+            raise ValueError(f"solver {self.name!r} cannot take an explicit grid of noise levels (its diffusers "
+                             f"scheduler steps on integer timesteps); supported: {supported}")
+        try:
+            grid = np.asarray(spacing, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"spacing must be a name or a list of noise levels, got {spacing!r}") from None
+        if grid.ndim != 1 or len(grid) == 0:
+            raise ValueError(f"an explicit grid is a flat list of noise levels, one per step, got {spacing!r}")
+        check_levels(grid)
+        return grid
 
+
+def check_levels(grid: np.ndarray) -> None:
+    if not (np.all(np.isfinite(grid)) and np.all(grid > 0) and np.all(np.diff(grid) < 0)):
+        raise ValueError(f"a time grid must be positive and strictly descending, got {np.asarray(grid).tolist()}")
+
+
+_ALL = _TIMESTEP_SPACINGS + _SIGMA_SPACINGS
 _SOLVERS = [
-    Solver("ddim", DDIMScheduler,
-           dict(clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing"), paper="DDIM"),
+    # the paper's DDIM: uniform timesteps linspace(0, T, N + 1)[:N], i.e. leading
+    Solver("ddim", DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=True),
+           _spacing_options(_TIMESTEP_SPACINGS), "leading", paper="DDIM"),
     # PLMS: the warm-up evaluates the first timestep twice, so n steps cost n + 1 NFE.
-    Solver("pndm", PNDMScheduler,
-           dict(skip_prk_steps=True, set_alpha_to_one=True, timestep_spacing="trailing"),
+    Solver("pndm", PNDMScheduler, dict(skip_prk_steps=True, set_alpha_to_one=True),
+           _spacing_options(_TIMESTEP_SPACINGS), "leading",
            nfe_of_steps=lambda steps: steps + 1, min_steps=2, paper="PNDM"),
+    # the paper's DPM-Solver: uniform in logSNR, which is exponential (log-uniform) sigmas
     Solver("dpm_solver_2", DPMSolverSinglestepScheduler,
            dict(solver_order=2, algorithm_type="dpmsolver++", lower_order_final=True, final_sigmas_type="zero"),
+           _spacing_options(("linspace", *_SIGMA_SPACINGS), timestep_spacing=False), "exponential",
            paper="DPM-Solver", custom_grid=True),
     Solver("dpm_solver_pp_2m", DPMSolverMultistepScheduler,
-           dict(solver_order=2, algorithm_type="dpmsolver++", timestep_spacing="trailing", final_sigmas_type="zero"),
-           paper="DPM-Solver++", custom_grid=True),
-    Solver("deis", DEISMultistepScheduler,
-           dict(solver_order=3, timestep_spacing="trailing"), paper="DEIS", custom_grid=True),
-    # Heun: two evaluations per step except the last (an Euler step to sigma = 0), 2n - 1 NFE.
-    Solver("heun", HeunDiscreteScheduler,
-           dict(use_karras_sigmas=True, timestep_spacing="linspace"),
+           dict(solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero"),
+           _spacing_options((*_ALL, "lu")), "lu", paper="DPM-Solver++", custom_grid=True),
+    Solver("deis", DEISMultistepScheduler, dict(solver_order=3), _spacing_options(_ALL), "linspace",
+           paper="DEIS", custom_grid=True),
+    # EDM: Karras rho = 7. Heun: two evaluations per step except the last (an Euler step to sigma = 0), 2n - 1 NFE.
+    Solver("heun", HeunDiscreteScheduler, {}, _spacing_options(_ALL), "karras",
            nfe_of_steps=lambda steps: 2 * steps - 1, paper="EDM", custom_grid=True),
-    Solver("unipc", UniPCMultistepScheduler,
-           dict(solver_order=2, solver_type="bh2", timestep_spacing="trailing", final_sigmas_type="zero"),
-           paper="UniPC", custom_grid=True),
+    Solver("unipc", UniPCMultistepScheduler, dict(solver_order=2, solver_type="bh2", final_sigmas_type="zero"),
+           _spacing_options(_ALL), "trailing", paper="UniPC", custom_grid=True),
 ]
 
 #: the solver names, in the order of the paper's tables
 SOLVERS: tuple[str, ...] = tuple(s.name for s in _SOLVERS)
 _BY_NAME = {s.name: s for s in _SOLVERS}
-#: the solvers whose time grid ``set_grid`` can move (``refine="joint+timesteps"``)
+#: the solvers whose time grid ``set_grid`` can move (explicit grids, ``refine="joint+timesteps"``)
 GRID_SOLVERS: tuple[str, ...] = tuple(s.name for s in _SOLVERS if s.custom_grid)
 
 
@@ -102,67 +163,40 @@ def solver_of(scheduler) -> Solver:
     )
 
 
-def make_scheduler(name: str, model, **overrides):
-    """A diffusers scheduler for solver ``name`` on ``model``'s noise schedule, as the paper configures it."""
+def spacing_of(scheduler) -> str | None:
+    """The spacing name a scheduler's config selects (None when it matches none of its solver's)."""
+    solver, config = solver_of(scheduler), getattr(scheduler, "base_scheduler", scheduler).config
+    for name, settings in solver.spacings.items():
+        if all(config.get(key) == value for key, value in settings.items()):
+            return name
+    return None
+
+
+def make_scheduler(name: str, model, spacing=None, **overrides):
+    """A diffusers scheduler for solver ``name`` on ``model``'s noise schedule, as the paper configures it.
+
+    ``spacing``: one of the solver's ``spacings`` (default: the paper's, ``Solver.default_spacing``), or an
+    explicit list of noise levels, one per step, for the solvers in ``GRID_SOLVERS``: then the result is a
+    ``DODEScheduler`` with every lambda 0 (the base solver on that grid) for exactly that many steps.
+    ``overrides`` go to the scheduler's config last.
+    """
     solver = get_solver(name)
-    config = {**model.scheduler_config, **solver.settings, **overrides}
-    return solver.scheduler_class.from_config(config)
+    spacing = solver.check_spacing(spacing)
+    named = spacing if isinstance(spacing, str) else solver.default_spacing
+    config = {**model.scheduler_config, **solver.settings, **solver.spacings[named], **overrides}
+    scheduler = solver.scheduler_class.from_config(config)
+    if isinstance(spacing, str):
+        return scheduler
+    from .scheduler import DODEScheduler  # a grid lives in the D-ODE scheduler, which re-applies it
 
-
-def is_sigma_space(scheduler) -> bool:
-    """True for schedulers whose state is x0 + sigma * noise (Heun, Euler, ...) rather than the DDPM x_t."""
-    return float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0
-
-
-def state_sigmas(scheduler) -> torch.Tensor:
-    """Noise level (sigma, float64) of the state that each model evaluation's ``step`` returns.
-
-    ``step`` number k leaves the sample at the noise level of evaluation k + 1; the last one at sigma = 0
-    (every solver here ends on the clean sample). Length: the number of model evaluations.
-    """
-    grid = _custom_grid(scheduler)
-    if grid is not None:
-        return torch.cat([torch.as_tensor(grid[1:], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
-    if is_sigma_space(scheduler):
-        return scheduler.sigmas.double().cpu()[1 : len(scheduler.timesteps) + 1]
-    alphas = scheduler.alphas_cumprod.double().cpu()
-    t_next = scheduler.timesteps[1:].long().cpu()
-    sigma_next = torch.sqrt((1 - alphas[t_next]) / alphas[t_next])
-    return torch.cat([sigma_next, torch.zeros(1, dtype=torch.float64)])
-
-
-def start_sigma(scheduler) -> float:
-    """Noise level of the initial state (the first model evaluation)."""
-    if is_sigma_space(scheduler):
-        return float(scheduler.sigmas[0])
-    if _custom_grid(scheduler) is not None:
-        return float(_custom_grid(scheduler)[0])
-    alpha = scheduler.alphas_cumprod.double()[int(scheduler.timesteps[0])]
-    return float(torch.sqrt((1 - alpha) / alpha))
-
-
-def to_ddpm_state(x: torch.Tensor, sigma, scheduler) -> torch.Tensor:
-    """A scheduler's sample in the DDPM convention x_t = sqrt(abar) x0 + sqrt(1 - abar) noise.
-
-    Sigma-space samples x0 + sigma * noise are divided by sqrt(1 + sigma^2); DDPM-style ones pass through.
-    All comparisons (teacher targets, trajectories) happen in this one convention.
-    """
-    if not is_sigma_space(scheduler):
-        return x
-    return x / float(np.sqrt(1.0 + float(sigma) ** 2))
-
-
-def time_grid(scheduler) -> np.ndarray:
-    """The distinct noise levels (float64, descending) at which a scheduler, after ``set_timesteps``, evaluates
-    the model: one per step (Heun evaluates each level but the first twice, once per stage)."""
-    levels = np.concatenate([[start_sigma(scheduler)], state_sigmas(scheduler).numpy()[:-1]])
-    return levels[np.concatenate([[True], np.abs(np.diff(levels)) > 1e-9 * levels[:-1]])]
+    steps = len(spacing)  # one level per step (Heun: per step of two stages)
+    return DODEScheduler(scheduler, [0.0] * solver.nfe_of_steps(steps), steps, grid=list(spacing))
 
 
 def set_grid(scheduler, grid) -> None:
     """Move the noise levels of a scheduler's steps, after its ``set_timesteps``, to ``grid``.
 
-    ``grid``: one positive noise level per step, strictly descending, as ``time_grid`` returns them; the
+    ``grid``: one positive noise level per step, strictly descending, as ``TimeGrid.steps`` returns them; the
     final (clean) level stays the scheduler's own. The model is then called at the fractional training
     timesteps of these levels. Only for solvers with ``custom_grid`` (their steps read ``scheduler.sigmas``).
     """
@@ -175,11 +209,11 @@ def set_grid(scheduler, grid) -> None:
             f"timesteps; solvers that can: {', '.join(GRID_SOLVERS)}"
         )
     grid = np.asarray(grid, dtype=np.float64)
-    current = time_grid(scheduler)
+    current = TimeGrid.of(scheduler).steps
     if grid.shape != current.shape:
-        raise ValueError(f"this schedule has {len(current)} steps, so the grid needs {len(current)} noise levels, got {grid.shape}")
-    if not (np.all(grid > 0) and np.all(np.diff(grid) < 0)):
-        raise ValueError(f"a time grid must be positive and strictly descending, got {grid.tolist()}")
+        raise ValueError(f"this schedule has {len(current)} steps, so the grid needs {len(current)} noise levels, "
+                         f"got {len(grid) if grid.ndim == 1 else grid.shape}")
+    check_levels(grid)
     timesteps = sigma_to_timestep(grid, np.log(training_sigmas(scheduler.config)))
     final = float(scheduler.sigmas[-1])
     if solver.name == "heun":  # every level after the first is visited by both stages of a step
@@ -187,11 +221,3 @@ def set_grid(scheduler, grid) -> None:
     device = scheduler.timesteps.device
     scheduler.sigmas = torch.tensor([*grid, final], dtype=torch.float32)
     scheduler.timesteps = torch.tensor(timesteps, dtype=torch.float32, device=device)
-    if not is_sigma_space(scheduler):  # DDPM-style states: remember the levels, valid until the next set_timesteps
-        scheduler.dode_grid = (np.asarray(grid, dtype=np.float64), scheduler.timesteps)
-
-
-def _custom_grid(scheduler):
-    """The noise levels ``set_grid`` gave a DDPM-style scheduler, unless ``set_timesteps`` has replaced them."""
-    grid, timesteps = getattr(scheduler, "dode_grid", (None, None))
-    return grid if timesteps is not None and timesteps is scheduler.timesteps else None

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler
 
+from .grids import TimeGrid
 from .models import resolve_device, sigma_to_timestep, timestep_to_sigma, training_sigmas
-from .sampling import seeded_noise
-from .solvers import is_sigma_space, start_sigma, state_sigmas
+from .sampling import integrate, seeded_noise
 
 
 class Teacher:
@@ -75,38 +75,40 @@ class Teacher:
         """DDIM along ``grid`` (descending sigmas) from a DDPM-convention state; every state, DDPM convention."""
         euler = EulerDiscreteScheduler.from_config(self.model.scheduler_config)
         euler.set_timesteps(sigmas=list(grid), device=x_ddpm.device)
-        x = x_ddpm * float(np.sqrt(1 + grid[0] ** 2))
-        states = [x_ddpm.cpu()]
-        with torch.no_grad():
-            for k, t in enumerate(euler.timesteps):
-                x = euler.step(self.model(euler.scale_model_input(x, t), t), t, x).prev_sample
-                states.append((x / float(np.sqrt(1 + grid[k + 1] ** 2))).cpu())
+        x_ve = x_ddpm * float(np.sqrt(1 + grid[0] ** 2))
+        _, states = integrate(self.model, euler, None, x_ve / float(euler.init_noise_sigma), record=True)
         self.nfe += len(euler.timesteps)
-        return torch.stack(states)
+        return states
 
-    def targets(self, scheduler) -> torch.Tensor:
-        """Teacher states at the noise levels of ``scheduler``'s states after each model evaluation.
+    def targets(self, grid) -> torch.Tensor:
+        """Teacher states at the noise levels of a student's states after each model evaluation.
 
-        ``scheduler`` must have had ``set_timesteps``; the teacher starts where the student starts (same noise,
-        same noise level, same initial scale). Returns (nfe, batch, *shape) in the DDPM convention, on the CPU.
+        ``grid``: the student's ``TimeGrid`` (or a scheduler after ``set_timesteps``, read once here). The teacher
+        starts where the student starts (same noise, same noise level, same initial scale). Returns
+        (nfe, batch, *shape) in the DDPM convention, on the CPU.
         """
-        start = start_sigma(scheduler)
-        scale = float(scheduler.init_noise_sigma)
-        if is_sigma_space(scheduler):
-            scale /= float(np.sqrt(1 + start**2))
+        if not isinstance(grid, TimeGrid):
+            grid = TimeGrid.of(grid)
+        start, scale, wanted = grid.start, grid.initial_scale, grid.after
         x_start = self.noise * scale
-        wanted = state_sigmas(scheduler).numpy()
         if self.match == "index":
             steps = self.grid * len(wanted)
             leading = np.arange(0, len(self._log_sigmas), len(self._log_sigmas) // steps)[:steps][::-1]
-            grid = np.append(self._training_sigmas[leading], 0.0)
-            return self._euler(x_start, grid)[self.grid :: self.grid]
+            levels = np.append(self._training_sigmas[leading], 0.0)
+            return self._euler(x_start, levels)[self.grid :: self.grid]
         if self.grid != "fine":
-            grid = self.refined_grid(np.concatenate([[start], wanted]))
-            states = self._euler(x_start, grid)
-            index = [int(np.argmin(np.abs(grid - s))) for s in wanted]
+            levels = self.refined_grid(grid.states)
+            states = self._euler(x_start, levels)
+            index = [int(np.argmin(np.abs(levels - s))) for s in wanted]
             return states[index]
         return torch.stack([self._fine_state(x_start, start, scale, s) for s in wanted])
+
+    def solution(self) -> torch.Tensor:
+        """The ODE solution of the teacher's noise batch from pure noise at the first training noise level, on a
+        fine run (every training timestep) whatever ``grid`` is: the reference every spacing's samples are judged
+        against (``distill(spacing="auto")``, the never-worse check). (batch, *shape), on the CPU."""
+        top = float(self._training_sigmas[-1])
+        return self._fine_state(self.noise, top, 1.0, 0.0)
 
     def _fine_state(self, x_start, start: float, scale: float, sigma: float) -> torch.Tensor:
         # One run per start, up to rounding: schedulers compute the same first sigma in float32 or float64
