@@ -3,26 +3,44 @@
 Go through the student's evaluations in order. For evaluation i, with x0 = step(o_i) and
 v = step(o_i + (o_i - o_{i-1})) - x0, the state after the step is x0 + lambda v (every scheduler is affine
 in its model output), so the lambda closest to the teacher's state at the same time is the
-one-dimensional least-squares solution lambda_i = <target - x0, v> / <v, v>. Apply it, step, go on.
+one-dimensional least-squares solution lambda_i = <target - x0, v> / <v, v>. Apply it, step, go on
+(``fit_lambdas``).
 
-``refine="joint"`` / ``"joint+timesteps"`` (beyond the paper, ``dode.refine``) then moves all lambdas together,
-and optionally the time grid, to bring the student's final samples closer to the teacher's.
+Around that fit (``distill``):
+
+- the time grid is a choice: a spacing diffusers supports for the solver, an explicit list of noise levels, or
+  ``"auto"``: every supported spacing is fitted and the best on validation seeds is kept;
+- the result is never worse than its base (``guard``): on validation seeds, disjoint from the fitting batch, the
+  fitted lambdas are compared with lambda = 0 on the same grid (and, with ``"auto"``, with every spacing's base);
+  where they do not help, all of them are shrunk by one common factor in [0, 1], chosen by a line search;
+- ``refine="joint"`` / ``"joint+timesteps"`` (beyond the paper, ``dode.refine``) then moves all lambdas together,
+  and optionally the time grid, to bring the student's final samples closer to the teacher's.
+
+The validation reference is the ODE solution of the validation seeds by a fine teacher (every training timestep,
+from pure noise at the first training noise level): what every spacing's samples should be, known without data.
 """
 from __future__ import annotations
 
 import copy
 import time
+from importlib import metadata
 
 import torch
+from tqdm.auto import tqdm
 
-from . import __version__
-from .metrics import rmse
+from .grids import TimeGrid
 from .models import resolve_device
 from .refine import MODE_OPTIONS, MODES, refine as refine_jointly
-from .sampling import check_batch_size, integrate
+from .sampling import check_batch_size, integrate, sample
 from .scheduler import DODEScheduler
-from .solvers import GRID_SOLVERS, get_solver, make_scheduler, state_sigmas, to_ddpm_state
+from .solvers import GRID_SOLVERS, get_solver, make_scheduler
 from .teacher import Teacher
+
+#: the validation criteria of ``distill``: a student's final samples against the validation reference
+CRITERIA = ("rmse", "fd")
+#: the validation seeds start here (the fitting batch starts at ``seed``, evaluation in the notebooks at 1000)
+VALIDATION_SEED = 500_000
+_SHRINK_FACTORS = (0.75, 0.5, 0.25)  # the line search's first points; then halfway to the best neighbours
 
 
 def least_squares_lambda(x_base: torch.Tensor, x_unit: torch.Tensor, target: torch.Tensor) -> float:
@@ -33,6 +51,10 @@ def least_squares_lambda(x_base: torch.Tensor, x_unit: torch.Tensor, target: tor
     return 0.0 if vv == 0 else float(torch.dot(r, v) / vv)
 
 
+def _rmse(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.sqrt(torch.mean((x.double().cpu() - y.double().cpu()) ** 2)))
+
+
 def _trial_step(dode: DODEScheduler, k: int, lam: float, output, t, x) -> torch.Tensor:
     """The state ``step`` would return with lambda_k = lam, computed on a copy (step mutates state)."""
     trial = copy.deepcopy(dode)
@@ -40,20 +62,148 @@ def _trial_step(dode: DODEScheduler, k: int, lam: float, output, t, x) -> torch.
     return trial.step(output, t, x).prev_sample
 
 
-def distill(model, solver, nfe: int, *, batch_size: int | None = None, seed: int | None = None, teacher=10,
-            device="auto", refine: str | None = None, refine_iterations: int = 50,
-            progress: bool = True) -> DODEScheduler:
+def fit_lambdas(model, dode: DODEScheduler, teacher: Teacher) -> dict:
+    """The paper's greedy fit, in place: every lambda of ``dode`` in order, against the teacher's states at the
+    student's own noise levels, on the teacher's noise batch. Returns the fit's record (RMSE to the teacher after
+    every step with lambda = 0 and fitted, the wall-time split)."""
+    began = time.perf_counter()
+    device = teacher.noise.device
+    dode.set_timesteps(dode.num_inference_steps, device=device)
+    grid = TimeGrid.of(dode)
+    teacher_nfe = teacher.nfe
+    targets = teacher.targets(grid)
+    seconds = {"teacher": time.perf_counter() - began, "trial_steps": 0.0, "lstsq": 0.0}
+    before, after = [], []
+
+    def fit(k, output, t, x):
+        clock = time.perf_counter()
+        x_base = grid.to_ddpm(_trial_step(dode, k, 0.0, output, t, x), grid.after[k])
+        x_unit = grid.to_ddpm(_trial_step(dode, k, 1.0, output, t, x), grid.after[k]) if k > 0 else x_base
+        seconds["trial_steps"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        if k > 0:
+            dode.lambdas[k] = least_squares_lambda(x_base, x_unit, targets[k])
+        seconds["lstsq"] += time.perf_counter() - clock
+        x_fit = x_base + dode.lambdas[k] * (x_unit - x_base)
+        before.append(_rmse(x_base, targets[k]))
+        after.append(_rmse(x_fit, targets[k]))
+
+    student_began = time.perf_counter()
+    integrate(model, dode, None, teacher.noise, before_step=fit)
+    # the student's own evaluations and steps (and RMSE bookkeeping): its run less trial steps and solves
+    seconds["student"] = time.perf_counter() - student_began - seconds["trial_steps"] - seconds["lstsq"]
+    return {"teacher_nfe": teacher.nfe - teacher_nfe, "rmse_to_teacher_base": before,
+            "rmse_to_teacher_fitted": after, "seconds_split": seconds, "targets": targets}
+
+
+class Validation:
+    """Scores of a student's final samples on the validation seeds against their ODE solution (``criterion``)."""
+
+    def __init__(self, model, teacher: Teacher, criterion: str, device):
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        self.model, self.teacher, self.criterion, self.device = model, teacher, criterion, device
+        self.reference = teacher.solution()
+        self.runs = 0
+
+    def __call__(self, scheduler, scale: float = 1.0, nfe: int | None = None) -> float:
+        """The criterion for ``scheduler``: a DODEScheduler with its lambdas times ``scale``, or a base solver
+        (name or scheduler) at ``nfe``."""
+        if isinstance(scheduler, DODEScheduler):
+            scheduler = copy.deepcopy(scheduler)
+            scheduler.lambdas = [scale * v for v in scheduler.lambdas]
+            nfe = scheduler.nfe
+        x = sample(self.model, scheduler, nfe, self.teacher.batch_size, seed=self.teacher.seed,
+                   device=self.device, progress=False)
+        self.runs += 1
+        if not torch.isfinite(x).all():
+            return float("inf")
+        if self.criterion == "rmse":
+            return _rmse(x, self.reference)
+        from .metrics import frechet_distance  # the heavier metrics stack only for this criterion
+
+        return frechet_distance(x, self.reference, features="pixel")
+
+    def guarded(self, fitted: DODEScheduler) -> dict:
+        """The base (lambda = 0) and fitted scores, and the common factor in [0, 1] that keeps the fit no worse
+        than its base: 1 where the fit already helps, else the best of a short line search (0 included)."""
+        scores = {0.0: self(fitted, 0.0), 1.0: self(fitted, 1.0)}
+        if scores[1.0] > scores[0.0]:
+            for factor in _SHRINK_FACTORS:
+                scores[factor] = self(fitted, factor)
+            best = min(scores, key=scores.get)
+            for factor in (best - 0.125, best + 0.125):
+                if 0.0 < factor < 1.0:
+                    scores[factor] = self(fitted, factor)
+        shrink = 1.0 if scores[1.0] <= scores[0.0] else min(scores, key=scores.get)
+        return {"base": scores[0.0], "fitted": scores[1.0], "shrink": shrink, "guarded": scores[shrink]}
+
+
+def _version() -> str | None:
+    try:
+        return metadata.version("dode")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _spacing_label(spacing) -> str:
+    return spacing if isinstance(spacing, str) else "explicit"
+
+
+def _candidate(model, solver, nfe: int, spacing, teacher: Teacher) -> tuple[DODEScheduler, dict]:
+    """A zero-lambda DODEScheduler of ``solver`` at ``nfe`` on ``spacing``, greedily fitted."""
+    scheduler = make_scheduler(solver.name, model, spacing)
+    if isinstance(scheduler, DODEScheduler):  # an explicit grid
+        if scheduler.nfe != nfe:
+            raise ValueError(f"an explicit grid for {solver.name} at NFE {nfe} needs {solver.steps_for(nfe)} noise "
+                             f"levels (one per step), got {scheduler.num_inference_steps}")
+        dode = scheduler
+    else:
+        dode = DODEScheduler(scheduler, [0.0] * nfe, solver.steps_for(nfe))
+    return dode, fit_lambdas(model, dode, teacher)
+
+
+def _teacher(model, teacher, batch_size, seed, device, what: str) -> Teacher:
+    if isinstance(teacher, Teacher):
+        if batch_size not in (None, teacher.batch_size) or seed not in (None, teacher.seed):
+            raise ValueError(f"the given {what} Teacher fixes batch_size={teacher.batch_size}, seed={teacher.seed}; "
+                             f"got batch_size={batch_size}, seed={seed}")
+        if teacher.model is not model:
+            raise ValueError(f"the given {what} Teacher was built for another model")
+        return teacher
+    return Teacher(model, batch_size=check_batch_size(100 if batch_size is None else batch_size),
+                   seed=0 if seed is None else seed, grid=teacher, device=device)
+
+
+def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
+            teacher=10, guard: bool = True, validation=None, criterion: str = "fd", device="auto",
+            refine: str | None = None, refine_iterations: int = 50, progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
+
+    ``spacing``: the time grid. None (the paper's, ``Solver.default_spacing``), one of the solver's spacings
+    (``dode.get_solver(solver).spacings``), an explicit list of noise levels (one per step, for the solvers in
+    ``dode.solvers.GRID_SOLVERS``), or ``"auto"``: every supported spacing is fitted and the one that scores best
+    on the validation seeds (after the guard) is returned.
 
     The fitting batch is ``batch_size`` samples (default 100) from seeds ``seed``, ``seed + 1``, ... (default 0).
     ``teacher``: an integer C (DDIM with each student step split into C steps, the paper's choice, default 10),
     ``"fine"`` (every training timestep), or a ``dode.Teacher`` to share one teacher run between fits (its
     noise batch is then the fitting batch).
 
+    ``guard`` (default on): never hand back something worse than the base on validation seeds. ``validation``: a
+    ``dode.Teacher`` whose noise batch is the validation set (share one between fits: its fine run is made once),
+    default 100 seeds from ``VALIDATION_SEED``; ``criterion``: ``"fd"`` (pixel Frechet distance between the
+    final samples and the reference solution of the same seeds, the default: on gmm-digits it ranks spacings as the
+    true Frechet distance does, see the README) or ``"rmse"`` (of the final samples to that solution). ``guard=False`` and a
+    named spacing give the paper's plain greedy fit, with no validation run.
+
     ``refine``: None (the paper's greedy fit), ``"joint"`` (then all lambdas together, against the teacher's
     state after every step, at most ``refine_iterations`` L-BFGS iterations) or ``"joint+timesteps"`` (lambdas
     and the noise level of every step but the first, against the teacher's final samples; only for the solvers
-    in ``dode.solvers.GRID_SOLVERS``).
+    in ``dode.solvers.GRID_SOLVERS``); with the guard on, a refinement that scores worse on validation than the
+    greedy fit it started from is dropped (``fit_info["refine"]["kept"]``).
+
+    ``fit_info`` records the spacing, every candidate's validation scores and the decision.
     """
     solver = get_solver(solver)
     if refine not in MODES:
@@ -63,66 +213,102 @@ def distill(model, solver, nfe: int, *, batch_size: int | None = None, seed: int
             f"refine='joint+timesteps' cannot learn a time grid for {solver.name}: its diffusers scheduler steps on "
             f"integer timesteps. Use refine='joint', or one of: {', '.join(GRID_SOLVERS)}"
         )
-    steps = solver.steps_for(nfe)
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    auto = isinstance(spacing, str) and spacing == "auto"
+    spacings = list(solver.spacings) if auto else [solver.check_spacing(spacing)]
+    solver.steps_for(nfe)
     device = resolve_device(device)
     model.to(device)
-    if isinstance(teacher, Teacher):
-        if batch_size not in (None, teacher.batch_size) or seed not in (None, teacher.seed):
-            raise ValueError(
-                f"the given Teacher fixes batch_size={teacher.batch_size}, seed={teacher.seed}; "
-                f"got batch_size={batch_size}, seed={seed}"
-            )
-        if teacher.model is not model:
-            raise ValueError("the given Teacher was built for another model")
-    else:
-        batch_size = check_batch_size(100 if batch_size is None else batch_size)
-        teacher = Teacher(model, batch_size=batch_size, seed=seed or 0, grid=teacher, device=device)
-
+    teacher = _teacher(model, teacher, batch_size, seed, device, "fitting")
     began = time.perf_counter()
-    dode = DODEScheduler(make_scheduler(solver.name, model), [0.0] * nfe, steps)
-    dode.set_timesteps(steps, device=device)
-    teacher_nfe = teacher.nfe
-    targets = teacher.targets(dode)
-    teacher_nfe = teacher.nfe - teacher_nfe
-    seconds = {"teacher": time.perf_counter() - began, "trial_steps": 0.0, "lstsq": 0.0}
-    sigmas = state_sigmas(dode)
-    before, after = [], []  # RMSE to the teacher after each step: lambda = 0 and fitted
+    check = None
+    if guard or auto:
+        if validation is None:
+            validation = Teacher(model, batch_size=100, seed=VALIDATION_SEED, grid="fine", device=device)
+        elif not isinstance(validation, Teacher):
+            raise ValueError(f"validation must be a dode.Teacher on the validation seeds, got {validation!r}")
+        validation = _teacher(model, validation, None, None, device, "validation")
+        fitting, held_out = range(teacher.seed, teacher.seed + teacher.batch_size), \
+            range(validation.seed, validation.seed + validation.batch_size)
+        if set(fitting) & set(held_out):
+            raise ValueError(f"the validation seeds {held_out.start}-{held_out.stop - 1} overlap the fitting batch "
+                             f"{fitting.start}-{fitting.stop - 1}")
+        check = Validation(model, validation, criterion, device)
+    validation_seconds = time.perf_counter() - began
 
-    def fit(k, output, t, x):
+    candidates = []
+    for spacing_k in tqdm(spacings, desc=f"{solver.name} at NFE {nfe}: spacings", disable=not (progress and auto)):
         clock = time.perf_counter()
-        x_base = to_ddpm_state(_trial_step(dode, k, 0.0, output, t, x), sigmas[k], dode)
-        x_unit = to_ddpm_state(_trial_step(dode, k, 1.0, output, t, x), sigmas[k], dode) if k > 0 else x_base
-        seconds["trial_steps"] += time.perf_counter() - clock
+        fitted, record = _candidate(model, solver, nfe, spacing_k, teacher)
+        record.update(fit_seconds=time.perf_counter() - clock, greedy_lambdas=list(fitted.lambdas))
         clock = time.perf_counter()
-        if k > 0:
-            dode.lambdas[k] = least_squares_lambda(x_base, x_unit, targets[k])
-        seconds["lstsq"] += time.perf_counter() - clock
-        x_fit = x_base + dode.lambdas[k] * (x_unit - x_base)
-        before.append(rmse(x_base.cpu(), targets[k]))
-        after.append(rmse(x_fit.cpu(), targets[k]))
-
-    student_began = time.perf_counter()
-    integrate(model, dode, steps, teacher.noise.to(device), before_step=fit)
-    # the student's own evaluations and steps (and RMSE bookkeeping): its run less trial steps and solves
-    seconds["student"] = time.perf_counter() - student_began - seconds["trial_steps"] - seconds["lstsq"]
+        scores = check.guarded(fitted) if check is not None else None
+        validation_seconds += time.perf_counter() - clock
+        candidates.append((spacing_k, fitted, record, scores))
+    best = min(candidates, key=lambda c: c[3]["guarded"]) if auto else candidates[0]
+    spacing_k, dode, record, scores = best
+    greedy_lambdas = list(dode.lambdas)
+    if scores is not None and scores["shrink"] != 1.0:
+        dode.lambdas = [scores["shrink"] * v for v in dode.lambdas]
+    targets = record.pop("targets")
+    for _, _, other, _ in candidates:
+        other.pop("targets", None)
     dode.fit_info = {
         "solver": solver.name,
         "nfe": nfe,
-        "num_inference_steps": steps,
+        "num_inference_steps": dode.num_inference_steps,
+        "spacing": _spacing_label(spacing_k),
+        "spacing_requested": "auto" if auto else _spacing_label(spacing_k),
         "teacher": teacher.label,
         "batch_size": teacher.batch_size,
         "seed": teacher.seed,
         "model": getattr(model, "name", type(model).__name__),
-        "teacher_nfe": teacher_nfe,
-        "rmse_to_teacher_base": before,
-        "rmse_to_teacher_fitted": after,
+        **{key: record[key] for key in ("teacher_nfe", "rmse_to_teacher_base", "rmse_to_teacher_fitted")},
+        "greedy_lambdas": greedy_lambdas,
         "seconds": time.perf_counter() - began,
         # wall time split: the teacher's run, the student's evaluations, trial steps, least-squares solves
-        "seconds_split": seconds,
-        "dode_version": __version__,
+        "seconds_split": {**record["seconds_split"], "validation": validation_seconds},
+        "dode_version": _version(),
     }
+    if check is not None:
+        dode.fit_info["validation"] = {
+            "criterion": criterion,
+            "seeds": [check.teacher.seed, check.teacher.seed + check.teacher.batch_size - 1],
+            **scores,
+            # the decision, in words: what the guard kept
+            "decision": ("fitted lambdas kept" if scores["shrink"] == 1.0 else
+                         "lambdas shrunk" if scores["shrink"] > 0 else "lambdas set to 0: the base is better"),
+            "candidates": [{"spacing": _spacing_label(s), **v, "greedy_lambdas": r["greedy_lambdas"],
+                            "fit_seconds": r["fit_seconds"]} for s, _, r, v in candidates],
+            "student_runs": check.runs,
+        }
     if refine is not None:
-        dode = refine_jointly(model, dode, teacher.noise.to(device), targets, **MODE_OPTIONS[refine],
-                              max_iterations=refine_iterations, progress=progress)
+        dode = refine_fit(model, dode, teacher, refine, validation=check, targets=targets,
+                          max_iterations=refine_iterations, progress=progress)
     return dode
 
+
+def refine_fit(model, fitted: DODEScheduler, teacher: Teacher, mode: str, *, validation: Validation | None = None,
+               targets=None, max_iterations: int = 50, progress: bool = True) -> DODEScheduler:
+    """``distill(refine=mode)`` from an existing fit, against ``teacher`` (its noise batch is the fitting batch).
+
+    With ``validation``, a refinement that scores worse on the validation seeds than ``fitted`` is dropped:
+    ``fitted`` comes back with the attempt recorded (``fit_info["refine"]["kept"] = False``)."""
+    if targets is None:
+        probe = copy.deepcopy(fitted)
+        probe.set_timesteps(probe.num_inference_steps, device=teacher.noise.device)
+        targets = teacher.targets(TimeGrid.of(probe))
+    refined = refine_jointly(model, fitted, teacher.noise, targets, **MODE_OPTIONS[mode],
+                             max_iterations=max_iterations, progress=progress)
+    if validation is None:
+        return refined
+    before = fitted.fit_info.get("validation", {}).get("guarded")
+    before = validation(fitted) if before is None else before
+    score = validation(refined)
+    refined.fit_info["refine"].update(validation_before=before, validation=score, kept=score <= before)
+    if score <= before:
+        return refined
+    kept = copy.deepcopy(fitted)
+    kept.fit_info["refine"] = refined.fit_info["refine"]
+    return kept
