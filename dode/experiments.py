@@ -12,16 +12,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .distill import distill
+from .distill import Validation, distill, refine_fit
 from .metrics import frechet_distance, rmse
 from .ode import solve_ode
 from .refine import MODE_OPTIONS, refine
 from .sampling import prepare_scheduler, sample
-from .solvers import GRID_SOLVERS, SOLVERS, get_solver
+from .scheduler import DODEScheduler
+from .solvers import GRID_SOLVERS, SOLVERS, get_solver, make_scheduler
 from .tables import VARIANTS
 from .teacher import Teacher
 
@@ -41,6 +43,32 @@ def possible(solver: str, nfe: int) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _names(value, name: str, valid, empty: bool = False) -> list:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list, e.g. {[valid[0]]!r}; got {value!r} (papermill: pass lists as "
+                         f"YAML, -y '{name}: [{valid[0]}]')")
+    unknown = [v for v in value if v not in valid]
+    if unknown or not (value or empty):
+        raise ValueError(f"{name}: unknown {unknown!r} (or none given); valid: {', '.join(map(str, valid))}")
+    return list(value)
+
+
+def check_parameters(*, solvers="all", nfes=(5,), features=("pixel",), criteria=("fd",)) -> tuple[list, list]:
+    """A notebook's parameters checked before any work (papermill hands ``-p nfes 4`` over as an int and
+    ``-p solvers deis`` as a string): (solver names, NFEs)."""
+    from .distill import CRITERIA
+    from .metrics import FEATURES
+
+    solvers = list(SOLVERS) if solvers == "all" else _names(solvers, "solvers", SOLVERS)
+    if isinstance(nfes, (str, int)) or not isinstance(nfes, (list, tuple)) or not nfes or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in nfes):
+        raise ValueError(f"nfes must be a list of positive integers, e.g. [3, 5]; got {nfes!r} (papermill: pass "
+                         "lists as YAML, -y 'nfes: [3, 5]')")
+    _names(features, "features", FEATURES)
+    _names(criteria, "criteria", CRITERIA, empty=True)
+    return solvers, list(nfes)
 
 
 class EvaluationData(NamedTuple):
@@ -90,7 +118,7 @@ def evaluate_scheduler(model, scheduler, nfe: int, data: EvaluationData, *, seed
 def _fits(model, solver: str, nfe: int, refine: dict, refine_teacher: Teacher, **fit):
     """(variant, fitted DODEScheduler, seconds) for the greedy fit and each refinement ``refine`` asks for here."""
     began = time.perf_counter()
-    greedy = distill(model, solver, nfe, **fit)
+    greedy = distill(model, solver, nfe, guard=False, **fit)  # the paper's greedy fit
     yield "dode", greedy, time.perf_counter() - began
     for mode, nfes in refine.items():
         if nfe in nfes and (mode == "joint" or solver in GRID_SOLVERS):
@@ -130,6 +158,125 @@ def evaluate_grid(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NF
                          "fit_rmse_teacher": fitting_rmse(model, fitted, refine_teacher, device=device),
                          **evaluate_scheduler(model, fitted, nfe, data, seed=seed, features=features,
                                               batch_size=batch_size, device=device)})
+    return pd.DataFrame(rows)
+
+
+#: the rows of the spacing tables, per solver and NFE
+SPACING_VARIANTS = ("base", "best-base", "dode", "dode-auto", "dode-learned")
+
+
+def _scores(model, scheduler, nfe, data, *, seed, features, batch_size, device, validation=None, criteria=()):
+    """``evaluate_scheduler``'s row, plus each validation criterion (``val_rmse``, ``val_fd``) on request."""
+    row = evaluate_scheduler(model, scheduler, nfe, data, seed=seed, features=features, batch_size=batch_size,
+                             device=device)
+    for criterion in criteria:
+        row[f"val_{criterion}"] = Validation(model, validation, criterion, device)(scheduler, nfe=nfe)
+    return row
+
+
+def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
+                      fit_teacher: Teacher, validation: Teacher, metric: str = "fd_pixel", learned_nfes=(),
+                      refine_teacher: Teacher | None = None, criteria=(), features=("pixel",),
+                      batch_size: int | None = None, save_dir=None, device="auto",
+                      progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every solver x spacing x NFE, base and D-ODE, and what a user gets from each choice; (results, sweep).
+
+    For each solver and NFE, ``distill(spacing="auto")`` fits every spacing the solver supports (greedy, on
+    ``fit_teacher``'s batch) and judges them on ``validation``'s seeds. ``sweep`` holds one row per spacing and
+    variant ("base": lambda = 0; "dode": the greedy lambdas, unguarded) scored on the evaluation data, with the
+    validation criteria in ``criteria`` ("rmse", "fd") beside them. ``results`` holds the table rows
+    (``SPACING_VARIANTS``): the base on the paper's spacing, the best base by ``metric`` on the evaluation data
+    (what a user who tunes diffusers' spacing gets), the paper's greedy D-ODE on the paper's spacing, D-ODE with
+    ``spacing="auto"`` (guarded), and at ``learned_nfes`` (solvers in ``GRID_SOLVERS``) the auto fit with a
+    learned grid (``refine="joint+timesteps"`` against ``refine_teacher``, kept only where it validates better).
+    Fitted schedulers go to ``save_dir/<solver>-nfe<k>-<variant>``.
+    """
+    score = dict(seed=seed, features=features, batch_size=batch_size, device=device)
+    jobs = [(s, n) for s in solvers for n in nfes if possible(s, n)]
+    sweep, results = [], []
+    for solver, nfe in tqdm(jobs, desc=f"{getattr(model, 'name', 'model')}: solver x NFE", disable=not progress):
+        began = time.perf_counter()
+        auto = distill(model, solver, nfe, spacing="auto", teacher=fit_teacher, validation=validation,
+                       device=device, progress=False)
+        auto_seconds = time.perf_counter() - began
+        cells = {}
+        for candidate in auto.fit_info["validation"]["candidates"]:
+            spacing = candidate["spacing"]
+            base = make_scheduler(solver, model, spacing)
+            greedy = DODEScheduler(make_scheduler(solver, model, spacing), candidate["greedy_lambdas"],
+                                   auto.num_inference_steps)
+            for variant, scheduler in (("base", base), ("dode", greedy)):
+                row = {"solver": solver, "nfe": nfe, "spacing": spacing, "variant": variant,
+                       "paper_spacing": spacing == get_solver(solver).default_spacing,
+                       "shrink": candidate["shrink"] if variant == "dode" else None,
+                       "chosen": spacing == auto.fit_info["spacing"],
+                       "lambdas": json.dumps([round(v, 6) for v in candidate["greedy_lambdas"]]) if variant == "dode" else "",
+                       **_scores(model, scheduler, nfe, data, validation=validation, criteria=criteria, **score)}
+                sweep.append(row)
+                cells[spacing, variant] = (row, scheduler)
+        paper = get_solver(solver).default_spacing
+        bases = [cells[s, "base"][0] for s, v in cells if v == "base"]
+        best = min(bases, key=lambda r: r[metric])
+        chosen = auto.fit_info["spacing"]
+        shrink = auto.fit_info["validation"]["shrink"]
+        auto_row = dict(cells[chosen, "dode"][0]) if shrink == 1.0 else _scores(model, auto, nfe, data, **score)
+        fits = {"base": (cells[paper, "base"][0], None), "best-base": (best, None),
+                "dode": (cells[paper, "dode"][0], cells[paper, "dode"][1]), "dode-auto": (auto_row, auto)}
+        if nfe in learned_nfes and solver in GRID_SOLVERS:
+            clock = time.perf_counter()
+            check = Validation(model, validation, auto.fit_info["validation"]["criterion"], device)
+            learned = refine_fit(model, auto, refine_teacher or fit_teacher, "joint+timesteps", validation=check,
+                                 progress=False)
+            learned.fit_info["refine"]["seconds_total"] = time.perf_counter() - clock
+            fits["dode-learned"] = (_scores(model, learned, nfe, data, **score), learned)
+        for variant, (row, fitted) in fits.items():
+            out = {key: row[key] for key in row if key not in ("variant", "paper_spacing", "chosen", "shrink")}
+            out.update(solver=solver, nfe=nfe, variant=variant,
+                       spacing=row["spacing"] if variant != "dode-learned" else "learned")
+            if fitted is not None:
+                out.update(lambdas=json.dumps([round(v, 6) for v in fitted.lambdas]),
+                           grid=json.dumps(fitted.grid and [round(v, 6) for v in fitted.grid]),
+                           shrink=fitted.fit_info.get("validation", {}).get("shrink"),
+                           fit_seconds=auto_seconds if variant == "dode-auto" else
+                           fitted.fit_info.get("refine", {}).get("seconds_total", 0.0),
+                           kept=fitted.fit_info.get("refine", {}).get("kept"))
+                if save_dir is not None:
+                    fitted.save_pretrained(Path(save_dir) / f"{solver}-nfe{nfe}-{variant}")
+            results.append(out)
+    return pd.DataFrame(results), pd.DataFrame(sweep)
+
+
+def spacing_summary(results: pd.DataFrame, floor: float, metric: str = "fd_pixel") -> pd.DataFrame:
+    """Per solver and NFE: the paper's base, the best base (and its spacing), D-ODE auto (and its spacing), the
+    ratio of D-ODE auto to the best base and the share of the best base's gap to the floor it closes."""
+    wide = results.pivot_table(index=["solver", "nfe"], columns="variant", values=metric).reset_index()
+    spacing = results.pivot_table(index=["solver", "nfe"], columns="variant", values="spacing", aggfunc="first")
+    wide = wide.join(spacing.add_suffix("_spacing"), on=["solver", "nfe"])
+    for variant in [v for v in ("dode", "dode-auto", "dode-learned") if v in wide]:
+        wide[f"{variant}_vs_best"] = wide[variant] / wide["best-base"]
+        wide[f"{variant}_gap_closed"] = (wide["best-base"] - wide[variant]) / (wide["best-base"] - floor)
+    order = {s: i for i, s in enumerate(SOLVERS)}
+    return wide.sort_values(["solver", "nfe"], key=lambda c: c.map(order) if c.name == "solver" else c)
+
+
+def criterion_correlation(sweep: pd.DataFrame, metric: str = "fd_pixel") -> pd.DataFrame:
+    """How well each validation criterion ranks every solver x spacing x NFE x variant cell by ``metric``: the
+    Spearman rank correlation, over all cells and within each (solver, NFE) (the choice ``auto`` makes), and
+    how often the criterion's pick within a (solver, NFE) is the metric's."""
+    from scipy.stats import spearmanr
+
+    rows = []
+    for column in [c for c in sweep if c.startswith("val_")]:
+        finite = sweep[np.isfinite(sweep[column]) & np.isfinite(sweep[metric])]
+        within, agree = [], []
+        for _, cell in finite.groupby(["solver", "nfe"]):
+            if len(cell) > 2:
+                within.append(spearmanr(cell[column], cell[metric]).statistic)
+            agree.append(cell[column].idxmin() == cell[metric].idxmin())
+        rows.append({"criterion": column.removeprefix("val_"), "cells": len(finite),
+                     "spearman_all": spearmanr(finite[column], finite[metric]).statistic,
+                     "spearman_within_median": float(np.nanmedian(within)),
+                     "picks_the_best": float(np.mean(agree))})
     return pd.DataFrame(rows)
 
 

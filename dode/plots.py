@@ -7,7 +7,8 @@ import seaborn as sns
 import torch
 from sklearn.decomposition import PCA
 
-from .solvers import SOLVERS
+from .solvers import SOLVERS, SPACINGS
+from .tables import VARIANT_LABELS, VARIANTS
 
 VARIANT_STYLE = {"base": (4, 2), "dode": ""}  # base dashed, D-ODE solid
 
@@ -33,13 +34,13 @@ def sample_grid(samples: torch.Tensor, ncol: int = 8, ax=None, title: str | None
 def quality_vs_nfe(results: pd.DataFrame, metric: str = "fd_pixel", floor: float | None = None, col_wrap: int = 4):
     """One panel per solver: ``metric`` against NFE, base dashed, D-ODE (and its refinements) solid, the floor as
     a grey line."""
-    names = {"base": "base", "dode": "D-ODE", "dode-joint": "D-ODE joint", "dode-joint+timesteps": "D-ODE joint+timesteps"}
+    names = {v: ("D-ODE" if v.startswith("dode") else "base") + VARIANT_LABELS[v] for v in VARIANTS}
     data = results.copy()
     data["variant"] = data["variant"].map(names)
     order = [s for s in SOLVERS if s in set(data["solver"])]
     hues = [v for v in names.values() if v in set(data["variant"])]
     grid = sns.relplot(data=data, x="nfe", y=metric, col="solver", col_order=order, hue="variant", style="variant",
-                       hue_order=hues, style_order=hues, dashes={v: (4, 2) if v == "base" else "" for v in hues},
+                       hue_order=hues, style_order=hues, dashes={v: (4, 2) if v.startswith("base") else "" for v in hues},
                        markers=True, kind="line", col_wrap=col_wrap,
                        height=2.4, aspect=1.1, facet_kws={"sharey": False})
     for ax in grid.axes.flat:
@@ -49,6 +50,36 @@ def quality_vs_nfe(results: pd.DataFrame, metric: str = "fd_pixel", floor: float
         ax.set_xticks(sorted(set(data["nfe"])))
     grid.set_titles("{col_name}")
     return grid
+
+
+def spacing_heatmap(sweep: pd.DataFrame, metric: str = "fd_pixel", title: str = ""):
+    """Every solver x spacing (rows) x NFE (columns), base and D-ODE side by side, coloured by ``metric`` on a log
+    scale and annotated; the spacing ``auto`` chose for each solver and NFE is boxed in the D-ODE panel."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    order = [(s, p) for s in SOLVERS for p in SPACINGS if ((sweep.solver == s) & (sweep.spacing == p)).any()]
+    nfes = sorted(sweep["nfe"].unique())
+    values = sweep[metric].replace([float("inf")], float("nan"))
+    norm = LogNorm(vmin=max(values[values > 0].min(), 1e-6), vmax=values.max())
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 3.2 + 1.6 * len(nfes)), 0.28 * len(order) + 1.6), sharey=True)
+    for ax, variant in zip(axes, ("base", "dode")):
+        cells = sweep[sweep.variant == variant].pivot_table(index=["solver", "spacing"], columns="nfe", values=metric)
+        cells = cells.reindex(index=pd.MultiIndex.from_tuples(order), columns=nfes)
+        sns.heatmap(cells, ax=ax, norm=norm, cmap="viridis_r", annot=True, fmt=".2g", annot_kws={"fontsize": 6},
+                    cbar=variant == "dode", cbar_kws={"label": metric})
+        ax.set_yticks([i + 0.5 for i in range(len(order))], [f"{s} / {p}" for s, p in order], fontsize=7)
+        ax.set(title="base (lambda = 0)" if variant == "base" else "D-ODE greedy (red box: auto's choice)",
+               xlabel="NFE", ylabel="")
+        ax.title.set_fontsize(9)
+        if variant == "dode" and "chosen" in sweep:
+            chosen = sweep[(sweep.variant == "dode") & sweep.chosen.astype(bool)]
+            for _, row in chosen.iterrows():
+                ax.add_patch(Rectangle((nfes.index(row.nfe), order.index((row.solver, row.spacing))), 1, 1,
+                                       fill=False, edgecolor="red", lw=1.5))
+    fig.suptitle(title, y=1.0)
+    fig.tight_layout()
+    return fig
 
 
 def lambdas_per_step(schedulers: dict, ax=None):

@@ -5,15 +5,25 @@ import pandas as pd
 
 from .solvers import SOLVERS, get_solver
 
-VARIANTS = ("base", "dode", "dode-joint", "dode-joint+timesteps")
+#: every row kind of a results table, in table order, with the words after the solver's name in its label
+VARIANT_LABELS = {
+    "base": "",                       # the base solver on the paper's spacing
+    "best-base": " best spacing",     # the best base over diffusers' spacings (by the true metric)
+    "dode": "",                       # the paper's greedy D-ODE on the paper's spacing ("D-" in front)
+    "dode-auto": " auto",             # D-ODE, spacing chosen on validation seeds
+    "dode-learned": " learned grid",  # D-ODE auto with a learned time grid
+    "dode-joint": " joint",           # all lambdas refined jointly
+    "dode-joint+timesteps": " joint+timesteps",
+}
+VARIANTS = tuple(VARIANT_LABELS)
 
 
 def row_label(solver: str, variant: str) -> str:
-    """"DDIM", "D-DDIM" (the paper's greedy fit), "D-DDIM joint", "D-DDIM joint+timesteps"."""
+    """"DDIM", "DDIM best spacing", "D-DDIM" (the paper's greedy fit), "D-DDIM auto", "D-DDIM learned grid", ..."""
     paper = get_solver(solver).paper
-    if variant not in VARIANTS:
+    if variant not in VARIANT_LABELS:
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
-    return paper if variant == "base" else f"D-{paper}" + variant[4:].replace("-", " ")
+    return ("" if variant in ("base", "best-base") else "D-") + paper + VARIANT_LABELS[variant]
 
 
 def paper_table(results: pd.DataFrame, metric: str = "fd") -> pd.DataFrame:
@@ -21,6 +31,21 @@ def paper_table(results: pd.DataFrame, metric: str = "fd") -> pd.DataFrame:
     table = results.pivot_table(index=["solver", "variant"], columns="nfe", values=metric)
     order = [(s, v) for s in SOLVERS for v in VARIANTS if (s, v) in table.index]
     table = table.loc[order]
+    table.index = [row_label(s, v) for s, v in order]
+    table.columns = [f"NFE {n}" for n in table.columns]
+    return table
+
+
+def spacing_table(results: pd.DataFrame) -> pd.DataFrame:
+    """The spacing behind every cell of ``paper_table`` (rows and columns alike); a guarded D-ODE whose lambdas
+    were shrunk shows the factor ("leading x0.5")."""
+    results = results.copy()
+    if "shrink" in results:
+        shrunk = results["shrink"].notna() & (results["shrink"] < 1)
+        results.loc[shrunk, "spacing"] = results.loc[shrunk, "spacing"] + " x" + results.loc[shrunk, "shrink"].map("{:.3g}".format)
+    table = results.pivot_table(index=["solver", "variant"], columns="nfe", values="spacing", aggfunc="first")
+    order = [(s, v) for s in SOLVERS for v in VARIANTS if (s, v) in table.index]
+    table = table.loc[order].fillna("–")
     table.index = [row_label(s, v) for s, v in order]
     table.columns = [f"NFE {n}" for n in table.columns]
     return table

@@ -1,0 +1,150 @@
+"""The spacing tables and claims: summaries against the best base, criteria's rank correlation, the generated prose,
+notebook parameter checks, and the spacing grid on a tiny run against independent recomputation."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import dode
+from dode import reproduce
+from dode.distill import VALIDATION_SEED
+from dode.experiments import (check_parameters, criterion_correlation, evaluate_spacings, evaluation_data,
+                              spacing_summary)
+from dode.tables import paper_table, spacing_table
+
+
+def toy_results():
+    """Two solvers, two NFEs; D-ODE auto beats the best base except for heun at NFE 5."""
+    rows = []
+    for solver, nfe, base, best, paper_dode, auto in (("ddim", 3, 5.0, 4.0, 1.0, 0.8), ("ddim", 5, 2.0, 1.5, 0.3, 0.2),
+                                                       ("heun", 3, 900.0, 3.0, 10.0, 2.0), ("heun", 5, 50.0, 0.5, 2.0, 0.6)):
+        for variant, value, spacing in (("base", base, "karras" if solver == "heun" else "leading"),
+                                        ("best-base", best, "trailing"), ("dode", paper_dode, "leading"),
+                                        ("dode-auto", auto, "linspace")):
+            rows.append({"solver": solver, "nfe": nfe, "variant": variant, "fd_pixel": value, "spacing": spacing,
+                         "shrink": 0.5 if (variant == "dode-auto" and nfe == 5) else (1.0 if variant.startswith("dode") else None)})
+    return pd.DataFrame(rows)
+
+
+def test_spacing_summary_compares_with_the_best_base_and_the_gap_to_the_floor():
+    summary = spacing_summary(toy_results(), floor=0.1).set_index(["solver", "nfe"])
+    assert summary.at[("ddim", 5), "dode-auto_vs_best"] == pytest.approx(0.2 / 1.5)
+    assert summary.at[("ddim", 5), "dode-auto_gap_closed"] == pytest.approx((1.5 - 0.2) / (1.5 - 0.1))
+    assert summary.at[("heun", 5), "dode-auto_vs_best"] == pytest.approx(1.2)
+    assert summary.at[("heun", 5), "best-base_spacing"] == "trailing"
+    assert list(summary.index.get_level_values(0)) == ["ddim", "ddim", "heun", "heun"]
+
+
+def test_headline_counts_wins_and_names_every_loss_with_its_numbers():
+    summary = spacing_summary(toy_results(), floor=0.1)
+    text = reproduce.headline(summary, "fd_pixel", 0.1)
+    assert "better in 3 of 4" in text and "worse in 1" in text
+    assert "heun NFE 5: 0.600 (linspace) against 0.500 (trailing)" in text
+    ratios = [0.8 / 4.0, 0.2 / 1.5, 2.0 / 3.0, 0.6 / 0.5]
+    assert f"median ratio {np.median(ratios):.3f}" in text
+
+
+def test_update_readme_replaces_only_the_marked_block(tmp_path):
+    start, end = reproduce.README_BLOCK
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{start}\nold claims\n{end}\nafter\n")
+    assert reproduce.update_readme(readme, "new claims")
+    assert readme.read_text() == f"# title\n\nbefore\n{start}\nnew claims\n{end}\nafter\n"
+    assert reproduce.update_readme(readme, "newer")  # idempotent on its own output
+    assert "new claims" not in readme.read_text() and "newer" in readme.read_text()
+    (tmp_path / "plain.md").write_text("no markers")
+    assert not reproduce.update_readme(tmp_path / "plain.md", "x")
+    assert (tmp_path / "plain.md").read_text() == "no markers"
+
+
+def test_tables_put_the_best_base_and_auto_rows_under_their_solver_with_their_spacings():
+    results = toy_results()
+    table = paper_table(results, "fd_pixel")
+    assert list(table.index) == ["DDIM", "DDIM best spacing", "D-DDIM", "D-DDIM auto",
+                                 "EDM", "EDM best spacing", "D-EDM", "D-EDM auto"]
+    spacings = spacing_table(results)
+    assert spacings.at["EDM", "NFE 3"] == "karras" and spacings.at["EDM best spacing", "NFE 5"] == "trailing"
+    assert spacings.at["D-DDIM auto", "NFE 5"] == "linspace x0.5"  # a shrunk fit shows its factor
+    assert spacings.at["D-DDIM auto", "NFE 3"] == "linspace"
+
+
+def test_criterion_correlation_against_scipy_and_the_pick_rate():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for solver in ("ddim", "deis"):
+        for nfe in (3, 5):
+            true = rng.uniform(0.1, 2.0, size=4)
+            for k, value in enumerate(true):
+                rows.append({"solver": solver, "nfe": nfe, "fd_pixel": value, "val_good": value * 1.1 + 0.01,
+                             "val_noisy": value + rng.normal(scale=1.0)})
+    sweep = pd.DataFrame(rows)
+    table = criterion_correlation(sweep).set_index("criterion")
+    assert table.at["good", "spearman_all"] == pytest.approx(1.0)
+    assert table.at["good", "picks_the_best"] == 1.0
+    assert table.at["noisy", "spearman_all"] == pytest.approx(spearmanr(sweep.val_noisy, sweep.fd_pixel).statistic)
+    picks = np.mean([c.val_noisy.idxmin() == c.fd_pixel.idxmin() for _, c in sweep.groupby(["solver", "nfe"])])
+    assert table.at["noisy", "picks_the_best"] == pytest.approx(picks)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(nfes=4), "nfes must be a list of positive integers"),
+    (dict(nfes="[3, 5]"), "-y 'nfes: \\[3, 5\\]'"),
+    (dict(nfes=[3, 0]), "positive integers"),
+    (dict(solvers="deis"), "solvers must be a list.*-y 'solvers: \\[ddim\\]'"),
+    (dict(solvers=["deis", "rk4"]), "unknown \\['rk4'\\]"),
+    (dict(features=["pixels"]), "features: unknown"),
+    (dict(criteria=["mse"]), "criteria: unknown"),
+])
+def test_notebook_parameters_fail_at_once_with_what_was_expected(bad, words):
+    with pytest.raises(ValueError, match=words):
+        check_parameters(**bad)
+    assert check_parameters(solvers="all", nfes=[3, 5]) == (list(dode.SOLVERS), [3, 5])
+    assert check_parameters(solvers=["heun"], nfes=(5,), criteria=[]) == (["heun"], [5])
+
+
+def test_the_spacing_grid_rows_are_what_their_schedulers_score(gmm, one_thread):
+    """A tiny grid: every spacing is in the sweep; the table rows are the paper's spacing, the best base by the true
+    metric, and auto's pick; re-scoring a saved fit and a base spacing independently gives the same numbers."""
+    data = evaluation_data(gmm, 200, seed=1000, reference_samples=2000, progress=False)
+    teacher = dode.Teacher(gmm, batch_size=40, seed=0, grid=10)
+    validation = dode.Teacher(gmm, batch_size=40, seed=VALIDATION_SEED, grid="fine")
+    results, sweep = evaluate_spacings(gmm, data, solvers=["ddim", "deis"], nfes=[4], fit_teacher=teacher,
+                                       validation=validation, criteria=("rmse",), progress=False)
+    assert set(sweep[sweep.solver == "deis"].spacing) == set(dode.get_solver("deis").spacings)
+    assert len(sweep) == 2 * (3 + 6)
+    for solver in ("ddim", "deis"):
+        rows = results[results.solver == solver].set_index("variant")
+        cells = sweep[sweep.solver == solver]
+        bases = cells[cells.variant == "base"].set_index("spacing")
+        assert rows.at["best-base", "fd_pixel"] == bases.fd_pixel.min()
+        assert rows.at["best-base", "spacing"] == bases.fd_pixel.idxmin()
+        assert rows.at["base", "spacing"] == dode.get_solver(solver).default_spacing
+        chosen = cells[cells.chosen & (cells.variant == "dode")]
+        assert len(chosen) == 1 and rows.at["dode-auto", "spacing"] == chosen.spacing.iloc[0]
+    # independent re-scoring: a base spacing through dode.sample, and the D-ODE greedy row from its lambdas
+    row = sweep[(sweep.solver == "deis") & (sweep.spacing == "karras") & (sweep.variant == "base")].iloc[0]
+    x = dode.sample(gmm, "deis", 4, 200, seed=1000, spacing="karras", progress=False)
+    assert dode.rmse(x, data.exact) == pytest.approx(row.rmse_exact, rel=1e-9)
+    assert row.val_rmse == pytest.approx(dode.rmse(dode.sample(gmm, "deis", 4, 40, seed=VALIDATION_SEED,
+                                                               spacing="karras", progress=False),
+                                                   validation.solution()), rel=1e-9)
+    greedy = sweep[(sweep.solver == "ddim") & (sweep.spacing == "trailing") & (sweep.variant == "dode")].iloc[0]
+    refit = dode.distill(gmm, "ddim", 4, spacing="trailing", teacher=teacher, guard=False)
+    assert json.loads(greedy.lambdas) == pytest.approx(refit.lambdas, abs=1e-6)
+    x = dode.sample(gmm, refit, 4, 200, seed=1000, progress=False)
+    assert dode.rmse(x, data.exact) == pytest.approx(greedy.rmse_exact, rel=1e-5)
+    assert torch.isfinite(torch.tensor(results.fd_pixel.values)).all()
+
+
+def test_the_readme_solver_table_lists_each_solvers_spacings_paper_first():
+    readme = (reproduce.ROOT / "README.md").read_text()
+    for name in dode.SOLVERS:
+        solver = dode.get_solver(name)
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` |"))
+        listed = [s.strip() for s in row.strip("| ").split("|")[-1].split(",")]
+        expected = [solver.default_spacing] + [s for s in solver.spacings if s != solver.default_spacing]
+        assert listed == expected + (["explicit"] if solver.custom_grid else []), (name, listed)
