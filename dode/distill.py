@@ -105,6 +105,11 @@ class Validation:
         self.model, self.teacher, self.criterion, self.device = model, teacher, criterion, device
         self.reference = teacher.solution()
         self.runs = 0
+        if criterion == "fd":  # the heavier metrics stack only for this criterion
+            from .metrics import feature_statistics, frechet_distance
+
+            self._frechet = frechet_distance
+            self._statistics = feature_statistics(self.reference, "pixel", device=device)
 
     def __call__(self, scheduler, scale: float = 1.0, nfe: int | None = None) -> float:
         """The criterion for ``scheduler``: a DODEScheduler with its lambdas times ``scale``, or a base solver
@@ -120,9 +125,7 @@ class Validation:
             return float("inf")
         if self.criterion == "rmse":
             return _rmse(x, self.reference)
-        from .metrics import frechet_distance  # the heavier metrics stack only for this criterion
-
-        return frechet_distance(x, self.reference, features="pixel")
+        return self._frechet(x, self._statistics, features="pixel", device=self.device)
 
     def guarded(self, fitted: DODEScheduler) -> dict:
         """The base (lambda = 0) and fitted scores, and the common factor in [0, 1] that keeps the fit no worse

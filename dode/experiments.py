@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .distill import Validation, distill, refine_fit
-from .metrics import frechet_distance, rmse
+from .metrics import feature_statistics, frechet_distance, rmse
 from .ode import solve_ode
 from .refine import MODE_OPTIONS, refine
 from .sampling import prepare_scheduler, sample
@@ -78,6 +78,7 @@ class EvaluationData(NamedTuple):
     exact: torch.Tensor  # the ODE solution of evaluation seeds seed, seed + 1, ... (same order as samples)
     floor: dict  # Frechet distance of ``exact`` to ``reference`` per feature space: the best any solver can do
     description: str
+    statistics: dict = {}  # (mu, sigma) of ``reference`` per feature space, computed once
 
 
 def evaluation_data(model, num_samples: int, *, seed: int = 1000, reference_samples: int = 10_000,
@@ -95,11 +96,13 @@ def evaluation_data(model, num_samples: int, *, seed: int = 1000, reference_samp
                        "rtol = atol = 1e-7) of the same seeds")
     else:
         exact = sample(model, "ddim", fine_nfe, num_samples, seed=seed, batch_size=500, device=device,
-                       progress=progress)
+                       progress=progress, spacing="trailing")  # from the top training timestep
         reference = exact
         description = f"{fine_nfe}-step DDIM samples of the same seeds (reference distribution and solution)"
-    floor = {f: frechet_distance(exact, reference, features=f) if reference is not exact else 0.0 for f in features}
-    return EvaluationData(reference, exact, floor, description)
+    statistics = {f: feature_statistics(reference, f, device=device) for f in features}
+    floor = {f: frechet_distance(exact, statistics[f], features=f) if reference is not exact else 0.0
+             for f in features}
+    return EvaluationData(reference, exact, floor, description, statistics)
 
 
 def evaluate_scheduler(model, scheduler, nfe: int, data: EvaluationData, *, seed: int = 1000, features=("pixel",),
@@ -108,7 +111,7 @@ def evaluate_scheduler(model, scheduler, nfe: int, data: EvaluationData, *, seed
     began = time.perf_counter()
     x = sample(model, scheduler, nfe, len(data.exact), seed=seed, batch_size=batch_size, device=device,
                progress=False)
-    row = {f"fd_{f}": frechet_distance(x, data.reference, features=f) for f in features}
+    row = {f"fd_{f}": frechet_distance(x, data.statistics.get(f, data.reference), features=f) for f in features}
     row["rmse_exact"] = rmse(x, data.exact)
     row["total_variance"] = float(x.flatten(1).var(0).sum())
     row["sample_seconds"] = time.perf_counter() - began

@@ -228,7 +228,11 @@ def _checked_statistics(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _statistics(source, features: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """Statistics of samples (tensor, image folder) or read from an ``.npz`` file."""
+    """Statistics of samples (tensor, image folder), given as a (mu, sigma) pair, or read from an ``.npz`` file."""
+    if isinstance(source, tuple):
+        if len(source) != 2:
+            raise ValueError(f"statistics are a (mu, sigma) pair, got a tuple of {len(source)}")
+        return _checked_statistics(*source, "the given statistics")
     if not isinstance(source, torch.Tensor) and Path(source).suffix == ".npz":
         return load_statistics(source)
     return feature_statistics(source, features, **kwargs)
@@ -238,8 +242,9 @@ def frechet_distance(samples, reference, features: str = "pixel", batch_size: in
                      inception_weights=None, device="auto") -> float:
     """Frechet distance between the Gaussians fitted to the features of ``samples`` and ``reference``.
 
-    Each side is a tensor of samples, a folder of images in [-1, 1] as PNG/JPEG, or an ``.npz`` of
-    statistics (``mu``, ``sigma``) computed in the same feature space. ``features``: ``"pixel"`` (FD in
+    Each side is a tensor of samples, a folder of images in [-1, 1] as PNG/JPEG, or statistics computed in the same
+    feature space: an ``.npz`` of ``mu`` and ``sigma``, or a ``(mu, sigma)`` pair (``feature_statistics``), which
+    saves recomputing a fixed reference's features for every comparison. ``features``: ``"pixel"`` (FD in
     pixel space), ``"digits"`` (FD-digits: the shipped digits classifier, 8x8 digits in [-1, 1]) or
     ``"inception"`` (FID: images of any size, 1 or 3 channels; Inception weights as in ``inception_weights``).
     Features by torchmetrics' FrechetInceptionDistance, distance by its closed form, in float64.
