@@ -41,6 +41,10 @@ CRITERIA = ("rmse", "fd")
 #: the validation seeds start here (the fitting batch starts at ``seed``, evaluation in the notebooks at 1000)
 VALIDATION_SEED = 500_000
 _SHRINK_FACTORS = (0.75, 0.5, 0.25)  # the line search's first points; then halfway to the best neighbours
+#: D-ODE must validate this much better (relative) than the best base it would replace: below that the difference
+#: is within the noise of 100 validation samples, and the base is the safe choice
+MARGIN = 0.02
+_SEARCHED = 3  # with spacing="auto", the line search runs on the best few candidates (and the best base's)
 
 
 def least_squares_lambda(x_base: torch.Tensor, x_unit: torch.Tensor, target: torch.Tensor) -> float:
@@ -127,19 +131,38 @@ class Validation:
             return _rmse(x, self.reference)
         return self._frechet(x, self._statistics, features="pixel", device=self.device)
 
-    def guarded(self, fitted: DODEScheduler) -> dict:
-        """The base (lambda = 0) and fitted scores, and the common factor in [0, 1] that keeps the fit no worse
-        than its base: 1 where the fit already helps, else the best of a short line search (0 included)."""
-        scores = {0.0: self(fitted, 0.0), 1.0: self(fitted, 1.0)}
-        if scores[1.0] > scores[0.0]:
-            for factor in _SHRINK_FACTORS:
+    def scores(self, fitted: DODEScheduler, known: dict | None = None, search: bool = True) -> dict:
+        """The criterion at common factors of ``fitted``'s lambdas: 0 (the base) and 1 (the fit), and with ``search``
+        a line search in between (0.25, 0.5, 0.75, then halfway to the best one's neighbours). ``known``: scores
+        already computed, kept."""
+        scores = dict(known or {})
+        for factor in (0.0, 1.0, *(_SHRINK_FACTORS if search else ())):
+            if factor not in scores:
                 scores[factor] = self(fitted, factor)
+        if search:
             best = min(scores, key=scores.get)
             for factor in (best - 0.125, best + 0.125):
-                if 0.0 < factor < 1.0:
+                if 0.0 < factor < 1.0 and factor not in scores:
                     scores[factor] = self(fitted, factor)
-        shrink = 1.0 if scores[1.0] <= scores[0.0] else min(scores, key=scores.get)
-        return {"base": scores[0.0], "fitted": scores[1.0], "shrink": shrink, "guarded": scores[shrink]}
+        return scores
+
+
+def choose(candidates: list[dict], margin: float) -> tuple[int, float]:
+    """(candidate index, factor): the best-validating D-ODE fit (factor > 0) when it beats the best-validating base
+    (factor 0) of all candidates by more than ``margin`` (relative), else that base. Each candidate has ``scores``
+    {factor: criterion}."""
+    base = min(range(len(candidates)), key=lambda i: candidates[i]["scores"][0.0])
+    fits = [(score, i, factor) for i, c in enumerate(candidates) for factor, score in c["scores"].items() if factor > 0]
+    if fits:
+        score, i, factor = min(fits)
+        if score < (1 - margin) * candidates[base]["scores"][0.0]:
+            return i, factor
+    return base, 0.0
+
+
+def _decision(factor: float) -> str:
+    return ("fitted lambdas kept" if factor == 1.0 else
+            f"lambdas shrunk by {factor:g}" if factor > 0 else "lambdas set to 0: the base validates as well or better")
 
 
 def _version() -> str | None:
@@ -179,7 +202,8 @@ def _teacher(model, teacher, batch_size, seed, device, what: str) -> Teacher:
 
 
 def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
-            teacher=10, guard: bool = True, validation=None, criterion: str = "fd", device="auto",
+            teacher=10, guard: bool = True, validation=None, criterion: str = "fd", margin: float = MARGIN,
+            device="auto",
             refine: str | None = None, refine_iterations: int = 50, progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
 
@@ -193,12 +217,15 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     ``"fine"`` (every training timestep), or a ``dode.Teacher`` to share one teacher run between fits (its
     noise batch is then the fitting batch).
 
-    ``guard`` (default on): never hand back something worse than the base on validation seeds. ``validation``: a
-    ``dode.Teacher`` whose noise batch is the validation set (share one between fits: its fine run is made once),
-    default 100 seeds from ``VALIDATION_SEED``; ``criterion``: ``"fd"`` (pixel Frechet distance between the
-    final samples and the reference solution of the same seeds, the default: on gmm-digits it ranks spacings as the
-    true Frechet distance does, see the README) or ``"rmse"`` (of the final samples to that solution). ``guard=False`` and a
-    named spacing give the paper's plain greedy fit, with no validation run.
+    ``guard`` (default on): never hand back something worse than the base on validation seeds. The fitted
+    lambdas are scaled by the common factor in [0, 1] that validates best (a line search; 0 is the base itself),
+    and D-ODE is kept only where it validates more than ``margin`` (relative) better than the best base among the
+    candidates (the spacing's own, or with ``"auto"`` every spacing's): else the best base comes back, with every
+    lambda 0. ``validation``: a ``dode.Teacher`` whose noise batch is the validation set (share one between fits:
+    its fine run is made once), default 100 seeds from ``VALIDATION_SEED``; ``criterion``: ``"fd"`` (pixel Frechet
+    distance between the final samples and the reference solution of the same seeds, the default: on gmm-digits
+    it ranks spacings as the true Frechet distance does, see the README) or ``"rmse"`` (of the final samples to
+    that solution). ``guard=False`` and a named spacing give the paper's plain greedy fit, with no validation.
 
     ``refine``: None (the paper's greedy fit), ``"joint"`` (then all lambdas together, against the teacher's
     state after every step, at most ``refine_iterations`` L-BFGS iterations) or ``"joint+timesteps"`` (lambdas
@@ -218,6 +245,8 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
         )
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin!r}")
     auto = isinstance(spacing, str) and spacing == "auto"
     spacings = list(solver.spacings) if auto else [solver.check_spacing(spacing)]
     solver.steps_for(nfe)
@@ -244,19 +273,28 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     for spacing_k in tqdm(spacings, desc=f"{solver.name} at NFE {nfe}: spacings", disable=not (progress and auto)):
         clock = time.perf_counter()
         fitted, record = _candidate(model, solver, nfe, spacing_k, teacher)
-        record.update(fit_seconds=time.perf_counter() - clock, greedy_lambdas=list(fitted.lambdas))
+        record.update(spacing=spacing_k, fitted=fitted, fit_seconds=time.perf_counter() - clock,
+                      greedy_lambdas=list(fitted.lambdas))
         clock = time.perf_counter()
-        scores = check.guarded(fitted) if check is not None else None
+        if check is not None:  # a named spacing gets its line search now; auto's best few below
+            record["scores"] = check.scores(fitted, search=not auto)
         validation_seconds += time.perf_counter() - clock
-        candidates.append((spacing_k, fitted, record, scores))
-    best = min(candidates, key=lambda c: c[3]["guarded"]) if auto else candidates[0]
-    spacing_k, dode, record, scores = best
+        candidates.append(record)
+    chosen, factor = 0, 1.0
+    if check is not None:
+        clock = time.perf_counter()
+        if auto:
+            ranked = sorted(range(len(candidates)), key=lambda i: min(candidates[i]["scores"].values()))
+            best_base = min(range(len(candidates)), key=lambda i: candidates[i]["scores"][0.0])
+            for i in {*ranked[:_SEARCHED], best_base}:
+                candidates[i]["scores"] = check.scores(candidates[i]["fitted"], candidates[i]["scores"])
+        chosen, factor = choose(candidates, margin)
+        validation_seconds += time.perf_counter() - clock
+    record = candidates[chosen]
+    spacing_k, dode = record["spacing"], record["fitted"]
     greedy_lambdas = list(dode.lambdas)
-    if scores is not None and scores["shrink"] != 1.0:
-        dode.lambdas = [scores["shrink"] * v for v in dode.lambdas]
-    targets = record.pop("targets")
-    for _, _, other, _ in candidates:
-        other.pop("targets", None)
+    dode.lambdas = [factor * v for v in dode.lambdas]
+    targets = record["targets"]
     dode.fit_info = {
         "solver": solver.name,
         "nfe": nfe,
@@ -275,15 +313,18 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
         "dode_version": _version(),
     }
     if check is not None:
+        scores = record["scores"]
         dode.fit_info["validation"] = {
             "criterion": criterion,
             "seeds": [check.teacher.seed, check.teacher.seed + check.teacher.batch_size - 1],
-            **scores,
-            # the decision, in words: what the guard kept
-            "decision": ("fitted lambdas kept" if scores["shrink"] == 1.0 else
-                         "lambdas shrunk" if scores["shrink"] > 0 else "lambdas set to 0: the base is better"),
-            "candidates": [{"spacing": _spacing_label(s), **v, "greedy_lambdas": r["greedy_lambdas"],
-                            "fit_seconds": r["fit_seconds"]} for s, _, r, v in candidates],
+            "margin": margin,
+            "base": scores[0.0], "fitted": scores[1.0], "shrink": factor, "guarded": scores[factor],
+            "decision": _decision(factor),  # what the guard kept, in words
+            "candidates": [{"spacing": _spacing_label(c["spacing"]), "base": c["scores"][0.0],
+                            "fitted": c["scores"][1.0], "best": min(c["scores"].values()),
+                            "scores": {f"{k:g}": v for k, v in sorted(c["scores"].items())},
+                            "greedy_lambdas": c["greedy_lambdas"], "fit_seconds": c["fit_seconds"]}
+                           for c in candidates],
             "student_runs": check.runs,
         }
     if refine is not None:

@@ -211,7 +211,9 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
             for variant, scheduler in (("base", base), ("dode", greedy)):
                 row = {"solver": solver, "nfe": nfe, "spacing": spacing, "variant": variant,
                        "paper_spacing": spacing == get_solver(solver).default_spacing,
-                       "shrink": candidate["shrink"] if variant == "dode" else None,
+                       # the common factor of the lambdas that validated best (the line search's, where it ran)
+                       "shrink": float(min(candidate["scores"], key=candidate["scores"].get)) if variant == "dode" else None,
+                       "fit_seconds": candidate["fit_seconds"] if variant == "dode" else 0.0,
                        "chosen": spacing == auto.fit_info["spacing"],
                        "lambdas": json.dumps([round(v, 6) for v in candidate["greedy_lambdas"]]) if variant == "dode" else "",
                        **_scores(model, scheduler, nfe, data, validation=validation, criteria=criteria, **score)}
@@ -222,7 +224,8 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
         best = min(bases, key=lambda r: r[metric])
         chosen = auto.fit_info["spacing"]
         shrink = auto.fit_info["validation"]["shrink"]
-        auto_row = dict(cells[chosen, "dode"][0]) if shrink == 1.0 else _scores(model, auto, nfe, data, **score)
+        auto_row = dict(cells[chosen, "dode"][0]) if shrink == 1.0 else {
+            "spacing": chosen, **_scores(model, auto, nfe, data, **score)}
         fits = {"base": (cells[paper, "base"][0], None), "best-base": (best, None),
                 "dode": (cells[paper, "dode"][0], cells[paper, "dode"][1]), "dode-auto": (auto_row, auto)}
         if nfe in learned_nfes and solver in GRID_SOLVERS:
@@ -231,11 +234,12 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
             learned = refine_fit(model, auto, refine_teacher or fit_teacher, "joint+timesteps", validation=check,
                                  progress=False)
             learned.fit_info["refine"]["seconds_total"] = time.perf_counter() - clock
-            fits["dode-learned"] = (_scores(model, learned, nfe, data, **score), learned)
+            kept = learned.fit_info["refine"]["kept"]  # else the auto fit itself came back
+            fits["dode-learned"] = ({"spacing": "learned" if kept else chosen,
+                                     **_scores(model, learned, nfe, data, **score)}, learned)
         for variant, (row, fitted) in fits.items():
             out = {key: row[key] for key in row if key not in ("variant", "paper_spacing", "chosen", "shrink")}
-            out.update(solver=solver, nfe=nfe, variant=variant,
-                       spacing=row["spacing"] if variant != "dode-learned" else "learned")
+            out.update(solver=solver, nfe=nfe, variant=variant, spacing=row["spacing"])
             if fitted is not None:
                 out.update(lambdas=json.dumps([round(v, 6) for v in fitted.lambdas]),
                            grid=json.dumps(fitted.grid and [round(v, 6) for v in fitted.grid]),

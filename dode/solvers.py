@@ -7,7 +7,8 @@ Nothing else in the package is solver-specific.
 
 Spacings (``SPACINGS``) are diffusers' own options: ``"leading"``, ``"trailing"``, ``"linspace"``
 (``timestep_spacing``), ``"karras"``, ``"exponential"``, ``"beta"`` (``use_*_sigmas``) and ``"lu"`` (logSNR-uniform,
-``use_lu_lambdas``), each where the scheduler has it. A spacing can also be an explicit list of noise levels, one
+``use_lu_lambdas``), each where the scheduler has it; Heun, whose sigma spacings span the range of its timestep
+spacing, also has ``"karras+leading"`` and the like (both options set). A spacing can also be an explicit list of noise levels, one
 per step, for the solvers whose steps read ``scheduler.sigmas``.
 """
 from __future__ import annotations
@@ -30,26 +31,27 @@ from diffusers import (
 from .grids import TimeGrid
 
 #: every spacing name, in the order tables list them
-SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "lu")
+SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "lu", "karras+leading",
+            "karras+trailing", "exponential+leading", "exponential+trailing", "beta+leading", "beta+trailing")
 _SIGMA_FLAGS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas",
                 "lu": "use_lu_lambdas"}
+_TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+_SIGMA_SPACINGS = ("karras", "exponential", "beta")
 
 
 def _spacing_options(names, timestep_spacing: bool = True) -> dict:
-    """The scheduler settings of each spacing: one flag on and every other off, on a full-range linspace grid
-    (Heun derives its Karras range from the timesteps, so these must span every training timestep)."""
-    flags = [_SIGMA_FLAGS[n] for n in names if n in _SIGMA_FLAGS]
+    """The scheduler settings of each spacing: one flag on and every other off, on a full-range linspace grid.
+    ``"karras+leading"`` (Heun, which derives its sigma range from its timesteps): Karras sigmas over the range of
+    the leading timesteps, as diffusers gives them for ``use_karras_sigmas=True, timestep_spacing="leading"``."""
+    flags = sorted({_SIGMA_FLAGS[n.split("+")[0]] for n in names if n.split("+")[0] in _SIGMA_FLAGS})
     options = {}
     for name in names:
-        settings = {flag: flag == _SIGMA_FLAGS.get(name) for flag in flags}
+        sigmas, _, timesteps = name.partition("+")
+        settings = {flag: flag == _SIGMA_FLAGS.get(sigmas) for flag in flags}
         if timestep_spacing:
-            settings["timestep_spacing"] = name if name in ("leading", "trailing", "linspace") else "linspace"
+            settings["timestep_spacing"] = timesteps or (name if name in _TIMESTEP_SPACINGS else "linspace")
         options[name] = settings
     return options
-
-
-_TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-_SIGMA_SPACINGS = ("karras", "exponential", "beta")
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,10 @@ _SOLVERS = [
     Solver("deis", DEISMultistepScheduler, dict(solver_order=3), _spacing_options(_ALL), "linspace",
            paper="DEIS", custom_grid=True),
     # EDM: Karras rho = 7. Heun: two evaluations per step except the last (an Euler step to sigma = 0), 2n - 1 NFE.
-    Solver("heun", HeunDiscreteScheduler, {}, _spacing_options(_ALL), "karras",
+    # Its sigma spacings span the range of its timestep spacing, so each comes over leading and trailing too.
+    Solver("heun", HeunDiscreteScheduler, {},
+           _spacing_options((*_ALL, *(f"{s}+{t}" for s in _SIGMA_SPACINGS for t in ("leading", "trailing")))),
+           "karras",
            nfe_of_steps=lambda steps: 2 * steps - 1, paper="EDM", custom_grid=True),
     Solver("unipc", UniPCMultistepScheduler, dict(solver_order=2, solver_type="bh2", final_sigmas_type="zero"),
            _spacing_options(_ALL), "trailing", paper="UniPC", custom_grid=True),
