@@ -21,7 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import PNDMScheduler
+from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler
+
+#: schedulers whose states are x0 + sigma * noise, whatever their first noise level (``init_noise_sigma`` is that
+#: level, below 1 for a grid that starts below sigma = 1)
+_SIGMA_SPACE = (EulerDiscreteScheduler, HeunDiscreteScheduler)
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,8 @@ class TimeGrid:
         sigmas = getattr(base, "sigmas", None)
         if torch.is_tensor(sigmas) and len(sigmas) == n + 1:
             levels = sigmas.double().cpu().numpy()
-            return cls(tuple(timesteps.tolist()), float(levels[0]), levels[1:].copy(), init, init > 1.0)
+            return cls(tuple(timesteps.tolist()), float(levels[0]), levels[1:].copy(), init,
+                       isinstance(base, _SIGMA_SPACE) or init > 1.0)
         # integer-timestep DDPM schedulers (DDIM, PLMS): x_t at the timestep, and t - T // n after each step
         t = timesteps.long().cpu().numpy()
         previous = t - base.config.num_train_timesteps // base.num_inference_steps
