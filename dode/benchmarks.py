@@ -240,7 +240,8 @@ def index_target_offset(model, nfe: int, scale: int) -> float:
     """Largest gap, in training timesteps, between an index-matched target and the student state it is fitted to.
 
     The targets are every C-th state of DDIM's original grid with C x NFE steps (diffusers' "leading" spacing);
-    the student is our DDIM (trailing spacing). The final, clean state is aligned in both and left out.
+    the student is our DDIM on its paper spacing (leading, from t = T - T / NFE: a different start from the teacher's
+    T - T / (C NFE)). The final, clean state is aligned in both and left out.
     """
     student = make_scheduler("ddim", model)
     student.set_timesteps(nfe)

@@ -103,17 +103,18 @@ def fit_lambdas(model, dode: DODEScheduler, teacher: Teacher) -> dict:
 class Validation:
     """Scores of a student's final samples on the validation seeds against their ODE solution (``criterion``)."""
 
-    def __init__(self, model, teacher: Teacher, criterion: str, device):
+    def __init__(self, model, teacher: Teacher, criterion: str, device, features: str = "pixel"):
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
         self.model, self.teacher, self.criterion, self.device = model, teacher, criterion, device
+        self.features = features
         self.reference = teacher.solution()
         self.runs = 0
         if criterion == "fd":  # the heavier metrics stack only for this criterion
             from .metrics import feature_statistics, frechet_distance
 
             self._frechet = frechet_distance
-            self._statistics = feature_statistics(self.reference, "pixel", device=device)
+            self._statistics = feature_statistics(self.reference, features, device=device)
 
     def __call__(self, scheduler, scale: float = 1.0, nfe: int | None = None) -> float:
         """The criterion for ``scheduler``: a DODEScheduler with its lambdas times ``scale``, or a base solver
@@ -129,7 +130,7 @@ class Validation:
             return float("inf")
         if self.criterion == "rmse":
             return _rmse(x, self.reference)
-        return self._frechet(x, self._statistics, features="pixel", device=self.device)
+        return self._frechet(x, self._statistics, features=self.features, device=self.device)
 
     def scores(self, fitted: DODEScheduler, known: dict | None = None, search: bool = True) -> dict:
         """The criterion at common factors of ``fitted``'s lambdas: 0 (the base) and 1 (the fit), and with ``search``
@@ -147,15 +148,19 @@ class Validation:
         return scores
 
 
-def choose(candidates: list[dict], margin: float) -> tuple[int, float]:
+def choose(candidates: list[dict], margin: float, preferred: int | None = None) -> tuple[int, float]:
     """(candidate index, factor): the best-validating D-ODE fit (factor > 0) when it beats the best-validating base
-    (factor 0) of all candidates by more than ``margin`` (relative), else that base. Each candidate has ``scores``
-    {factor: criterion}."""
+    (factor 0) of all candidates by more than ``margin`` (relative), else that base; a base within ``margin`` of
+    the best counts as the best when it is the ``preferred`` candidate (the paper's spacing). Each candidate has
+    ``scores`` {factor: criterion}."""
     base = min(range(len(candidates)), key=lambda i: candidates[i]["scores"][0.0])
+    best_base = candidates[base]["scores"][0.0]
+    if preferred is not None and candidates[preferred]["scores"][0.0] <= (1 + margin) * best_base:
+        base = preferred
     fits = [(score, i, factor) for i, c in enumerate(candidates) for factor, score in c["scores"].items() if factor > 0]
     if fits:
         score, i, factor = min(fits)
-        if score < (1 - margin) * candidates[base]["scores"][0.0]:
+        if score < (1 - margin) * best_base:
             return i, factor
     return base, 0.0
 
@@ -202,8 +207,8 @@ def _teacher(model, teacher, batch_size, seed, device, what: str) -> Teacher:
 
 
 def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
-            teacher=10, guard: bool = True, validation=None, criterion: str = "fd", margin: float = MARGIN,
-            device="auto",
+            teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
+            margin: float = MARGIN, device="auto",
             refine: str | None = None, refine_iterations: int = 50, progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
 
@@ -225,7 +230,9 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     its fine run is made once), default 100 seeds from ``VALIDATION_SEED``; ``criterion``: ``"fd"`` (pixel Frechet
     distance between the final samples and the reference solution of the same seeds, the default: on gmm-digits
     it ranks spacings as the true Frechet distance does, see the README) or ``"rmse"`` (of the final samples to
-    that solution). ``guard=False`` and a named spacing give the paper's plain greedy fit, with no validation.
+    that solution); ``features``: the feature space of ``"fd"`` (``"pixel"``, or ``"digits"`` / ``"inception"``
+    to validate in the space of the metric you report). ``guard=False`` and a named spacing give the paper's plain
+    greedy fit, with no validation.
 
     ``refine``: None (the paper's greedy fit), ``"joint"`` (then all lambdas together, against the teacher's
     state after every step, at most ``refine_iterations`` L-BFGS iterations) or ``"joint+timesteps"`` (lambdas
@@ -248,6 +255,9 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be in [0, 1), got {margin!r}")
     auto = isinstance(spacing, str) and spacing == "auto"
+    if auto and not guard:
+        raise ValueError("spacing='auto' chooses on the validation seeds, which is the guard: it cannot go with "
+                         "guard=False (name a spacing for the paper's plain greedy fit)")
     spacings = list(solver.spacings) if auto else [solver.check_spacing(spacing)]
     solver.steps_for(nfe)
     device = resolve_device(device)
@@ -266,7 +276,7 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
         if set(fitting) & set(held_out):
             raise ValueError(f"the validation seeds {held_out.start}-{held_out.stop - 1} overlap the fitting batch "
                              f"{fitting.start}-{fitting.stop - 1}")
-        check = Validation(model, validation, criterion, device)
+        check = Validation(model, validation, criterion, device, features)
     validation_seconds = time.perf_counter() - began
 
     candidates = []
@@ -285,10 +295,13 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
         clock = time.perf_counter()
         if auto:
             ranked = sorted(range(len(candidates)), key=lambda i: min(candidates[i]["scores"].values()))
-            best_base = min(range(len(candidates)), key=lambda i: candidates[i]["scores"][0.0])
-            for i in {*ranked[:_SEARCHED], best_base}:
+            bases = sorted(range(len(candidates)), key=lambda i: candidates[i]["scores"][0.0])
+            paper = [i for i, c in enumerate(candidates) if c["spacing"] == solver.default_spacing]
+            for i in {*ranked[:_SEARCHED], bases[0], *paper}:
                 candidates[i]["scores"] = check.scores(candidates[i]["fitted"], candidates[i]["scores"])
-        chosen, factor = choose(candidates, margin)
+        paper = [i for i, c in enumerate(candidates) if isinstance(c["spacing"], str)
+                 and c["spacing"] == solver.default_spacing]
+        chosen, factor = choose(candidates, margin, paper[0] if paper else None)
         validation_seconds += time.perf_counter() - clock
     record = candidates[chosen]
     spacing_k, dode = record["spacing"], record["fitted"]
@@ -315,7 +328,7 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     if check is not None:
         scores = record["scores"]
         dode.fit_info["validation"] = {
-            "criterion": criterion,
+            "criterion": criterion, "features": features if criterion == "fd" else None,
             "seeds": [check.teacher.seed, check.teacher.seed + check.teacher.batch_size - 1],
             "margin": margin,
             "base": scores[0.0], "fitted": scores[1.0], "shrink": factor, "guarded": scores[factor],

@@ -168,18 +168,21 @@ def evaluate_grid(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NF
 SPACING_VARIANTS = ("base", "best-base", "dode", "dode-auto", "dode-learned")
 
 
-def _scores(model, scheduler, nfe, data, *, seed, features, batch_size, device, validation=None, criteria=()):
+def _scores(model, scheduler, nfe, data, *, seed, features, batch_size, device, validation=None, criteria=(),
+            validation_features="pixel"):
     """``evaluate_scheduler``'s row, plus each validation criterion (``val_rmse``, ``val_fd``) on request."""
     row = evaluate_scheduler(model, scheduler, nfe, data, seed=seed, features=features, batch_size=batch_size,
                              device=device)
     for criterion in criteria:
-        row[f"val_{criterion}"] = Validation(model, validation, criterion, device)(scheduler, nfe=nfe)
+        check = Validation(model, validation, criterion, device, validation_features)
+        row[f"val_{criterion}"] = check(scheduler, nfe=nfe)
     return row
 
 
 def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
                       fit_teacher: Teacher, validation: Teacher, metric: str = "fd_pixel", learned_nfes=(),
                       refine_teacher: Teacher | None = None, criteria=(), features=("pixel",),
+                      validation_features: str | None = None,
                       batch_size: int | None = None, save_dir=None, device="auto",
                       progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every solver x spacing x NFE, base and D-ODE, and what a user gets from each choice; (results, sweep).
@@ -192,15 +195,18 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
     (what a user who tunes diffusers' spacing gets), the paper's greedy D-ODE on the paper's spacing, D-ODE with
     ``spacing="auto"`` (guarded), and at ``learned_nfes`` (solvers in ``GRID_SOLVERS``) the auto fit with a
     learned grid (``refine="joint+timesteps"`` against ``refine_teacher``, kept only where it validates better).
+    Validation Frechet distances are in ``validation_features`` (default: the feature space of ``metric``).
     Fitted schedulers go to ``save_dir/<solver>-nfe<k>-<variant>``.
     """
+    if validation_features is None:
+        validation_features = metric.removeprefix("fd_") if metric.startswith("fd_") else "pixel"
     score = dict(seed=seed, features=features, batch_size=batch_size, device=device)
     jobs = [(s, n) for s in solvers for n in nfes if possible(s, n)]
     sweep, results = [], []
     for solver, nfe in tqdm(jobs, desc=f"{getattr(model, 'name', 'model')}: solver x NFE", disable=not progress):
         began = time.perf_counter()
         auto = distill(model, solver, nfe, spacing="auto", teacher=fit_teacher, validation=validation,
-                       device=device, progress=False)
+                       features=validation_features, device=device, progress=False)
         auto_seconds = time.perf_counter() - began
         cells = {}
         for candidate in auto.fit_info["validation"]["candidates"]:
@@ -215,8 +221,10 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                        "shrink": float(min(candidate["scores"], key=candidate["scores"].get)) if variant == "dode" else None,
                        "fit_seconds": candidate["fit_seconds"] if variant == "dode" else 0.0,
                        "chosen": spacing == auto.fit_info["spacing"],
+                       "validation_features": validation_features,
                        "lambdas": json.dumps([round(v, 6) for v in candidate["greedy_lambdas"]]) if variant == "dode" else "",
-                       **_scores(model, scheduler, nfe, data, validation=validation, criteria=criteria, **score)}
+                       **_scores(model, scheduler, nfe, data, validation=validation, criteria=criteria,
+                                 validation_features=validation_features, **score)}
                 sweep.append(row)
                 cells[spacing, variant] = (row, scheduler)
         paper = get_solver(solver).default_spacing
@@ -230,7 +238,7 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                 "dode": (cells[paper, "dode"][0], cells[paper, "dode"][1]), "dode-auto": (auto_row, auto)}
         if nfe in learned_nfes and solver in GRID_SOLVERS:
             clock = time.perf_counter()
-            check = Validation(model, validation, auto.fit_info["validation"]["criterion"], device)
+            check = Validation(model, validation, auto.fit_info["validation"]["criterion"], device, validation_features)
             learned = refine_fit(model, auto, refine_teacher or fit_teacher, "joint+timesteps", validation=check,
                                  progress=False)
             learned.fit_info["refine"]["seconds_total"] = time.perf_counter() - clock

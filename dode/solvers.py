@@ -86,7 +86,8 @@ class Solver:
 
     def check_spacing(self, spacing):
         """A spacing name this solver supports, or an explicit grid as a float64 array; ValueError otherwise."""
-        supported = ", ".join(map(repr, self.spacings)) + (", or a list of noise levels" if self.custom_grid else "")
+        supported = (", ".join(map(repr, self.spacings)) + (", a list of noise levels" if self.custom_grid else "")
+                     + ", or 'auto' (dode.distill: the best on validation seeds)")
         if spacing is None:
             return self.default_spacing
         if isinstance(spacing, str):
