@@ -6,9 +6,29 @@ import dode
 from dode.models import GaussianMixtureDenoiser
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The whole suite on one torch thread: tiny models run fastest so, and the runs stay comparable on a busy
+    machine (the repository's ``one_thread`` fixture does the same per module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def gmm():
     return dode.load_model("gmm-digits", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def validation(gmm):
+    """``distill``'s default validation set on gmm-digits (100 seeds from VALIDATION_SEED, fine grid), shared so
+    that its fine run is made once for the whole session: ``distill(gmm, ..., validation=validation)`` gives
+    exactly what ``distill(gmm, ...)`` gives."""
+    from dode.distill import VALIDATION_SEED
+
+    return dode.Teacher(gmm, batch_size=100, seed=VALIDATION_SEED, grid="fine")
 
 
 class WrappedModel(torch.nn.Module):

@@ -115,10 +115,11 @@ def test_targets_are_computed_from_the_tables():
 
 
 def test_index_target_offset_by_hand(gmm):
-    # student DDIM (trailing) at NFE 5: 999, 799, 599, 399, 199; DDIM's original 50-step grid: 980, 960, ..., 0,
-    # every 10th state: 780, 580, 380, 180 -> 19 timesteps each. NFE 3: 999, 666, 332 against 627, 297 -> 39.
-    assert bench.index_target_offset(gmm, 5, 10) == 19
-    assert bench.index_target_offset(gmm, 3, 10) == 39
+    # student DDIM (the paper's leading spacing) at NFE 5: 800, 600, 400, 200, 0, its states after each step at
+    # 600, 400, 200, 0; DDIM's original 50-step grid: 980, 960, ..., 0, every 10th state: 780, 580, 380, 180 -> 180
+    # timesteps each. NFE 3: 666, 333, 0 (states at 333, 0) against 957 - 330 = 627 and 297 (33 apart) -> 297.
+    assert bench.index_target_offset(gmm, 5, 10) == 180
+    assert bench.index_target_offset(gmm, 3, 10) == 297
 
 
 TINY = replace(bench.QUICK, rounds=1, solvers=("ddim", "heun"), nfes=(3, 5), quality_samples=20,
@@ -133,7 +134,7 @@ def test_quick_quality_and_index_matching_tables():
     matching = bench.index_matching(TINY, progress=False)
     assert list(zip(matching["nfe"], matching["targets"])) == [
         (3, "time-aligned"), (3, "index-matched"), (5, "time-aligned"), (5, "index-matched")]
-    assert list(matching["target_offset"]) == [0, 39, 0, 19]
+    assert list(matching["target_offset"]) == [0, 297, 0, 180]
     ddim = quality[quality["solver"] == "ddim"].reset_index(drop=True)
     time_aligned = matching[matching["targets"] == "time-aligned"].reset_index(drop=True)
     pd.testing.assert_frame_equal(time_aligned[ddim.columns], ddim)  # the same fit, the same held-out seeds
@@ -145,13 +146,16 @@ def test_quick_distillation_cost_accounts_teacher_evaluations():
     assert list(zip(sweeps["sweep"], sweeps["nfe"], sweeps["teacher"], sweeps["batch_size"])) == [
         ("NFE", 3, "10", 100), ("NFE", 5, "10", 100), ("teacher C", 5, "2", 100), ("batch size", 5, "10", 25),
         ("solver", 5, "10", 100)]
-    assert list(sweeps["teacher_nfe"]) == [30, 50, 10, 50, 50]  # C teacher steps per student step
+    # C teacher steps per student step, but the last: leading DDIM evaluates last at t = 0, which only jumps to clean
+    assert list(sweeps["teacher_nfe"]) == [21, 41, 9, 41, 41]
     parts = sweeps[[f"{k}_seconds" for k in (*bench.SPLIT, "other")]].sum(axis=1)
     assert parts.to_numpy() == pytest.approx(sweeps["fit_seconds"].to_numpy())
     grid = cost[cost["sweep"] == "all fits"].set_index("teacher")
-    assert grid.loc["C=10 per fit", ["fits", "teacher_runs", "teacher_nfe"]].tolist() == [2, 2, 80]
-    assert grid.loc["fine, shared", ["fits", "teacher_runs"]].tolist() == [2, 1]  # DDIM at NFE 3 and 5: one run
-    assert grid.loc["fine, shared", "teacher_nfe"] == 1000
+    assert grid.loc["C=10 per fit", ["fits", "teacher_runs", "teacher_nfe"]].tolist() == [2, 2, 21 + 41]
+    # leading DDIM starts at t = 666 (NFE 3) and t = 800 (NFE 5): two starts, two fine runs, each through every
+    # training timestep below its start, then the jump to clean
+    assert grid.loc["fine, shared", ["fits", "teacher_runs"]].tolist() == [2, 2]
+    assert grid.loc["fine, shared", "teacher_nfe"] == (666 + 1) + (800 + 1)
 
 
 def test_quick_sampling_overhead_keeps_exactly_one_previous_output():

@@ -57,13 +57,15 @@ def torchrun(gmm, tmp_path_factory):
     return record, torch.load(run / "samples.pt"), dode.DODEScheduler.from_pretrained(run / "scheduler"), reference
 
 
-def test_every_rank_uses_rank0s_lambdas(gmm, torchrun):
+def test_every_rank_uses_rank0s_lambdas(gmm, validation, torchrun):
     record, _, scheduler, _ = torchrun
     assert record["world_size"] == 2 and record["shards"] == [[0, 120], [120, 200]]  # 60, 60 | 60, 20
     first, second = record["lambdas_per_rank"]
     assert first == second == scheduler.lambdas  # broadcast: exactly equal
-    # the same fit as one process (the sums may round differently with another thread count)
-    assert scheduler.lambdas == pytest.approx(dode.distill(gmm, "ddim", 5).lambdas, rel=1e-9, abs=1e-12)
+    # the same fit as one process (the sums may round differently with another thread count), guard included
+    one_process = dode.distill(gmm, "ddim", 5, validation=validation)
+    assert scheduler.lambdas == pytest.approx(one_process.lambdas, rel=1e-9, abs=1e-12)
+    assert scheduler.fit_info["validation"]["shrink"] == one_process.fit_info["validation"]["shrink"]
 
 
 def test_gathered_samples_and_fd_equal_one_process(gmm, torchrun):

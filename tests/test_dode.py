@@ -9,7 +9,7 @@ import torch
 import dode
 from dode.sampling import integrate
 from dode.scheduler import LAMBDAS_FILE
-from dode.solvers import state_sigmas, to_ddpm_state
+from dode.grids import TimeGrid
 
 NFE = 5  # possible for every solver (Heun: 3 steps)
 
@@ -71,7 +71,7 @@ def test_fitted_states_are_the_least_squares_projection_and_the_scheduler_follow
     """Sampling the fitting batch with the fitted lambdas reproduces the fit's own residuals, and moving any
     lambda a little moves that step's state away from the teacher."""
     teacher = dode.Teacher(gmm, batch_size=20, seed=4, grid=10)
-    fitted = dode.distill(gmm, solver, NFE, teacher=teacher)
+    fitted = dode.distill(gmm, solver, NFE, teacher=teacher, guard=False)  # the plain greedy fit
     residuals = fitted.fit_info["rmse_to_teacher_fitted"]
     fitted.set_timesteps(fitted.num_inference_steps)
     targets = teacher.targets(fitted)
@@ -95,9 +95,9 @@ def test_teacher_targets_lie_on_the_exact_ode_at_the_students_times(gaussian, so
     scheduler = dode.make_scheduler(solver, gaussian.model)
     scheduler.set_timesteps(dode.get_solver(solver).steps_for(NFE))
     targets = teacher.targets(scheduler)
-    sig = state_sigmas(scheduler).tolist()
-    start = dode.solvers.start_sigma(scheduler)
-    x0 = to_ddpm_state(teacher.noise * scheduler.init_noise_sigma, start, scheduler)
+    grid_ = TimeGrid.of(scheduler)
+    sig, start = grid_.after.tolist(), grid_.start
+    x0 = grid_.to_ddpm(teacher.noise * scheduler.init_noise_sigma, start)
     levels = [start] + sig
 
     def exact(s):
@@ -123,7 +123,7 @@ def test_refined_teacher_grid_holds_every_student_time_and_c_steps_between(gmm):
     for solver in dode.SOLVERS:
         scheduler = dode.make_scheduler(solver, gmm)
         scheduler.set_timesteps(dode.get_solver(solver).steps_for(NFE))
-        levels = [dode.solvers.start_sigma(scheduler)] + state_sigmas(scheduler).tolist()
+        levels = TimeGrid.of(scheduler).states.tolist()
         knots = [s for i, s in enumerate(levels) if i == 0 or s != levels[i - 1]]
         grid = dode.Teacher(gmm, batch_size=1, grid=7).refined_grid(np.array(levels))
         positions = [int(np.argmin(np.abs(grid - s))) for s in knots]
@@ -136,20 +136,29 @@ def test_refined_teacher_grid_holds_every_student_time_and_c_steps_between(gmm):
 
 def test_a_shared_fine_teacher_gives_the_same_lambdas_and_runs_once_per_start(gmm):
     teacher = dode.Teacher(gmm, batch_size=16, seed=2, grid="fine")
-    solvers = ("ddim", "deis", "unipc", "heun", "dpm_solver_2")  # starts equal up to float32 rounding and Heun's scale
-    shared = {s: dode.distill(gmm, s, 5, teacher=teacher).lambdas for s in solvers}
-    assert teacher.nfe == 1000 + 2  # one fine run served them all (+ one step to each of Heun's fractional times)
+    # starts equal up to float32 rounding and Heun's scale (DDIM on trailing: its default, leading, starts at t = 800)
+    spacings = {"ddim": "trailing", "deis": None, "unipc": None, "heun": None, "dpm_solver_2": None}
+    shared = {s: dode.distill(gmm, s, 5, spacing=p, teacher=teacher, guard=False).lambdas for s, p in spacings.items()}
+    # one fine run served them all, + one step to each target off the training grid: Heun's fractional Karras level
+    # (5.91, the state after both stages of its first step: two targets) and DPM-Solver-2's three exponential
+    # (log-uniform) levels above sigma_min
+    assert teacher.nfe == 1000 + 2 + 3
     for solver, lambdas in shared.items():
-        alone = dode.distill(gmm, solver, 5, batch_size=16, seed=2, teacher="fine").lambdas
+        alone = dode.distill(gmm, solver, 5, spacing=spacings[solver], batch_size=16, seed=2, teacher="fine",
+                             guard=False).lambdas
         # Heun's own start is 2e-5 smaller than the shared run's; its ill-conditioned last steps (lambda ~ 63 at
         # sigma 0.01) turn that into 1e-3 relative differences
         assert lambdas == pytest.approx(alone, rel=2e-3 if solver == "heun" else 1e-6, abs=1e-9)
+    # another start is another run: leading DDIM at NFE 5 starts at t = 800, every training timestep below it
+    before = teacher.nfe
+    dode.distill(gmm, "ddim", 5, teacher=teacher, guard=False)
+    assert teacher.nfe - before == 800 + 1
     with pytest.raises(ValueError, match="fixes batch_size=16, seed=2"):
         dode.distill(gmm, "ddim", NFE, teacher=teacher, seed=3)
 
 
-def test_sampling_does_not_depend_on_batch_size_and_seeds_are_per_sample(gmm):
-    fitted = dode.distill(gmm, "deis", NFE, batch_size=10)
+def test_sampling_does_not_depend_on_batch_size_and_seeds_are_per_sample(gmm, validation):
+    fitted = dode.distill(gmm, "deis", NFE, batch_size=10, validation=validation)
     whole = dode.sample(gmm, fitted, NFE, 10, seed=100, progress=False)
     pieces = dode.sample(gmm, fitted, NFE, 10, seed=100, batch_size=3, progress=False)
     assert torch.allclose(whole, pieces, rtol=0, atol=1e-6)
@@ -158,8 +167,8 @@ def test_sampling_does_not_depend_on_batch_size_and_seeds_are_per_sample(gmm):
     assert not torch.allclose(whole[:4], shifted, atol=1e-2)
 
 
-def test_save_and_load_round_trip(gmm, tmp_path):
-    fitted = dode.distill(gmm, "dpm_solver_pp_2m", NFE, batch_size=10)
+def test_save_and_load_round_trip(gmm, validation, tmp_path):
+    fitted = dode.distill(gmm, "dpm_solver_pp_2m", NFE, batch_size=10, validation=validation)
     fitted.save_pretrained(tmp_path)
     loaded = dode.DODEScheduler.from_pretrained(tmp_path)
     assert loaded.lambdas == fitted.lambdas and loaded.nfe == NFE
@@ -218,7 +227,7 @@ def test_nan_model_output_names_the_evaluation(gmm, wrap):
         dode.sample(wrap(gmm, nan_from_third_call), "ddim", NFE, 4, progress=False)
     broken = wrap(gmm, nan_from_third_call)
     with pytest.raises(FloatingPointError, match="NaN or inf"):
-        dode.distill(broken, "ddim", NFE, batch_size=4, teacher=dode.Teacher(broken, batch_size=4, grid=1))
+        dode.distill(broken, "ddim", NFE, batch_size=4, teacher=dode.Teacher(broken, batch_size=4, grid=1), guard=False)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5])

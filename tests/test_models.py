@@ -504,9 +504,15 @@ def test_convert_prediction_between_every_pair_of_types():
 def test_every_solver_gives_the_eps_models_samples_for_v_and_x0_models(digits_model, solver, prediction_type):
     """The scheduler converts the output itself: same ODE, same samples. Two exceptions in diffusers' PNDM: it
     takes no x0 model, and it extrapolates raw v outputs before converting them (another solver); an epsilon
-    view of the model (``as_prediction_type``) gives it the eps model's samples."""
+    view of the model (``as_prediction_type``) gives it the eps model's samples.
+
+    On levels that are not training timesteps diffusers hands the model a rounded (DPM-Solver++, logSNR-uniform)
+    or truncated (DPM-Solver, exponential) timestep while converting at its own level: the model's conversion at
+    its time and the scheduler's at its level then differ, by a few 1e-3 at the end. So the DPM-Solvers are checked
+    exactly on linspace levels (integer timesteps), and on their paper spacings to that rounding."""
     model = Reparametrised(digits_model, prediction_type)
-    expected = dode.sample(digits_model, solver, 5, 16, seed=3, progress=False)
+    spacing = "linspace" if solver.startswith("dpm_solver") else None
+    expected = dode.sample(digits_model, solver, 5, 16, seed=3, spacing=spacing, progress=False)
     # Heun's sigma -> fractional t -> sigma round trip is float32 in diffusers: ~1e-4 at the end
     tolerance = 1e-3 if solver == "heun" else 1e-5
     if solver == "pndm":
@@ -516,19 +522,23 @@ def test_every_solver_gives_the_eps_models_samples_for_v_and_x0_models(digits_mo
         else:
             assert (dode.sample(model, solver, 5, 16, seed=3, progress=False) - expected).abs().max() > 0.1
         model = dode.models.as_prediction_type(model, "epsilon")
-    torch.testing.assert_close(dode.sample(model, solver, 5, 16, seed=3, progress=False), expected, rtol=0,
-                               atol=tolerance)
+    torch.testing.assert_close(dode.sample(model, solver, 5, 16, seed=3, spacing=spacing, progress=False), expected,
+                               rtol=0, atol=tolerance)
+    if spacing is not None:
+        paper = dode.sample(digits_model, solver, 5, 16, seed=3, progress=False)
+        torch.testing.assert_close(dode.sample(model, solver, 5, 16, seed=3, progress=False), paper, rtol=0,
+                                   atol=2e-2)
 
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("solver", dode.SOLVERS)
 def test_distilling_an_epsilon_view_gives_the_eps_models_lambdas(digits_model, solver):
-    expected = dode.distill(digits_model, solver, 5, batch_size=8)
+    expected = dode.distill(digits_model, solver, 5, batch_size=8, guard=False)  # the greedy fits compared
     x_expected = dode.sample(digits_model, expected, 5, 8, seed=50, progress=False)
     for prediction_type in ("v_prediction", "sample"):
         model = dode.models.as_prediction_type(Reparametrised(digits_model, prediction_type), "epsilon")
         assert model.scheduler_config["prediction_type"] == "epsilon"
-        fitted = dode.distill(model, solver, 5, batch_size=8)
+        fitted = dode.distill(model, solver, 5, batch_size=8, guard=False)
         np.testing.assert_allclose(fitted.lambdas, expected.lambdas, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(dode.sample(model, fitted, 5, 8, seed=50, progress=False), x_expected,
                                    rtol=0, atol=1e-3)
@@ -544,8 +554,8 @@ def test_dode_corrects_the_raw_output_against_the_same_teacher(digits_model, sol
     scheduler.set_timesteps(dode.get_solver(solver).steps_for(5))
     targets = [dode.Teacher(m, batch_size=8).targets(scheduler) for m in (digits_model, v_model)]
     torch.testing.assert_close(targets[1], targets[0], rtol=0, atol=1e-4)
-    v_lambdas = dode.distill(v_model, solver, 5, batch_size=8).lambdas
-    eps_lambdas = dode.distill(digits_model, solver, 5, batch_size=8).lambdas
+    v_lambdas = dode.distill(v_model, solver, 5, batch_size=8, guard=False).lambdas
+    eps_lambdas = dode.distill(digits_model, solver, 5, batch_size=8, guard=False).lambdas
     assert np.abs(np.subtract(v_lambdas, eps_lambdas)).max() > 0.1
 
 
@@ -565,17 +575,19 @@ def test_v_prediction_unet_folder_distil_sample_save_reload(tmp_path, layout):
     model = dode.load_model(tmp_path, device="cpu")
     assert model.scheduler_config == {**DDPM_SCHEDULE, "beta_end": 0.015, "prediction_type": "v_prediction"}
     check_loaded_unet(model, unet)  # the raw (v) output
-    fitted = dode.distill(model, "dpm_solver_pp_2m", 4, batch_size=8)
+    fitted = dode.distill(model, "dpm_solver_pp_2m", 4, batch_size=8, guard=False)
     assert fitted.config.prediction_type == "v_prediction" and fitted.lambdas[1:] != [0.0] * 3
     x = dode.sample(model, fitted, 4, 6, seed=2, progress=False)
     fitted.save_pretrained(tmp_path / "d-dpm")
     reloaded = dode.DODEScheduler.from_pretrained(tmp_path / "d-dpm")
     assert reloaded.lambdas == fitted.lambdas and reloaded.config.prediction_type == "v_prediction"
     assert torch.equal(dode.sample(model, reloaded, 4, 6, seed=2, progress=False), x)
-    # the same ODE through an epsilon view: the same base samples, computed by the scheduler's other branch
+    # the same ODE through an epsilon view: the same base samples, computed by the scheduler's other branch (on
+    # levels at integer timesteps: on logSNR-uniform ones diffusers rounds the model's timestep, see above)
     eps_view = dode.models.as_prediction_type(model, "epsilon")
-    torch.testing.assert_close(dode.sample(eps_view, "dpm_solver_pp_2m", 4, 6, seed=2, progress=False),
-                               dode.sample(model, "dpm_solver_pp_2m", 4, 6, seed=2, progress=False),
+    torch.testing.assert_close(dode.sample(eps_view, "dpm_solver_pp_2m", 4, 6, seed=2, spacing="trailing",
+                                           progress=False),
+                               dode.sample(model, "dpm_solver_pp_2m", 4, 6, seed=2, spacing="trailing", progress=False),
                                rtol=0, atol=1e-4)
 
 

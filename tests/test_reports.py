@@ -69,7 +69,7 @@ def test_refined_rows_follow_their_solver_and_get_their_own_ratios():
 
 def test_teacher_distances_agree_with_the_fit_on_the_fitting_batch(gmm):
     teacher = dode.Teacher(gmm, batch_size=12, seed=5, grid=10)
-    fitted = dode.distill(gmm, "unipc", 4, teacher=teacher)
+    fitted = dode.distill(gmm, "unipc", 4, teacher=teacher, guard=False)  # the fit's own (greedy) residuals
     distances = teacher_distances(gmm, fitted, 4, teacher)
     assert list(distances["evaluation"]) == [1, 2, 3, 4]
     assert np.allclose(distances["rmse_teacher"], fitted.fit_info["rmse_to_teacher_fitted"], rtol=1e-4, atol=1e-7)
@@ -96,23 +96,22 @@ def test_runner_moves_outputs_skips_unchanged_runs_and_keeps_results_when_a_run_
     monkeypatch.setattr(reproduce, "NOTEBOOKS", tmp_path / "nb")
     (tmp_path / "nb").mkdir()
     tiny_notebook(tmp_path / "nb" / "w.ipynb", WRITE)
-    results, manifest = tmp_path / "results", {"runs": {}}
+    results = tmp_path / "results"
     run = reproduce.Run("w", "w.ipynb", {"value": 7})
 
-    assert reproduce.execute(run, results, manifest, force=False, label="[1/1]")
+    record = reproduce.execute(run, results, {}, force=False, label="[1/1]")  # its manifest record
     assert (results / "m/v.txt").read_text() == "7"
-    assert manifest["runs"]["w"]["outputs"] == ["m/v.txt"]
+    assert record["outputs"] == ["m/v.txt"] and record["parameters"] == {"value": 7}
     assert (results / "notebooks/w.ipynb").is_file() and not any(results.glob(".staging-*"))
-    assert not reproduce.execute(run, results, manifest, force=False, label="[1/1]")  # unchanged: skipped
-    assert reproduce.execute(run, results, manifest, force=True, label="[1/1]")  # forced
+    assert reproduce.execute(run, results, record, force=False, label="[1/1]") is None  # unchanged: skipped
+    assert reproduce.execute(run, results, record, force=True, label="[1/1]") is not None  # forced
 
     changed = reproduce.Run("w", "w.ipynb", {"value": 8})
-    assert reproduce.run_key(changed, results) != manifest["runs"]["w"]["key"]
+    assert reproduce.run_key(changed, results) != record["key"]
     tiny_notebook(tmp_path / "nb" / "w.ipynb", WRITE.replace("str(value)", "str(value) + 1"))  # a failing cell
     with pytest.raises(papermill.PapermillExecutionError):
-        reproduce.execute(changed, results, manifest, force=False, label="[1/1]")
+        reproduce.execute(changed, results, record, force=False, label="[1/1]")
     assert (results / "m/v.txt").read_text() == "7"  # the earlier result is intact
-    assert manifest["runs"]["w"]["parameters"] == {"value": 7}
     assert (results / "notebooks/w.failed.ipynb").is_file() and not any(results.glob(".staging-*"))
 
 
@@ -132,16 +131,27 @@ def test_a_notebook_honours_non_default_parameters(tmp_path):
                                progress_bar=False)
     assert (tmp_path / "figures/quickstart-gmm-digits-deis-nfe4.png").is_file()
     text = json.dumps(nbformat.read(executed, as_version=4).cells)
-    assert "D-DEIS" in text and "DODEScheduler(DEISMultistepScheduler, nfe=4" in text
+    assert "D-DEIS" in text and "DODEScheduler(DEISMultistepScheduler, spacing='linspace', nfe=4" in text
 
 
 def test_runner_accepts_a_relative_results_folder(tmp_path, monkeypatch):
     """Notebooks run in notebooks/, so out_dir must reach them as an absolute path (`make reproduce` passes
-    `--results results`)."""
+    `--results results`). The runs go through execute in this process (execute_all's worker processes would not
+    see the patched NOTEBOOKS)."""
     monkeypatch.setattr(reproduce, "NOTEBOOKS", tmp_path / "nb")
     (tmp_path / "nb").mkdir()
     tiny_notebook(tmp_path / "nb" / "w.ipynb", WRITE)
     monkeypatch.setattr(reproduce, "plan", lambda results, models: [reproduce.Run("w", "w.ipynb", {"value": 3})])
+
+    def in_process(runs, results, manifest, save, *, force, jobs):
+        assert results.is_absolute()
+        for run in runs:
+            manifest["runs"][run.name] = reproduce.execute(run, results, manifest["runs"].get(run.name, {}),
+                                                           force=force, label="[1/1]")
+            save()
+        return len(runs)
+
+    monkeypatch.setattr(reproduce, "execute_all", in_process)
     monkeypatch.chdir(tmp_path)
     reproduce.main(["--results", "res", "--models", "gmm-digits"])
     assert (tmp_path / "res/m/v.txt").read_text() == "3"
