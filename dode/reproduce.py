@@ -169,9 +169,10 @@ def execute_all(runs: list[Run], results: Path, manifest: dict, save, *, force: 
     return ran
 
 
-def headline(summary, metric: str, floor: float, tolerance: float = 0.01) -> str:
+def headline(summary, metric: str, floor: float, tolerance: float = 0.01, costs: dict | None = None) -> str:
     """Prose of what D-ODE auto does against the best base, from a ``spacing_summary`` table: wins, ties (within
-    ``tolerance``), losses with their numbers, and the median ratio."""
+    ``tolerance``), losses with their numbers, the median ratio, and ``costs`` (median seconds of ``auto`` and
+    of one greedy fit)."""
     import pandas as pd
 
     cells = summary.dropna(subset=["best-base", "dode-auto"])
@@ -189,6 +190,10 @@ def headline(summary, metric: str, floor: float, tolerance: float = 0.01) -> str
     if len(paper):
         lines.append(f"The paper's method on the paper's spacing (D-ODE against its own base) has a median ratio of "
                      f"{paper.median():.3f}; against the best base, {(cells['dode'] / cells['best-base']).median():.3f}.")
+    if costs is not None:
+        lines.append(f"Cost on this machine: `spacing=\"auto\"` took a median {costs['auto']:.2f} s per solver and "
+                     f"NFE (every spacing fitted and validated, the shared validation run included), against "
+                     f"{costs['greedy']:.2f} s for one greedy fit.")
     if "dode-learned" in cells and cells["dode-learned"].notna().any():
         learned = cells.dropna(subset=["dode-learned"])
         lines.append(f"With a learned grid (NFE {', '.join(map(str, sorted(set(learned.nfe))))}), median ratio to "
@@ -231,8 +236,15 @@ def write_summary(results: Path, manifest: dict):
             continue
         summary = pd.read_csv(folder / "summary.csv")
         correlation = pd.DataFrame(evaluation.get("criterion_correlation", []))
+        costs = None
+        if (folder / "results.csv").is_file() and (folder / "spacings.csv").is_file():
+            rows, sweep = pd.read_csv(folder / "results.csv"), pd.read_csv(folder / "spacings.csv")
+            if "fit_seconds" in sweep:
+                costs = {"auto": rows.loc[rows.variant == "dode-auto", "fit_seconds"].median(),
+                         "greedy": sweep.loc[sweep.variant == "dode", "fit_seconds"].median()}
+        text = headline(summary, metric, floor, costs=costs)
         claims.append(f"- **{model}** (`{metric}`, {evaluation['num_samples']} held-out samples per cell, NFE "
-                      f"{', '.join(map(str, sorted(summary.nfe.unique())))}): {headline(summary, metric, floor)}")
+                      f"{', '.join(map(str, sorted(summary.nfe.unique())))}): {text}")
         if not correlation.empty:
             picks = ", ".join(f"`{r.criterion}` {r.spearman_all:.3f} (picks the best spacing in "
                               f"{r.picks_the_best:.0%} of solver x NFE cells)" for r in correlation.itertuples())
@@ -245,7 +257,7 @@ with teacher C = {evaluation['teacher']}; spacings chosen and guarded on seeds
 {evaluation['validation_seeds'][0]}-{evaluation['validation_seeds'][1]}. Floor (the reference solution's own score):
 **{floor:.3f}**. Heun makes only odd NFE (2n - 1); its even columns are empty.
 
-{headline(summary, metric, floor)}
+{text}
 
 {(folder / f"table_{metric}.md").read_text()}
 The spacing behind each cell is in `{model}/table_spacings.md`; every solver x spacing x NFE x (base, D-ODE) cell
