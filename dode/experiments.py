@@ -169,13 +169,17 @@ SPACING_VARIANTS = ("base", "best-base", "dode", "dode-auto", "dode-learned")
 
 
 def _scores(model, scheduler, nfe, data, *, seed, features, batch_size, device, validation=None, criteria=(),
-            validation_features="pixel"):
-    """``evaluate_scheduler``'s row, plus each validation criterion (``val_rmse``, ``val_fd``) on request."""
+            validation_features="pixel", known=None):
+    """``evaluate_scheduler``'s row, plus each validation criterion (``val_rmse``, ``val_fd``) on request
+    (``known``: criteria already scored by ``distill``)."""
     row = evaluate_scheduler(model, scheduler, nfe, data, seed=seed, features=features, batch_size=batch_size,
                              device=device)
     for criterion in criteria:
-        check = Validation(model, validation, criterion, device, validation_features)
-        row[f"val_{criterion}"] = check(scheduler, nfe=nfe)
+        if criterion in (known or {}):
+            row[f"val_{criterion}"] = known[criterion]
+        else:
+            row[f"val_{criterion}"] = Validation(model, validation, criterion, device, validation_features)(
+                scheduler, nfe=nfe)
     return row
 
 
@@ -224,7 +228,9 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                        "validation_features": validation_features,
                        "lambdas": json.dumps([round(v, 6) for v in candidate["greedy_lambdas"]]) if variant == "dode" else "",
                        **_scores(model, scheduler, nfe, data, validation=validation, criteria=criteria,
-                                 validation_features=validation_features, **score)}
+                                 validation_features=validation_features, **score,
+                                 known={auto.fit_info["validation"]["criterion"]:
+                                        candidate["scores"]["0" if variant == "base" else "1"]})}
                 sweep.append(row)
                 cells[spacing, variant] = (row, scheduler)
         paper = get_solver(solver).default_spacing
