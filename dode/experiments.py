@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from .distill import Validation, distill, refine_fit
 from .metrics import feature_statistics, frechet_distance, rmse
 from .ode import solve_ode
-from .refine import MODE_OPTIONS, refine
 from .sampling import prepare_scheduler, sample
 from .scheduler import DODEScheduler
 from .solvers import GRID_SOLVERS, SOLVERS, get_solver, make_scheduler
@@ -302,10 +301,9 @@ def criterion_correlation(sweep: pd.DataFrame, metric: str = "fd_pixel") -> pd.D
 
 
 def refine_jointly(model, greedy, teacher: Teacher, mode: str, **options):
-    """``distill(refine=mode)`` from an existing greedy fit: the same teacher targets, no second greedy pass."""
-    probe = copy.deepcopy(greedy)
-    probe.set_timesteps(probe.num_inference_steps)
-    return refine(model, greedy, teacher.noise, teacher.targets(probe), **MODE_OPTIONS[mode], **options)
+    """``distill(refine=mode)`` from an existing greedy fit, unguarded: ``dode.distill.refine_fit`` without the
+    validation (the ablation compares the refinements themselves)."""
+    return refine_fit(model, greedy, teacher, mode, **options)
 
 
 def fitting_rmse(model, scheduler, teacher: Teacher, device="auto") -> float:
