@@ -69,7 +69,8 @@ def training_sigmas(scheduler_config: dict) -> np.ndarray:
     """sigma_t = sqrt((1 - abar_t) / abar_t) at every training timestep t, in float64."""
     from diffusers import DDPMScheduler
 
-    alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.double().numpy()
+    schedule = {key: scheduler_config[key] for key in SCHEDULE_KEYS if key in scheduler_config}
+    alphas_cumprod = DDPMScheduler.from_config(schedule).alphas_cumprod.double().numpy()
     return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
 
 

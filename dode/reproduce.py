@@ -69,7 +69,7 @@ def plan(results: Path, models: list[str]) -> list[Run]:
     runs.append(Run("05_ablations-gmm-digits", "05_ablations.ipynb", {
         "model_name": "gmm-digits", "solver": "ddim", "nfe": 5, "teacher_scales": [2, 5, 10, 20, "fine"],
         "batch_sizes": [10, 25, 100, 400], "fit_repeats": 3, "matching_solvers": "all", "num_samples": 2000,
-        "reference_samples": 10_000, "refine_solvers": ["ddim", "dpm_solver_pp_2m", "heun"], "refine_teacher": "fine"}))
+        "reference_samples": 10_000, "refine_solvers": ["ddim", "ipndm", "dpm_solver_pp_2m", "heun"], "refine_teacher": "fine"}))
     return runs
 
 

@@ -12,11 +12,10 @@ import json
 import math
 from pathlib import Path
 
-import diffusers
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .solvers import set_grid, solver_of
+from .solvers import scheduler_class_named, set_grid, solver_of
 
 LAMBDAS_FILE = "dode_lambdas.json"
 
@@ -122,9 +121,9 @@ class DODEScheduler(SchedulerMixin):
             grid = None if record.get("grid") is None else [float(v) for v in record["grid"]]
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path} is corrupt: {err!r}") from err
-        scheduler_class = getattr(diffusers, class_name, None)
+        scheduler_class = scheduler_class_named(class_name)
         if scheduler_class is None:
-            raise ValueError(f"{path} names an unknown diffusers scheduler {class_name!r}")
+            raise ValueError(f"{path} names an unknown scheduler {class_name!r}")
         base = scheduler_class.from_pretrained(directory)
         if len(lambdas) != nfe:
             raise ValueError(f"{path} is inconsistent: {len(lambdas)} lambdas for nfe={nfe}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import (
@@ -29,6 +30,7 @@ from diffusers import (
 )
 
 from .grids import TimeGrid
+from .ipndm import IPNDMDiscreteScheduler
 
 #: every spacing name, in the order tables list them
 SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "lu", "karras+leading",
@@ -120,7 +122,11 @@ _SOLVERS = [
     # PLMS: the warm-up evaluates the first timestep twice, so n steps cost n + 1 NFE.
     Solver("pndm", PNDMScheduler, dict(skip_prk_steps=True, set_alpha_to_one=True),
            _spacing_options(_TIMESTEP_SPACINGS), "leading",
-           nfe_of_steps=lambda steps: steps + 1, min_steps=2, paper="PNDM"),
+           nfe_of_steps=lambda steps: steps + 1, min_steps=2, paper="PLMS"),
+    # the paper's "PNDM" is iPNDM (dode.ipndm): Adams-Bashforth on eps with the DDIM transfer, one NFE per step;
+    # its grid is EulerDiscreteScheduler's, so it has every spacing; uniform in t as the paper's DDIM ("leading")
+    Solver("ipndm", IPNDMDiscreteScheduler, dict(max_order=4), _spacing_options(_ALL), "leading",
+           paper="iPNDM", custom_grid=True),
     # the paper's DPM-Solver: uniform in logSNR, which is exponential (log-uniform) sigmas
     Solver("dpm_solver_2", DPMSolverSinglestepScheduler,
            dict(solver_order=2, algorithm_type="dpmsolver++", lower_order_final=True, final_sigmas_type="zero"),
@@ -167,6 +173,14 @@ def solver_of(scheduler) -> Solver:
         f"no NFE rule for {type(base).__name__}; supported schedulers: "
         + ", ".join(s.scheduler_class.__name__ for s in _SOLVERS)
     )
+
+
+def scheduler_class_named(name: str):
+    """A scheduler class by its name: one of the solvers' (dode's own iPNDM included) or any of diffusers'."""
+    for solver in _SOLVERS:
+        if solver.scheduler_class.__name__ == name:
+            return solver.scheduler_class
+    return getattr(diffusers, name, None) if isinstance(name, str) else None
 
 
 def spacing_of(scheduler) -> str | None:

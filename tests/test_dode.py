@@ -199,7 +199,7 @@ def test_from_pretrained_rejects_missing_corrupt_and_mismatched_folders(gmm, tmp
     with pytest.raises(ValueError, match="makes 5 model evaluations, but 6 lambdas"):
         dode.DODEScheduler.from_pretrained(tmp_path)
     (tmp_path / LAMBDAS_FILE).write_text(json.dumps({**record, "base_scheduler": "NoSuchScheduler"}))
-    with pytest.raises(ValueError, match="unknown diffusers scheduler"):
+    with pytest.raises(ValueError, match="unknown scheduler 'NoSuchScheduler'"):
         dode.DODEScheduler.from_pretrained(tmp_path)
 
 

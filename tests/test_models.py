@@ -514,7 +514,8 @@ def test_every_solver_gives_the_eps_models_samples_for_v_and_x0_models(digits_mo
     spacing = "linspace" if solver.startswith("dpm_solver") else None
     expected = dode.sample(digits_model, solver, 5, 16, seed=3, spacing=spacing, progress=False)
     # Heun's sigma -> fractional t -> sigma round trip is float32 in diffusers: ~1e-4 at the end
-    tolerance = 1e-3 if solver == "heun" else 1e-5
+    # iPNDM's fourth-order extrapolation (coefficients up to 59/24) amplifies float32 round-off: ~3e-5
+    tolerance = {"heun": 1e-3, "ipndm": 1e-4}.get(solver, 1e-5)
     if solver == "pndm":
         if prediction_type == "sample":
             with pytest.raises(ValueError, match="prediction_type"):

@@ -48,7 +48,7 @@ def test_impossible_nfe_is_a_clear_error(gmm, solver, nfe, words):
 def test_unknown_solver_lists_the_valid_ones(gmm):
     for call in (lambda: dode.make_scheduler("euler-maruyama", gmm), lambda: dode.sample(gmm, "rk4", 5, 2),
                  lambda: dode.distill(gmm, "rk4", 5)):
-        with pytest.raises(ValueError, match="valid solvers: ddim, pndm, dpm_solver_2"):
+        with pytest.raises(ValueError, match="valid solvers: ddim, pndm, ipndm, dpm_solver_2"):
             call()
 
 

@@ -22,6 +22,8 @@ SIGMA_FLAGS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_si
 SUPPORTED = {
     "ddim": TIMESTEP_SPACINGS,
     "pndm": TIMESTEP_SPACINGS,
+    # dode's iPNDM takes its grid from EulerDiscreteScheduler: every timestep and sigma spacing of Euler
+    "ipndm": (*TIMESTEP_SPACINGS, "karras", "exponential", "beta"),
     "dpm_solver_2": ("linspace", "karras", "exponential", "beta"),  # no timestep_spacing: its own linspace
     "dpm_solver_pp_2m": (*TIMESTEP_SPACINGS, "karras", "exponential", "beta", "lu"),
     "deis": (*TIMESTEP_SPACINGS, "karras", "exponential", "beta"),
@@ -30,7 +32,7 @@ SUPPORTED = {
              "exponential+leading", "exponential+trailing", "beta+leading", "beta+trailing"),
     "unipc": (*TIMESTEP_SPACINGS, "karras", "exponential", "beta"),
 }
-PAPER = {"ddim": "leading", "pndm": "leading", "dpm_solver_2": "exponential", "dpm_solver_pp_2m": "lu",
+PAPER = {"ddim": "leading", "pndm": "leading", "ipndm": "leading", "dpm_solver_2": "exponential", "dpm_solver_pp_2m": "lu",
          "deis": "linspace", "heun": "karras", "unipc": "trailing"}
 PAIRS = [(solver, spacing) for solver in dode.SOLVERS for spacing in SUPPORTED[solver]]
 NFE = 5  # possible for every solver (Heun: 3 steps, PLMS: 4)

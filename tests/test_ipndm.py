@@ -1,0 +1,185 @@
+"""iPNDM (dode.ipndm) against DDIM, the closed-form Gaussian ODE, a direct transcription of its update, and
+diffusers' pipeline and persistence machinery."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+import dode
+from dode.ipndm import IPNDMDiscreteScheduler
+from dode.solvers import set_grid
+
+NUM = 24
+#: the issue's coefficients, written here rather than imported, so that the transcription is independent
+AB = {1: [1], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+
+
+def ipndm(model, spacing=None, **overrides):
+    return dode.make_scheduler("ipndm", model, spacing, **overrides)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_order_one_is_ddim_bit_for_bit_on_ddims_timesteps(gmm, spacing):
+    """At NFE that divide T = 1000: otherwise DDIM steps to t - T // n, which is not its next timestep (at NFE 3
+    on trailing: 666 -> 333, then evaluates at 332), while iPNDM steps to the next timestep."""
+    for nfe in (4, 5, 8):
+        first_order = dode.sample(gmm, ipndm(gmm, spacing, max_order=1), nfe, NUM, seed=3, progress=False)
+        ddim = dode.sample(gmm, "ddim", nfe, NUM, seed=3, spacing=spacing, progress=False)
+        assert torch.equal(first_order, ddim), (spacing, nfe)
+        # and the full method is a different one
+        assert (dode.sample(gmm, ipndm(gmm, spacing), nfe, NUM, seed=3, progress=False) - ddim).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_order_one_is_ddim_for_v_and_x0_models_too(gmm, prediction_type):
+    model = dode.as_prediction_type(gmm, prediction_type)
+    first_order = dode.sample(model, ipndm(model, "trailing", max_order=1), 5, NUM, seed=4, progress=False)
+    ddim = dode.sample(model, "ddim", 5, NUM, seed=4, spacing="trailing", progress=False)
+    torch.testing.assert_close(first_order, ddim, rtol=0, atol=2e-5)
+    # the same ODE whatever the parametrisation: iPNDM on the converted model agrees with iPNDM on eps
+    eps = dode.sample(gmm, "ipndm", 5, NUM, seed=4, progress=False)
+    torch.testing.assert_close(dode.sample(model, "ipndm", 5, NUM, seed=4, progress=False), eps, rtol=0, atol=2e-4)
+
+
+def error_against_closed_form(gaussian, steps, max_order, top=2.0):
+    """Max error at sigma = 0 of iPNDM from sigma = ``top`` on a grid uniform in sigma (its ODE variable)."""
+    grid = np.linspace(top, 0.0, steps + 1)[:-1]
+    scheduler = ipndm(gaussian.model, grid, max_order=max_order)
+    x = dode.sample(gaussian.model, scheduler, steps, 64, seed=0, progress=False).double()
+    exact = gaussian.ddpm_state(dode.seeded_noise(gaussian.shape, 64, 0), 1.0, top, 0.0)
+    return (x - exact).abs().max().item()
+
+
+def test_error_shrinks_at_the_order_of_the_multistep_method(gaussian):
+    """Global error ~ h^p. DDIM (order 1) has p = 1 and two-step Adams-Bashforth p = 2. iPNDM starts with one
+    Euler step and then AB2, AB3: its error is several times smaller than AB2's, and at small h the Euler
+    start's O(h^2) is what remains, so its asymptotic slope is 2, not 4 (measured: 3.4 from 4 to 8 steps, then
+    2.0)."""
+    steps = [4, 8, 16, 32, 64]
+    errors = {order: np.array([error_against_closed_form(gaussian, n, order) for n in steps]) for order in (1, 2, 4)}
+    slope = {order: -np.polyfit(np.log(steps), np.log(e), 1)[0] for order, e in errors.items()}
+    local = {order: -np.log2(e[1:] / e[:-1]) for order, e in errors.items()}
+    assert 0.9 < slope[1] < 1.1 and np.all(np.abs(local[1][1:] - 1) < 0.1), errors[1]
+    assert 1.8 < slope[2] < 2.2 and np.all(np.abs(local[2][1:] - 2) < 0.1), errors[2]
+    assert slope[4] > slope[1] + 1.0 and local[4][0] > 3.0 and abs(local[4][-1] - 2) < 0.1, errors[4]
+    assert np.all(errors[4] < errors[2]) and np.all(errors[4] < errors[1] / 5)
+
+
+def transcribed_ipndm(model, timesteps, noise, lambdas=None):
+    """The iPNDM update written out from its formula, in float64, on integer ``timesteps`` then the clean sample:
+    x_next = sqrt(abar_next / abar) x + (sqrt(1 - abar_next) - sqrt(abar_next / abar) sqrt(1 - abar)) e~, e~
+    the Adams-Bashforth combination of the latest (D-ODE corrected) noise predictions."""
+    alphas = DDPMScheduler.from_config(model.scheduler_config).alphas_cumprod.double()
+    abar = [alphas[t].item() for t in timesteps] + [1.0]
+    x, history, previous = noise.double(), [], None
+    for i, t in enumerate(timesteps):
+        with torch.no_grad():
+            eps = model(x.float(), torch.tensor(t)).double()
+        lam = 0.0 if lambdas is None else lambdas[i]
+        corrected = eps if previous is None else eps + lam * (eps - previous)
+        previous = eps
+        history = [corrected, *history][:4]
+        combined = sum(c * e for c, e in zip(AB[len(history)], history))
+        ratio = np.sqrt(abar[i + 1] / abar[i])
+        x = ratio * x + (np.sqrt(1 - abar[i + 1]) - ratio * np.sqrt(1 - abar[i])) * combined
+    return x
+
+
+@pytest.mark.parametrize("nfe", [3, 5, 10])
+def test_an_independent_transcription_gives_the_same_samples(gmm, nfe):
+    leading = [k * (1000 // nfe) for k in reversed(range(nfe))]  # uniform in t, evaluated at t = 0 last
+    noise = dode.seeded_noise(gmm.sample_shape, NUM, 9)
+    expected = transcribed_ipndm(gmm, leading, noise).float()
+    got = dode.sample(gmm, "ipndm", nfe, NUM, seed=9, progress=False)
+    assert dode.get_solver("ipndm").default_spacing == "leading"
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)  # float32 against float64 arithmetic
+    # D-iPNDM: the D-ODE wrapper corrects each noise prediction before it enters the multistep history
+    lambdas = list(np.linspace(0.0, 0.4, nfe))  # lambda_0 has no previous output to act on
+    wrapped = dode.DODEScheduler(ipndm(gmm), lambdas, nfe)
+    corrected = dode.sample(gmm, wrapped, nfe, NUM, seed=9, progress=False)
+    # lambdas amplify the round-off of late steps (measured up to 3e-4 at NFE 10), against a change of 0.5
+    torch.testing.assert_close(corrected, transcribed_ipndm(gmm, leading, noise, lambdas).float(), rtol=0, atol=1e-3)
+    assert (corrected - got).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace", "karras", "exponential"])
+def test_zero_lambdas_are_the_base_solver(gmm, spacing):
+    base = dode.sample(gmm, "ipndm", 5, NUM, seed=2, spacing=spacing, progress=False)
+    zero = dode.DODEScheduler(ipndm(gmm, spacing), [0.0] * 5, 5)
+    assert torch.equal(dode.sample(gmm, zero, 5, NUM, seed=2, progress=False), base)
+
+
+def test_a_moved_grid_is_the_spacing_it_was_moved_to(gmm):
+    """set_grid (learned grids) replaces the noise levels; the steps must then use them, not the old ones."""
+    target = ipndm(gmm, "exponential")
+    target.set_timesteps(5)
+    moved = ipndm(gmm, "trailing")
+    moved.set_timesteps(5)
+    set_grid(moved, target.sigmas[:-1].double().numpy())
+    torch.testing.assert_close(moved.sigmas, target.sigmas)
+    noise = dode.seeded_noise(gmm.sample_shape, NUM, 1)
+    x_moved, x_target = noise.clone(), noise.clone()
+    for t_m, t_t in zip(moved.timesteps, target.timesteps):
+        x_moved = moved.step(gmm(x_moved, t_m), t_m, x_moved).prev_sample
+        x_target = target.step(gmm(x_target, t_t), t_t, x_target).prev_sample
+    torch.testing.assert_close(x_moved, x_target, rtol=0, atol=1e-5)
+    assert (x_moved - dode.sample(gmm, "ipndm", 5, NUM, seed=1, progress=False)).abs().max() > 1e-2
+    # and an explicit grid through the public API is the same thing
+    explicit = dode.make_scheduler("ipndm", gmm, target.sigmas[:-1].tolist())
+    torch.testing.assert_close(dode.sample(gmm, explicit, 5, NUM, seed=1, progress=False), x_target, rtol=0, atol=1e-5)
+
+
+def test_save_and_load_round_trip(gmm, tmp_path):
+    scheduler = ipndm(gmm, "karras", max_order=3)
+    scheduler.save_pretrained(tmp_path / "base")
+    loaded = IPNDMDiscreteScheduler.from_pretrained(tmp_path / "base")
+    public = lambda config: {key: value for key, value in config.items() if not key.startswith("_")}
+    assert public(loaded.config) == public(scheduler.config) and loaded.config.max_order == 3
+    assert torch.equal(dode.sample(gmm, loaded, 4, NUM, seed=5, progress=False),
+                       dode.sample(gmm, scheduler, 4, NUM, seed=5, progress=False))
+    fitted = dode.distill(gmm, "ipndm", 4, guard=False)
+    fitted.save_pretrained(tmp_path / "dode")
+    again = dode.DODEScheduler.from_pretrained(tmp_path / "dode")
+    assert isinstance(again.base_scheduler, IPNDMDiscreteScheduler) and again.lambdas == fitted.lambdas
+    assert torch.equal(dode.sample(gmm, again, 4, NUM, seed=5, progress=False),
+                       dode.sample(gmm, fitted, 4, NUM, seed=5, progress=False))
+    # a diffusers config (any Karras scheduler's) converts, as diffusers' own schedulers do
+    converted = IPNDMDiscreteScheduler.from_config(DDIMScheduler(**gmm.scheduler_config).config)
+    assert converted.config.beta_end == gmm.scheduler_config["beta_end"] and converted.config.max_order == 4
+
+
+def test_ddpm_pipeline_runs_it_and_matches_dode_sample(tmp_path):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    pipe = DDPMPipeline(unet=unet, scheduler=IPNDMDiscreteScheduler(prediction_type="v_prediction", beta_end=0.015))
+    pipe.set_progress_bar_config(disable=True)
+    model = dode.pipeline_model(pipe)
+    images = pipe(**model.pipeline_inputs(4, 7), num_inference_steps=5, output_type="pt").images
+    expected = (dode.sample(model, "ipndm", 5, 4, seed=7, progress=False) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+    pipe.save_pretrained(tmp_path)  # the pipeline's model_index.json names dode's class; it reloads
+    reloaded = DDPMPipeline.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    assert type(reloaded.scheduler) is IPNDMDiscreteScheduler
+    torch.testing.assert_close(reloaded(**model.pipeline_inputs(4, 7), num_inference_steps=5, output_type="pt").images,
+                               images, rtol=0, atol=0)
+
+
+def test_bad_settings_and_misuse_are_clear_errors(gmm):
+    with pytest.raises(ValueError, match="max_order must be one of 1, 2, 3, 4"):
+        IPNDMDiscreteScheduler(max_order=5)
+    with pytest.raises(ValueError, match="prediction_type"):
+        IPNDMDiscreteScheduler(prediction_type="flow")
+    scheduler = IPNDMDiscreteScheduler()
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        scheduler.step(x, 999, x)
+    scheduler.set_timesteps(2)
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.ones_like(x), t, x).prev_sample
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        scheduler.step(x, 0, x)
