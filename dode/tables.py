@@ -52,16 +52,19 @@ def spacing_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def _formatted(table: pd.DataFrame, bold, digits: int) -> pd.DataFrame:
-    best = table.min(axis=0)
+    """Every cell printed with ``digits`` decimals; every cell that prints as the column's best is bold, so ties
+    (at the printed precision) are all bold."""
     out = table.copy().astype(object)
     for col in table.columns:
+        values = table[col]
+        best = f"{values.min():.{digits}f}" if values.notna().any() else None
         for row in table.index:
-            value = table.at[row, col]
+            value = values.at[row]
             if pd.isna(value):
                 out.at[row, col] = "–"
             else:
                 text = f"{value:.{digits}f}"
-                out.at[row, col] = bold(text) if value == best[col] else text
+                out.at[row, col] = bold(text) if text == best else text
     return out
 
 

@@ -41,6 +41,18 @@ def test_paper_table_layout_bold_minimum_and_missing_cells():
     assert tex.count(r"\textbf{") == len(best) and "D-EDM" in tex
 
 
+def test_ties_at_the_printed_precision_are_all_bold():
+    """Two rows equal to the column's best are both bold, and so are two that differ only beyond the printed
+    digits; a value that prints differently is not."""
+    table = pd.DataFrame({"NFE 3": [0.509, 0.509, 0.7], "NFE 5": [0.16012, 0.16049, 0.1606]},
+                         index=["D-DDIM", "D-DDIM auto", "DDIM"])
+    md = to_markdown(table, 3)
+    assert md.count("**0.509**") == 2 and "**0.700**" not in md
+    assert md.count("**0.160**") == 2 and "0.161" in md and "**0.161**" not in md
+    assert to_latex(table, 3).count(r"\textbf{") == 4
+    assert to_markdown(table, 4).count("**") == 2 * 3  # at 4 digits only the true minimum of NFE 5 is bold
+
+
 def test_gap_summary_ratio_and_share_of_the_gap_closed():
     summary = gap_summary(toy_results(), floor=0.2)
     row = summary[(summary.solver == "ddim") & (summary.nfe == 5)].iloc[0]
@@ -143,7 +155,7 @@ def test_runner_accepts_a_relative_results_folder(tmp_path, monkeypatch):
     tiny_notebook(tmp_path / "nb" / "w.ipynb", WRITE)
     monkeypatch.setattr(reproduce, "plan", lambda results, models: [reproduce.Run("w", "w.ipynb", {"value": 3})])
 
-    def in_process(runs, results, manifest, save, *, force, jobs):
+    def in_process(runs, results, manifest, save, *, force, jobs, state=None):
         assert results.is_absolute()
         for run in runs:
             manifest["runs"][run.name] = reproduce.execute(run, results, manifest["runs"].get(run.name, {}),
