@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # here; pyproject.toml keeps an open range for users who bring their own.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test reproduce bench models lab clean
+.PHONY: setup test reproduce verify bench models lab clean
 
 setup: $(STAMP)
 
@@ -26,10 +26,16 @@ ifneq ($(NOTEBOOKS),)
 	$(PY) -m pytest -q --nbval-lax $(NOTEBOOKS)
 endif
 
-# FORCE=1 reruns notebooks whose parameters and code have not changed; ARGS passes more options
-# (python -m dode.reproduce --help), e.g. ARGS="--only 05_ablations-gmm-digits".
+# Runs every notebook not already run on this machine (results/.state.json, untracked), then compares every
+# number it wrote with the one it replaced (results/verification.md). FORCE=1 reruns everything; ARGS passes
+# more options (python -m dode.reproduce --help), e.g. ARGS="--only 05_ablations-gmm-digits".
 reproduce: setup
 	$(PY) -m dode.reproduce --results results $(if $(FORCE),--force) $(ARGS)
+
+# Reruns into build/verify and compares with the committed results/ (left as they are); fails on a difference.
+# ARGS="--only 01_quickstart-gmm-digits" verifies a subset.
+verify: setup
+	$(PY) -m dode.reproduce --results results --verify $(ARGS)
 
 # Benchmarks (quality against the exact ODE, index matching, distillation cost, sampling overhead, scaling) into
 # results/benchmarks.md, results/benchmarks/*.csv|json and results/figures/bench_*.png; ~12 min on 2 CPU cores.
@@ -42,8 +48,9 @@ models: setup
 	mkdir -p results/notebooks
 	$(PY) -m papermill notebooks/train_unet_digits.ipynb results/notebooks/train_unet_digits.ipynb
 
+# LAB_ARGS passes options to JupyterLab, e.g. LAB_ARGS="--allow-root --no-browser --ip=0.0.0.0" in a container.
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks
+	$(VENV)/bin/jupyter lab notebooks $(LAB_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build

@@ -2,9 +2,15 @@
 
 Each run executes one notebook with one set of parameters into a staging folder; only when it succeeds
 are its files moved into results/ (one rename each), next to its executed copy in results/notebooks/ and
-its record in results/manifest.json. A run whose notebook, parameters, inputs and ``dode`` source are
-unchanged since it last succeeded is skipped; ``--force`` (``make reproduce FORCE=1``) reruns everything.
-A failing run stops the whole job with the notebook's error and leaves every earlier result in place.
+its record in results/manifest.json (committed: what produced the results). What ran on this machine is kept
+apart, untracked, in results/.state.json: a run whose notebook, parameters, inputs and ``dode`` source are
+unchanged since it last succeeded here is skipped, so a fresh clone runs everything and a second run skips;
+``--force`` (``make reproduce FORCE=1``) reruns everything. A failing run stops the whole job with the
+notebook's error and leaves every earlier result in place.
+
+After the runs, every number they wrote is compared with the one it replaced (``dode.verification``), printed
+and written to results/verification.md. ``--verify`` (``make verify``) runs into a scratch folder instead and
+compares with results/ without touching it; it fails when a number differs beyond the tolerance.
 """
 from __future__ import annotations
 
@@ -19,11 +25,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import verification
 from .experiments import PAPER_NFES, provenance
 from .models import WEIGHTS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
+#: per results folder, untracked: the key and outputs of each run that succeeded on this machine
+STATE_FILE = ".state.json"
+#: where ``--verify`` runs (cleared first)
+VERIFY_DIR = ROOT / "build" / "verify"
 
 
 @dataclass
@@ -133,23 +144,48 @@ def execute(run: Run, results: Path, previous: dict, *, force: bool, label: str)
     }
 
 
-def execute_all(runs: list[Run], results: Path, manifest: dict, save, *, force: bool, jobs: int) -> int:
+class _InProcess:
+    """``--jobs 1``: each run in this process, one after the other, behind the executor interface."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args, **kwargs):
+        from concurrent.futures import Future
+
+        future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001 -- handed on through the future, as a worker would
+            future.set_exception(err)
+        return future
+
+
+def execute_all(runs: list[Run], results: Path, manifest: dict, save, *, force: bool, jobs: int,
+                state: dict | None = None) -> int:
     """Execute ``runs``, up to ``jobs`` at once (one process each, one torch thread each), each after the runs it
-    ``needs``; ``save()`` after every run that ran. Returns how many ran. The first failure stops the job: runs
-    under way finish, none starts."""
+    ``needs``; ``save()`` after every run that ran. A run is skipped when ``state`` (this machine's record,
+    ``STATE_FILE``; None: the manifest's) has its key. Returns how many ran. The first failure stops the job:
+    runs under way finish, none starts."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
+    state = manifest if state is None else state
+
     names = {r.name for r in runs}
     pending, running, done, ran = list(runs), {}, set(), 0
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+    pool = _InProcess() if jobs == 1 else ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
+    with pool:
         failure = None
         while (pending and failure is None) or running:
             ready = [r for r in pending if all(n in done or n not in names for n in r.needs)]
             for run in ready[: max(0, jobs - len(running))] if failure is None else []:
                 pending.remove(run)
                 label = f"[{runs.index(run) + 1}/{len(runs)}]"
-                running[pool.submit(execute, run, results, manifest["runs"].get(run.name, {}), force=force,
+                running[pool.submit(execute, run, results, state["runs"].get(run.name, {}), force=force,
                                     label=label)] = run
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -162,6 +198,8 @@ def execute_all(runs: list[Run], results: Path, manifest: dict, save, *, force: 
                 done.add(run.name)
                 if record is not None:
                     manifest["runs"][run.name] = record
+                    if state is not manifest:
+                        state["runs"][run.name] = {key: record[key] for key in ("key", "outputs", "finished")}
                     ran += 1
                     save()
         if failure is not None:
@@ -296,18 +334,38 @@ diffusers {env['packages']['diffusers']}, torchmetrics {env['packages']['torchme
                       f"{env['wall_seconds']} s on {env['machine']['cpus']} CPUs; tables: results/README.md.)")
 
 
+def check_inputs(runs: list[Run], results: Path) -> None:
+    """Before anything runs: every input of every run is in ``results`` or made by a run that runs first."""
+    made = {r.name for r in runs}
+    for run in runs:
+        missing = [p for p in run.inputs if not (results / p).is_file()]
+        if missing and not any(n in made for n in run.needs):
+            raise SystemExit(f"{run.name} reads {', '.join(missing)} from {results}, which are not there; "
+                             f"run {' and '.join(run.needs)} first (or drop --only)")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--results", type=Path, default=ROOT / "results",
+                        help="the results folder (default: results/ of the repository); with --verify, the one "
+                        "to compare with")
     parser.add_argument("--models", nargs="+", default=None, help="default: every embedded model with weights")
     parser.add_argument("--only", nargs="+", default=None, help="run only these run names (see --list)")
     parser.add_argument("--list", action="store_true", help="print the runs and exit")
     parser.add_argument("--force", action="store_true", help="rerun runs that are up to date")
+    parser.add_argument("--verify", action="store_true", help="run into build/verify (cleared "
+                        "first) and compare every number with --results, which stays as it is; exit 1 when one "
+                        f"differs by more than a relative {verification.RTOL:g}")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one process and one torch thread each "
                         "(default 2: the two models' grids side by side on a 2-core machine)")
     args = parser.parse_args(argv)
 
-    results = args.results.resolve()  # the notebooks run in notebooks/: hand them absolute paths
+    reference = args.results.resolve()  # the notebooks run in notebooks/: hand them absolute paths
+    results = VERIFY_DIR.resolve() if args.verify else reference
     runs = plan(results, args.models or available_models())
     if args.list:
         print("\n".join(f"{r.name}: {r.notebook} {json.dumps(r.parameters)}" for r in runs))
@@ -317,23 +375,50 @@ def main(argv=None):
         if unknown:
             parser.error(f"unknown runs {sorted(unknown)}; see --list")
         runs = [r for r in runs if r.name in args.only]
+    if args.verify:
+        shutil.rmtree(results, ignore_errors=True)
+        results.mkdir(parents=True)
+        for run in runs:  # inputs no selected run makes come from the results being verified
+            if not any(n in {r.name for r in runs} for n in run.needs):
+                for relative in run.inputs:
+                    if (reference / relative).is_file():
+                        (results / relative).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(reference / relative, results / relative)
+    check_inputs(runs, results)
     results.mkdir(parents=True, exist_ok=True)
-    manifest_path = results / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"runs": {}}
+    manifest_path, state_path = results / "manifest.json", results / STATE_FILE
+    manifest, state = _read_json(manifest_path), _read_json(state_path)
+    # what the runs will overwrite (or, with --verify, what they are checked against), read before they run
+    previous = _read_json(reference / "manifest.json")["runs"]
+    before = verification.snapshot(reference, {o for r in runs for o in previous.get(r.name, {}).get("outputs", [])})
     began = time.perf_counter()
 
     def save():  # after every run, so an interrupted job resumes where it stopped
         manifest["environment"] = provenance({}, 0.0)
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        state_path.write_text(json.dumps(state, indent=2) + "\n")
 
-    ran = execute_all(runs, results, manifest, save, force=args.force, jobs=args.jobs)
+    ran = execute_all(runs, results, manifest, save, force=args.force, jobs=args.jobs, state=state)
+    summary = None
     if ran:
         manifest["environment"] = provenance({"runs": [r.name for r in runs], "jobs": args.jobs},
                                              time.perf_counter() - began)
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
         if "02_distill_solvers-gmm-digits" in manifest["runs"] and (results / "gmm-digits/table_fd_pixel.md").is_file():
             write_summary(results, manifest)
-    print(f"{ran} of {len(runs)} runs executed in {time.perf_counter() - began:.0f} s; see {results / 'README.md'}")
+            summary = results / "README.md"
+    print(f"{ran} of {len(runs)} runs executed in {time.perf_counter() - began:.0f} s"
+          + (f"; summary in {summary}" if summary else ""))
+    if not ran:
+        return
+    written = {o for r in runs if r.name in manifest["runs"] for o in manifest["runs"][r.name]["outputs"]}
+    checked = verification.compare(before, verification.snapshot(results, written))
+    against = f"{reference} (before this run)" if not args.verify else str(reference)
+    text = verification.report(checked, against)
+    (results / "verification.md").write_text(text)
+    print(text.split("\n\n", 1)[1].split("\n\n", 1)[0] + f" Details: {results / 'verification.md'}")
+    if args.verify and not checked.ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""How far a reproduction got: every number a run wrote, compared with the one it replaces.
+
+``snapshot(folder, files)`` reads the numbers of result files (CSV and JSON) before they are overwritten, or from
+another folder (``make verify`` compares a fresh run with the committed results/); ``compare(old, new)`` sorts
+every cell into identical, within ``RTOL`` (relative), or different, with both values; ``report`` is that as
+Markdown. Timing columns and keys (``*seconds*``, ``finished``, ...) change from run to run and are left out.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: relative tolerance of "within tolerance": the tables print three significant digits
+RTOL = 1e-3
+#: columns and JSON keys that measure time or place, not results
+_VOLATILE = re.compile(r"seconds|wall|finished|elapsed|duration|timestamp|git_|platform|hostname|^time$",
+                       re.IGNORECASE)
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf", re.IGNORECASE)
+_SUFFIXES = (".csv", ".json")
+
+
+def _cells_of_csv(path: Path) -> dict:
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return {f"row {i + 1}, {column}": value for column in table.columns if not _VOLATILE.search(str(column))
+            for i, value in enumerate(table[column])}
+
+
+def _cells_of_json(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {key: cell for k, v in value.items() if not _VOLATILE.search(str(k))
+                for key, cell in _cells_of_json(v, f"{prefix}.{k}" if prefix else str(k)).items()}
+    if isinstance(value, list) and not all(isinstance(v, (int, float)) for v in value):
+        return {key: cell for i, v in enumerate(value) for key, cell in _cells_of_json(v, f"{prefix}[{i}]").items()}
+    return {prefix: json.dumps(value)}
+
+
+def cells(path: Path) -> dict:
+    """{cell name: its text} of a CSV or JSON result file, timing cells left out."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        return _cells_of_csv(path)
+    return _cells_of_json(json.loads(path.read_text()))
+
+
+def snapshot(folder: Path, files) -> dict:
+    """{relative path: cells} of those ``files`` under ``folder`` that exist and hold numbers (CSV, JSON)."""
+    folder = Path(folder)
+    return {f: cells(folder / f) for f in sorted(files) if f.endswith(_SUFFIXES) and (folder / f).is_file()}
+
+
+def _numbers(text: str):
+    """(the text with its numbers blanked, the numbers) of one cell."""
+    return _NUMBER.sub("#", text), [float(n) for n in _NUMBER.findall(text)]
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return abs(a - b) <= rtol * max(abs(a), abs(b)) + 1e-12
+
+
+@dataclass
+class Verification:
+    identical: int = 0
+    within: int = 0
+    #: (file, cell, old, new) of every cell that differs beyond the tolerance, appeared or vanished
+    different: list = field(default_factory=list)
+    #: files with no earlier version to compare with
+    new_files: list = field(default_factory=list)
+    rtol: float = RTOL
+
+    @property
+    def compared(self) -> int:
+        return self.identical + self.within + len(self.different)
+
+    @property
+    def ok(self) -> bool:
+        return not self.different
+
+
+def compare(old: dict, new: dict, rtol: float = RTOL) -> Verification:
+    """Every cell of ``new`` (a ``snapshot``) against the same cell of ``old``."""
+    result = Verification(rtol=rtol)
+    for name in sorted(new):
+        if name not in old:
+            result.new_files.append(name)
+            continue
+        before, after = old[name], new[name]
+        for cell in sorted(set(before) | set(after)):
+            a, b = before.get(cell), after.get(cell)
+            if a == b:
+                result.identical += 1
+                continue
+            if a is not None and b is not None:
+                (shape_a, xs), (shape_b, ys) = _numbers(a), _numbers(b)
+                if shape_a == shape_b and len(xs) == len(ys) and xs and all(_close(x, y, rtol) for x, y in zip(xs, ys)):
+                    result.within += 1
+                    continue
+            result.different.append((name, cell, a, b))
+    return result
+
+
+def report(result: Verification, against: str, limit: int = 200) -> str:
+    """Markdown: the counts, then every differing cell with its old and new value (the first ``limit``)."""
+    lines = [f"# Verification against {against}", "",
+             f"{result.compared} result cells compared: **{result.identical} identical**, {result.within} within "
+             f"a relative {result.rtol:g}, **{len(result.different)} different**."]
+    if result.new_files:
+        lines += ["", "Nothing to compare with (new files): " + ", ".join(f"`{f}`" for f in result.new_files) + "."]
+    if result.different:
+        lines += ["", "| file | cell | before | now |", "|---|---|---|---|"]
+        lines += [f"| `{f}` | {c} | {'–' if a is None else a} | {'–' if b is None else b} |"
+                  for f, c, a, b in result.different[:limit]]
+        if len(result.different) > limit:
+            lines.append(f"\n... and {len(result.different) - limit} more.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,146 @@
+"""`make reproduce` on a fresh clone, a second run, `make verify`, and the runner's input check (tiny notebooks run
+through the real runner, in this process with --jobs 1)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from dode import reproduce, verification
+
+
+def notebook(path, body, parameters="value = 1\nout_dir = None"):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(body),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+# writes a result table: a metric that follows the parameter, and a timing column that changes every run
+WRITE = """import time
+from pathlib import Path
+(Path(out_dir) / 'm').mkdir(parents=True)
+(Path(out_dir) / 'm/r.csv').write_text(f"solver,fd,lambdas,fit_seconds\\nddim,{value},[0.5 {value}],{time.time()}\\n")
+"""
+READ = """from pathlib import Path
+(Path(out_dir) / 'm').mkdir(parents=True)
+(Path(out_dir) / 'm/t.csv').write_text('x\\n' + (Path(results) / 'm/r.csv').read_text().splitlines()[1].split(',')[1])
+"""
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A notebooks folder with a writer and a reader of its output, and a plan over them."""
+    (tmp_path / "nb").mkdir()
+    notebook(tmp_path / "nb" / "w.ipynb", WRITE)
+    notebook(tmp_path / "nb" / "r.ipynb", READ, parameters="results = None\nout_dir = None")
+    monkeypatch.setattr(reproduce, "NOTEBOOKS", tmp_path / "nb")
+    monkeypatch.setattr(reproduce, "VERIFY_DIR", tmp_path / "verify")
+    value = {"v": 7}
+
+    def plan(results, models):
+        return [reproduce.Run("w", "w.ipynb", {"value": value["v"]}),
+                reproduce.Run("r", "r.ipynb", {"results": str(results)}, inputs=["m/r.csv"], needs=["w"])]
+
+    monkeypatch.setattr(reproduce, "plan", plan)
+    return tmp_path, value
+
+
+def main(results, *args):
+    reproduce.main(["--results", str(results), "--models", "gmm-digits", "--jobs", "1", *args])
+
+
+def test_a_fresh_clone_runs_everything_and_a_second_run_skips(project, capsys):
+    root, _ = project
+    results = root / "results"
+    main(results)
+    manifest = json.loads((results / "manifest.json").read_text())
+    assert set(manifest["runs"]) == {"w", "r"} and (results / "m/t.csv").read_text() == "x\n7"
+    # a clone: the committed results and manifest, without this machine's state
+    clone = root / "clone"
+    subprocess.run(["cp", "-r", str(results), str(clone)], check=True)
+    (clone / reproduce.STATE_FILE).unlink()
+    capsys.readouterr()
+    main(clone)
+    out = capsys.readouterr().out
+    assert "2 of 2 runs executed" in out and "up to date" not in out  # the manifest's keys do not skip
+    # what it regenerated is compared with what was there: the timing column is left out, fd is identical
+    report = (clone / "verification.md").read_text()
+    assert "4 result cells compared: **4 identical**, 0 within a relative 0.001, **0 different**" in report
+    main(clone)
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 2 and "0 of 2 runs executed" in out
+
+
+def test_verify_compares_with_the_committed_results_and_leaves_them_alone(project, capsys):
+    root, value = project
+    results = root / "results"
+    main(results)
+    committed = (results / "m/r.csv").read_text()
+    main(results, "--verify")  # the same code and parameters: identical
+    assert (results / "m/r.csv").read_text() == committed
+    assert "**0 different**" in (root / "verify/verification.md").read_text()
+    value["v"] = 7.000001  # within the tolerance
+    main(results, "--verify", "--force")
+    assert "within a relative 0.001" in capsys.readouterr().out
+    report = (root / "verify/verification.md").read_text()
+    assert ", 3 within" in report and "**0 different**" in report
+    value["v"] = 8  # a real change: reported cell by cell, and --verify fails
+    with pytest.raises(SystemExit) as failed:
+        main(results, "--verify")
+    assert failed.value.code == 1
+    report = (root / "verify/verification.md").read_text()
+    assert "| `m/r.csv` | row 1, fd | 7 | 8 |" in report and "| `m/t.csv` | row 1, x | 7 | 8 |" in report
+    assert (results / "m/r.csv").read_text() == committed and not (results / "verification.md").read_text() == report
+
+
+def test_verify_of_one_run_takes_its_inputs_from_the_results(project):
+    root, _ = project
+    results = root / "results"
+    main(results)
+    main(results, "--verify", "--only", "r")
+    assert (root / "verify/m/t.csv").read_text() == "x\n7" and not (root / "verify/notebooks/w.ipynb").exists()
+
+
+def test_a_run_whose_inputs_are_missing_stops_before_anything_runs(project):
+    root, _ = project
+    with pytest.raises(SystemExit, match=r"r reads m/r.csv from .*which are not there; run w first"):
+        main(root / "empty", "--only", "r")
+    assert not (root / "empty" / "notebooks").exists()
+
+
+def test_compare_sorts_cells_into_identical_within_and_different(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a/t.csv").write_text('solver,fd,lambdas,wall_seconds\nddim,0.5,"[0.1, 0.2]",3\nheun,1.0,[0.3],4\n')
+    (tmp_path / "b/t.csv").write_text('solver,fd,lambdas,wall_seconds\nddim,0.5,"[0.1, 0.2000001]",9\nheun,1.1,[0.3],1\n')
+    (tmp_path / "a/e.json").write_text(json.dumps({"floor": {"pixel": 0.095}, "seconds": 1, "seeds": [0, 99]}))
+    (tmp_path / "b/e.json").write_text(json.dumps({"floor": {"pixel": 0.095}, "seconds": 2, "seeds": [0, 98]}))
+    files = ["t.csv", "e.json", "figure.png"]
+    result = verification.compare(verification.snapshot(tmp_path / "a", files), verification.snapshot(tmp_path / "b", files))
+    assert (result.identical, result.within) == (5, 1)  # ddim, heun, 0.5, [0.3], floor.pixel; lambdas within
+    assert sorted((f, c) for f, c, _, _ in result.different) == [("e.json", "seeds"), ("t.csv", "row 2, fd")]
+    assert ("t.csv", "row 2, fd", "1.0", "1.1") in result.different and not result.ok
+    # a row that vanished is a difference, and a file with nothing before it is listed as new
+    (tmp_path / "b/t.csv").write_text('solver,fd,lambdas,wall_seconds\nddim,0.5,"[0.1, 0.2]",3\n')
+    result = verification.compare({"t.csv": verification.cells(tmp_path / "a/t.csv")},
+                                  verification.snapshot(tmp_path / "b", ["t.csv", "e.json"]))
+    assert ("t.csv", "row 2, fd", "1.0", None) in result.different and result.new_files == ["e.json"]
+    assert "| `t.csv` | row 2, fd | 1.0 | – |" in verification.report(result, "x")
+
+
+def test_the_makefile_has_verify_and_passes_lab_arguments():
+    makefile = (reproduce.ROOT / "Makefile").read_text()
+    assert "dode.reproduce --results results --verify $(ARGS)" in makefile
+    assert "jupyter lab notebooks $(LAB_ARGS)" in makefile
+    dry = subprocess.run(["make", "-n", "lab", "LAB_ARGS=--allow-root", "PY=true", "STAMP=Makefile"],
+                         cwd=reproduce.ROOT, capture_output=True, text=True, check=True)
+    assert "jupyter lab notebooks --allow-root" in dry.stdout
+    helptext = subprocess.run([sys.executable, "-m", "dode.reproduce", "--help"], capture_output=True, text=True,
+                              check=True).stdout
+    assert "the results folder" in helptext and "--verify" in helptext
