@@ -45,7 +45,7 @@ from .distill import distill
 from .experiments import (PAPER_NFES, evaluate_grid, evaluate_scheduler, evaluation_data, gap_summary, possible,
                           provenance)
 from .models import load_model
-from .plots import quality_vs_nfe
+from .plots import quality_vs_nfe, short_number, solver_label
 from .sampling import sample
 from .solvers import SOLVERS, make_scheduler
 from .teacher import Teacher
@@ -579,14 +579,17 @@ def figures(tables: dict, out: Path) -> list[Path]:
                 ("rmse_ratio", "RMSE to exact ODE, D-ODE / base", dict(cmap="RdYlGn_r", vmin=0, vmax=2)))):
             grid = q.pivot(index="solver", columns="nfe", values=column)
             grid = grid.reindex([s for s in SOLVERS if s in grid.index])
-            sns.heatmap(grid, annot=True, fmt=".2f", ax=ax, cbar=False, yticklabels=ax is axes[0], **colors)
+            grid.index = [solver_label(s) for s in grid.index]
+            # two significant digits below 0.1, so that a ratio of 0.004 does not print as 0.00
+            sns.heatmap(grid, annot=grid.map(short_number), fmt="", annot_kws={"fontsize": 9}, ax=ax, cbar=False,
+                        yticklabels=ax is axes[0], **colors)
             ax.set(title=title, xlabel="NFE", ylabel="")
         save(fig, "quality")
         long = q.melt(id_vars=["solver", "nfe"], value_vars=["fd_base", "fd_dode"], var_name="variant",
                       value_name="fd_pixel")
         long["variant"] = long["variant"].str.removeprefix("fd_")
         grid = quality_vs_nfe(long, "fd_pixel", floor=float(q["floor"].iloc[0]))
-        grid.figure.suptitle("gmm-digits: pixel FD to the mixture (dotted: exact-ODE floor)", y=1.02)
+        grid.figure.suptitle("gmm-digits: pixel FD to the mixture, each solver on the paper's spacing", y=1.02)
         save(grid.figure, "quality_vs_nfe")
     if "index_matching" in tables:
         m = tables["index_matching"]
@@ -609,14 +612,16 @@ def figures(tables: dict, out: Path) -> list[Path]:
         fig, axes = plt.subplots(len(models), len(sweeps), figsize=(3.4 * len(sweeps), 3.2 * len(models)),
                                  squeeze=False)
         colors = dict(zip((*SPLIT, "other"), sns.color_palette(n_colors=5)))
+        parts = {"teacher": "fit: teacher", "student": "fit: student", "trial_steps": "fit: trial steps",
+                 "lstsq": "fit: least-squares solves", "other": "fit: other"}
         for i, model in enumerate(models):
             for j, sweep in enumerate(sweeps):
                 ax, rows = axes[i, j], c[(c["model"] == model) & (c["sweep"] == sweep)]
                 knob = {"NFE": "nfe", "teacher C": "teacher", "batch size": "batch_size", "solver": "solver"}[sweep]
-                labels = rows[knob].astype(str).tolist()
+                labels = [solver_label(v) if knob == "solver" else str(v) for v in rows[knob]]
                 bottom = np.zeros(len(rows))
                 for part in (*SPLIT, "other"):
-                    ax.bar(labels, rows[f"{part}_seconds"], bottom=bottom, color=colors[part], label=part)
+                    ax.bar(labels, rows[f"{part}_seconds"], bottom=bottom, color=colors[part], label=parts[part])
                     bottom += rows[f"{part}_seconds"].to_numpy()
                 ax.plot(labels, rows["sample_seconds"], "k*", ms=9, label="sampling the evaluation set")
                 ax.set(title=f"{model}: {sweep}", ylabel="seconds" if j == 0 else "")
@@ -627,6 +632,7 @@ def figures(tables: dict, out: Path) -> list[Path]:
         save(fig, "distillation_cost")
     if "sampling_overhead" in tables:
         o = tables["sampling_overhead"].copy()
+        o["solver"] = o["solver"].map(solver_label)
         o.loc[o["control"], "solver"] += "\n(control)"
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
         err = np.vstack([o["time_ratio"] - o["time_ratio_min"], o["time_ratio_max"] - o["time_ratio"]])
