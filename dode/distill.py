@@ -260,6 +260,10 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
                          "guard=False (name a spacing for the paper's plain greedy fit)")
     spacings = list(solver.spacings) if auto else [solver.check_spacing(spacing)]
     solver.steps_for(nfe)
+    if nfe < 2:
+        raise ValueError(f"D-ODE corrects each model output with the one before it, so it needs at least 2 model "
+                         f"evaluations; got nfe={nfe} (sample with the base solver, dode.sample(model, "
+                         f"{solver.name!r}, {nfe}, ...), for a single evaluation)")
     device = resolve_device(device)
     model.to(device)
     teacher = _teacher(model, teacher, batch_size, seed, device, "fitting")

@@ -10,7 +10,7 @@ import torch
 import dode
 from dode import reproduce
 from dode.distill import VALIDATION_SEED
-from dode.experiments import (check_parameters, criterion_correlation, evaluate_spacings, evaluation_data,
+from dode.experiments import (criterion_correlation, evaluate_spacings, evaluation_data,
                               spacing_summary)
 from dode.tables import paper_table, spacing_table
 
@@ -88,22 +88,6 @@ def test_criterion_correlation_against_scipy_and_the_pick_rate():
     assert table.at["noisy", "spearman_all"] == pytest.approx(spearmanr(sweep.val_noisy, sweep.fd_pixel).statistic)
     picks = np.mean([c.val_noisy.idxmin() == c.fd_pixel.idxmin() for _, c in sweep.groupby(["solver", "nfe"])])
     assert table.at["noisy", "picks_the_best"] == pytest.approx(picks)
-
-
-@pytest.mark.parametrize("bad, words", [
-    (dict(nfes=4), "nfes must be a list of positive integers"),
-    (dict(nfes="[3, 5]"), "-y 'nfes: \\[3, 5\\]'"),
-    (dict(nfes=[3, 0]), "positive integers"),
-    (dict(solvers="deis"), "solvers must be a list.*-y 'solvers: \\[ddim\\]'"),
-    (dict(solvers=["deis", "rk4"]), "unknown \\['rk4'\\]"),
-    (dict(features=["pixels"]), "features: unknown"),
-    (dict(criteria=["mse"]), "criteria: unknown"),
-])
-def test_notebook_parameters_fail_at_once_with_what_was_expected(bad, words):
-    with pytest.raises(ValueError, match=words):
-        check_parameters(**bad)
-    assert check_parameters(solvers="all", nfes=[3, 5]) == (list(dode.SOLVERS), [3, 5])
-    assert check_parameters(solvers=["heun"], nfes=(5,), criteria=[]) == (["heun"], [5])
 
 
 def test_the_spacing_grid_rows_are_what_their_schedulers_score(gmm, one_thread):
