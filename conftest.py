@@ -1,6 +1,6 @@
 """Repository-wide pytest configuration (tests/ and nbval over notebooks/).
 
-A notebook whose ``parameters`` cell sets ``model_id`` (a pretrained model to download) is skipped where that
+A notebook whose ``parameters`` cell sets ``model_name`` to a pretrained model (not an embedded one) is skipped where that
 model cannot be had (offline, not in the local Hugging Face cache, no such folder) or where there is no GPU for
 its full-size defaults; run such a notebook with papermill instead (see its first cell).
 """
@@ -25,12 +25,12 @@ def _notebook_skip_reason(path) -> str | None:
             break
     else:
         return None
-    model_id = parameters.get("model_id")
-    if model_id is None:
+    model_name = parameters.get("model_name")
+    if model_name is None or model_name in dode.MODELS:
         return None
-    if not dode.models.is_available(model_id):
-        return (f"{model_id!r} cannot be had here (offline, not in the local Hugging Face cache, no such folder); "
-                "run the notebook with papermill and model_id=<local folder>")
+    if not dode.models.is_available(model_name):
+        return (f"{model_name!r} cannot be had here (offline, not in the local Hugging Face cache, no such folder); "
+                "run the notebook with papermill and model_name=<local folder>")
     if not torch.cuda.is_available():
         return "its defaults need a GPU; run it with papermill and smaller parameters on a CPU"
     return None
