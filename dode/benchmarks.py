@@ -589,7 +589,7 @@ def figures(tables: dict, out: Path) -> list[Path]:
                       value_name="fd_pixel")
         long["variant"] = long["variant"].str.removeprefix("fd_")
         grid = quality_vs_nfe(long, "fd_pixel", floor=float(q["floor"].iloc[0]))
-        grid.figure.suptitle("gmm-digits: pixel FD to the mixture, each solver on the paper's spacing", y=1.02)
+        grid.figure.suptitle("gmm-digits: pixel FD to the mixture, each solver on the paper's spacing")
         save(grid.figure, "quality_vs_nfe")
     if "index_matching" in tables:
         m = tables["index_matching"]

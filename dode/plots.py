@@ -11,7 +11,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatter, MaxNLocator
 from sklearn.decomposition import PCA
 
 from .solvers import SOLVERS, SPACINGS, get_solver
@@ -69,6 +69,28 @@ def integer_ticks(ax, values=None, axis: str = "x"):
         target.set_minor_locator(plt.NullLocator())
     else:
         target.set_major_locator(MaxNLocator(integer=True))
+    return ax
+
+
+def _plain_number(x: float) -> str:
+    if x == 0 or 1e-3 <= abs(x) < 1e4:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+class _PlainLogFormatter(LogFormatter):
+    """matplotlib's choice of which log ticks get a label, written as plain numbers ("0.2", "10", "1e6")."""
+
+    def __call__(self, x, pos=None):
+        return _plain_number(x) if super().__call__(x, pos) else ""
+
+
+def plain_log_labels(ax, axis: str = "y"):
+    """Short log-axis tick labels ("0.2" instead of 2x10^-1), minor ones too where the range is narrow."""
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(_PlainLogFormatter())
+    target.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     return ax
 
 
@@ -134,17 +156,21 @@ def sample_grid_figure(nrows: int, ncols: int, num: int, ncol: int, image_shape,
 def quality_vs_nfe(results: pd.DataFrame, metric: str = "fd_pixel", floor: float | None = None, col_wrap: int = 4,
                    floor_label: str = FLOOR_LABEL, exact: bool = True):
     """One panel per solver (titled with its name in the paper): ``metric`` against NFE on a log scale, base rows
-    dashed, D-ODE rows solid, one legend right of the panels; ``floor`` (when given and above 0) as a dotted grey
-    line, explained in the legend by ``floor_label``. Returns the figure."""
+    dashed, D-ODE rows solid, one legend below the panels; ``floor`` (when given and above 0) as a dotted grey
+    line, explained in the legend by ``floor_label``. Returns the figure (constrained layout: give it a title with
+    ``fig.suptitle(text)`` and no ``y``)."""
     solvers = _solver_order(results["solver"])
     variants = [v for v in VARIANTS if v in set(results["variant"])]
     variants += [v for v in dict.fromkeys(results["variant"]) if v not in variants]
     ncols = min(col_wrap, len(solvers))
     nrows = -(-len(solvers) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.7 * ncols, 2.3 * nrows), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.7 * ncols, 2.3 * nrows), squeeze=False, sharex=True,
+                             layout="constrained")
     nfes = sorted({int(n) for n in results["nfe"]})
     colors = {v: _VARIANT_COLORS.get(v, f"C{len(VARIANTS) + i}") for i, v in enumerate(variants)}
     handles = {}
+    # wider lines first, so that a line drawn over an equal one still shows at its edges
+    widths = {v: max(2.2 - 0.25 * i, 1.2) for i, v in enumerate(variants)}
     for ax, solver in zip(axes.flat, solvers):
         rows = results[results["solver"] == solver]
         for variant in variants:
@@ -153,24 +179,23 @@ def quality_vs_nfe(results: pd.DataFrame, metric: str = "fd_pixel", floor: float
                 continue
             label = VARIANT_NAMES.get(variant, variant)
             handles[variant], = ax.plot(line["nfe"], line[metric], color=colors[variant],
-                                        marker=_VARIANT_MARKERS.get(variant, "o"), ms=4, lw=1.4, label=label,
+                                        marker=_VARIANT_MARKERS.get(variant, "o"), ms=4, lw=widths[variant], label=label,
                                         ls="--" if not variant.startswith("dode") else "-")
         if floor is not None and floor > 0:
             handles["floor"] = ax.axhline(floor, color="grey", lw=1, ls=":", label=floor_label)
         ax.set_yscale("log")
+        plain_log_labels(ax)
         ax.set_title(solver_label(solver), fontsize=10)
         integer_ticks(ax, nfes)
     for ax in axes.flat[len(solvers):]:
         ax.set_visible(False)
-    for ax in axes[:, 0]:
-        ax.set_ylabel(metric_label(metric, exact))
+    fig.supylabel(metric_label(metric, exact), fontsize=10)
     for j in range(ncols):  # the lowest visible panel of every column carries the NFE axis
         column = [ax for ax in axes[:, j] if ax.get_visible()]
         column[-1].set_xlabel("NFE")
         column[-1].xaxis.set_tick_params(labelbottom=True)
     order = [v for v in (*variants, "floor") if v in handles]
-    fig.tight_layout()
-    fig.legend(handles=[handles[v] for v in order], loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
+    fig.legend(handles=[handles[v] for v in order], loc="outside lower center", ncol=min(len(order), 3), fontsize=8,
                frameon=False)
     return fig
 

@@ -102,17 +102,21 @@ def test_quality_vs_nfe_readable_names_and_the_floor_in_the_legend():
     fig = quality_vs_nfe(toy_results(), "fd_pixel", floor=0.097)
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in panels] == PAPER
-    assert {ax.get_ylabel() for ax in panels} - {""} == {"pixel FD"}
+    assert fig.get_supylabel() == "pixel FD" and not any(ax.get_ylabel() for ax in panels)  # one label, no collisions
     for ax in panels:
         assert tick_labels(ax) in ([], ["3", "5", "10"])  # the NFEs drawn, no fractional ticks
+        assert not any("10^" in label for label in tick_labels(ax, "y"))  # short plain numbers: 0.1, 1, 10
+    assert tick_labels(panels[0], "y")  # but labelled
+    legend_box = fig.legends[0].get_window_extent()
+    assert all(legend_box.y1 <= ax.get_window_extent().y0 for ax in panels)  # below the panels, over none of them
     labels = legend_labels(fig.legends[0])
     assert FLOOR_LABEL in labels and "finite samples" in FLOOR_LABEL  # the dotted line says what it is
     assert labels[:4] == ["base, paper's spacing", "base, best spacing", "D-ODE, paper's spacing",
                           "D-ODE auto (spacing picked on validation seeds)"]
     no_raw_names(fig)
     rmse = quality_vs_nfe(toy_results(["ddim", "dpm_solver_pp_2m"]), "rmse_exact")
-    assert rmse.axes[0].get_ylabel() == "RMSE to the exact ODE" and not any("floor" in t for t in texts(rmse))
-    assert quality_vs_nfe(toy_results(["ddim"]), "rmse_exact", exact=False).axes[0].get_ylabel() == \
+    assert rmse.get_supylabel() == "RMSE to the exact ODE" and not any("floor" in t for t in texts(rmse))
+    assert quality_vs_nfe(toy_results(["ddim"]), "rmse_exact", exact=False).get_supylabel() == \
         "RMSE to the reference solution"
 
 
