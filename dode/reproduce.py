@@ -255,9 +255,10 @@ def update_readme(readme: Path, text: str) -> bool:
     return True
 
 
-def write_summary(results: Path, manifest: dict):
+def write_summary(results: Path, manifest: dict) -> str:
     """results/README.md: each model's headline table and claims, generated from the result files, with
-    provenance, ready to cite."""
+    provenance, ready to cite. Returns the claims, which also go into the repository README's "Known results"
+    block when ``results`` is the repository's results/."""
     import pandas as pd
 
     env = manifest["environment"]
@@ -329,9 +330,11 @@ diffusers {env['packages']['diffusers']}, torchmetrics {env['packages']['torchme
 {runs}
 """
     (results / "README.md").write_text(text)
+    block = "\n".join(claims) + (f"\n\n(`make reproduce` at `{env['git_commit']}`, {env['wall_seconds']} s on "
+                                 f"{env['machine']['cpus']} CPUs; tables: results/README.md.)")
     if results.resolve() == (ROOT / "results").resolve():
-        update_readme(ROOT / "README.md", "\n".join(claims) + f"\n\n(`make reproduce` at `{env['git_commit']}`, "
-                      f"{env['wall_seconds']} s on {env['machine']['cpus']} CPUs; tables: results/README.md.)")
+        update_readme(ROOT / "README.md", block)
+    return block
 
 
 def check_inputs(runs: list[Run], results: Path) -> None:
