@@ -237,6 +237,7 @@ def lambdas_per_step(schedulers: dict, ax=None):
     the legend right of the axes."""
     ax = ax or plt.gca()
     handles = []
+    schedulers = {label: schedulers[label] for label in _solver_order(schedulers)}  # the paper's order
     for label, scheduler in schedulers.items():
         style = solver_style(label) if label in SOLVERS else {}
         line, = ax.plot(range(1, scheduler.nfe + 1), scheduler.lambdas, ms=5, lw=1.4, label=solver_label(label),
