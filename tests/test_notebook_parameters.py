@@ -1,0 +1,71 @@
+"""The notebooks' parameters through papermill, as a user passes them: wrong ones stop in the first code cell with
+what is valid, scalars work as one-element lists, impossible cells are reported, and 06 runs on a local model."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import nbformat
+import papermill
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+
+
+def execute(notebook, tmp_path, **parameters):
+    output = tmp_path / f"executed-{notebook}"
+    papermill.execute_notebook(NOTEBOOKS / notebook, output, cwd=str(NOTEBOOKS), progress_bar=False,
+                               parameters={"out_dir": str(tmp_path / "out"), **parameters})
+    return json.dumps(nbformat.read(output, as_version=4).cells)
+
+
+@pytest.mark.parametrize("notebook, bad, words", [
+    ("01_quickstart.ipynb", {"solver": "dies"}, "unknown ['dies']"),
+    ("01_quickstart.ipynb", {"model_name": "gmm"}, "unknown model 'gmm'"),
+    ("02_distill_solvers.ipynb", {"solvers": ["heun"], "nfes": [4]}, "no solver x NFE cell can run"),
+    ("02_distill_solvers.ipynb", {"metric": "fd"}, "metric: unknown ['fd']"),
+    ("04_trajectories.ipynb", {"solvers": ["ddim", "rk4"]}, "unknown ['rk4']"),
+    ("05_ablations.ipynb", {"teacher_scales": [1]}, "integer C >= 2"),
+])
+def test_a_wrong_parameter_stops_the_notebook_at_once_with_what_is_valid(tmp_path, notebook, bad, words):
+    began = time.perf_counter()
+    with pytest.raises(papermill.PapermillExecutionError) as stopped:
+        execute(notebook, tmp_path, **bad)
+    assert words in str(stopped.value) and "ValueError" in stopped.value.ename
+    assert "KeyError" not in str(stopped.value)
+    assert time.perf_counter() - began < 60  # before any distillation or sampling
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.csv"))
+
+
+def test_scalars_work_and_an_impossible_cell_is_reported_in_the_output_and_the_csv(tmp_path):
+    text = execute("02_distill_solvers.ipynb", tmp_path, solvers="heun", nfes=[3, 4], num_samples=100,
+                   reference_samples=1000, learned_nfes=[], criteria=[], validation_size=20)
+    assert "skipped heun at NFE 4: solver 'heun' cannot make exactly 4" in text
+    skipped = pd.read_csv(tmp_path / "out/gmm-digits/skipped.csv")
+    assert list(skipped[["solver", "nfe"]].itertuples(index=False, name=None)) == [("heun", 4)]
+    results = pd.read_csv(tmp_path / "out/gmm-digits/results.csv")
+    assert set(results.solver) == {"heun"} and set(results.nfe) == {3}
+
+
+def test_the_pretrained_notebook_runs_on_a_local_model_folder_on_the_cpu(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    unet.save_pretrained(tmp_path / "model")
+    DDPMScheduler().save_pretrained(tmp_path / "model")
+    text = execute("06_pretrained.ipynb", tmp_path, model_name=str(tmp_path / "model"), solvers="ipndm", nfes=[3],
+                   num_samples=8, batch_size=8, fit_batch_size=8, validation_size=8, features="pixel",
+                   reference=None, grid_samples=4, device="cpu")
+    assert "1 cells in" in text
+    folder = next((tmp_path / "out").iterdir())
+    assert (folder / "figures/pretrained-ipndm.png").is_file()
+    results = pd.read_csv(folder / "results.csv")
+    assert set(results.variant) == {"base", "dode"} and set(results.solver) == {"ipndm"}
+    assert json.loads((folder / "run.json").read_text())["parameters"]["model_name"] == str(tmp_path / "model")
