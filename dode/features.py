@@ -68,9 +68,9 @@ class DigitsClassifier(nn.Module):
 
 
 class DigitsFeatures(nn.Module):
-    """The FD-digits feature map for torchmetrics: penultimate classifier features, float64.
+    """The FD-digits feature map: penultimate classifier features, float64.
 
-    torchmetrics' ``set_dtype(torch.float64)`` casts the classifier to float64 too; inputs follow its dtype.
+    ``dode.metrics`` casts the classifier to float64 (``.double()``); inputs follow its dtype.
     """
 
     def __init__(self, classifier: DigitsClassifier | None = None):

@@ -1,7 +1,8 @@
 """Sample quality: Frechet distances (torchmetrics) in a feature space, reference statistics, RMSE.
 
 Feature spaces: ``"pixel"`` (raw pixels), ``"digits"`` (FD-digits, ``dode.features``) and ``"inception"``
-(FID: torchmetrics' Inception-v3 pool features, 2048 of them). Either side of a Frechet distance is a tensor of
+(FID: the 2048 Inception-v3 pool features of torchmetrics' copy of torch-fidelity's network, resized as
+torch-fidelity does, so the features equal torch-fidelity's). Either side of a Frechet distance is a tensor of
 samples, a folder of images, or an ``.npz`` file of statistics ``mu`` and ``sigma`` (the format of the widely
 shared FID statistics; ``save_statistics`` writes one).
 """
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+from torchmetrics.image.fid import _compute_fid
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
 from .models import ModelNotFoundError, resolve_device
@@ -27,6 +28,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_FILE = Path(urlparse(INCEPTION_URL).path).name
 INCEPTION_ENV = "DODE_INCEPTION_WEIGHTS"
+#: images per Inception forward on the CPU: peak memory grows about 10 MB per image (1.9 GB RSS in all at 50)
+INCEPTION_CPU_BATCH = 50
 
 
 class PixelFeatures(nn.Module):
@@ -128,73 +131,128 @@ def inception_weights(path: str | os.PathLike | None = None) -> str | None:
     return None
 
 
-def _inception_metric(inception_weights_path) -> FrechetInceptionDistance:
+def _inception_network(inception_weights_path) -> nn.Module:
+    """torchmetrics' Inception-v3 (2048 pool features) resizing as torch-fidelity and TF-Inception do."""
     weights = inception_weights(inception_weights_path)  # before torch-fidelity, so each error shows on its own
     if not _TORCH_FIDELITY_AVAILABLE:
         raise ModuleNotFoundError(
             'features="inception" needs torch-fidelity: pip install "dode[inception]". It brings torchvision, '
             "which must match your torch build (same version line, same CPU or CUDA flavour)."
         )
-    return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights)
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    try:  # antialias=False: torch-fidelity's TensorFlow-1-like bilinear resize, not torchmetrics' default
+        return NoTrainInceptionV3("inception-v3-compat", ["2048"], weights, antialias=False)
+    except Exception as err:
+        if weights is None:  # the download failed: torch hub's own error says why
+            raise
+        raise ValueError(
+            f"{weights!r} does not hold Inception weights: expected torch-fidelity's {INCEPTION_FILE} "
+            f"({INCEPTION_URL}), a state dict of its InceptionV3 saved with torch.save ({type(err).__name__}: {err})"
+        ) from err
 
 
-# -- statistics ------------------------------------------------------------------------------------------------
-def _metric(features: str, sample_shape: tuple, inception_weights_path):
-    """(torchmetrics FID metric holding the feature network, function preparing a float batch for it)."""
-    if features == "inception":
-        if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
-            raise ValueError(f"Inception features need images of shape (1 or 3, H, W), got {sample_shape}")
-        return _inception_metric(inception_weights_path), _inception_input
-    if features == "digits":
-        if sample_shape != (1, 8, 8):
-            raise ValueError(f"features='digits' needs 8x8 digits of shape (1, 8, 8), got {sample_shape}")
-        from .features import DigitsFeatures
-
-        module = DigitsFeatures()
-    else:
-        module = PixelFeatures()
-    metric = FrechetInceptionDistance(feature=module, input_img_size=sample_shape)
-    metric.set_dtype(torch.float64)
-    return metric, torch.Tensor.double
+def _inception_batch_size(device: torch.device) -> int:
+    """Images per Inception forward: ``INCEPTION_CPU_BATCH`` on the CPU; on a GPU what half its free memory holds
+    at about 12 MB an image (activations at 299 x 299 in float32), between 16 and 500."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(500, max(16, free // 2 // 12_000_000)))
+    return INCEPTION_CPU_BATCH
 
 
-def _batches(samples, batch_size: int):
-    """(number of samples, iterator over float batches) for a tensor of samples or a folder of images."""
+# -- features and statistics -------------------------------------------------------------------------------------
+class _FeatureMap:
+    """One call's feature network on ``device``, built on first use and shared by every side of the call.
+
+    Calling it maps a float batch (B, ...) in [-1, 1] to features (B, D). It checks each side's sample shape: pixel
+    features need one shape throughout, FD-digits (1, 8, 8), Inception (1 or 3, H, W), any H and W per side.
+    """
+
+    def __init__(self, features: str, inception_weights=None, device="auto"):
+        if features not in FEATURES:
+            raise ValueError(f"unknown features {features!r}; valid: {', '.join(FEATURES)}")
+        self.features, self.weights, self.device = features, inception_weights, resolve_device(device)
+        self.network = self.shape = None
+
+    def batch_size(self, requested: int | None) -> int:
+        if requested is not None:
+            return requested
+        return _inception_batch_size(self.device) if self.features == "inception" else 1000
+
+    def check(self, sample_shape: tuple) -> None:
+        if self.features == "inception":
+            if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
+                raise ValueError(f"Inception features need images of shape (1 or 3, H, W), got {sample_shape}")
+        elif self.features == "digits":
+            if sample_shape != (1, 8, 8):
+                raise ValueError(f"features='digits' needs 8x8 digits of shape (1, 8, 8), got {sample_shape}")
+        elif self.shape is not None and sample_shape != self.shape:
+            raise ValueError(f"features='pixel' compares samples of one shape; got {self.shape} and {sample_shape}")
+        self.shape = self.shape or sample_shape
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.network is None:
+            if self.features == "inception":
+                self.network = _inception_network(self.weights)
+            elif self.features == "digits":
+                from .features import DigitsFeatures
+
+                self.network = DigitsFeatures().double()
+            else:
+                self.network = PixelFeatures()
+            self.network.to(self.device).eval()
+        batch = batch.to(self.device)
+        with torch.no_grad():
+            return self.network(_inception_input(batch) if self.features == "inception" else batch.double())
+
+
+def _feature_batches(samples, feature_map: _FeatureMap, batch_size: int | None):
+    """(number of samples, iterator over feature batches) of a tensor of samples or a folder of images."""
+    size = feature_map.batch_size(batch_size)
     if isinstance(samples, torch.Tensor):
         if samples.dim() < 2:
             raise ValueError(f"samples must be (N, ...) with one sample per row, got shape {tuple(samples.shape)}")
-        return len(samples), iter(torch.split(samples, batch_size))
+        feature_map.check(tuple(samples.shape[1:]))
+        return len(samples), map(feature_map, torch.split(samples, size))
     files = image_files(samples)
-    return len(files), _image_batches(files, batch_size)
+    feature_map.check(tuple(_read_image(files[0]).shape))
+    return len(files), map(feature_map, _image_batches(files, size))
 
 
-def _check_features(features: str) -> None:
-    if features not in FEATURES:
-        raise ValueError(f"unknown features {features!r}; valid: {', '.join(FEATURES)}")
+def extract_features(samples, features: str = "pixel", *, batch_size: int | None = None, inception_weights=None,
+                     device="auto") -> torch.Tensor:
+    """The features (N, D) of ``samples`` (a tensor (N, ...) or a folder of images, read as [-1, 1]), on the CPU.
+
+    Inception features are float32 (as the network computes them), pixel and FD-digits features float64.
+    """
+    _, batches = _feature_batches(samples, _FeatureMap(features, inception_weights, device), batch_size)
+    return torch.cat([batch.cpu() for batch in batches])
 
 
-def feature_statistics(samples, features: str = "pixel", *, batch_size: int = 1000, inception_weights=None,
+def _moments(samples, feature_map: _FeatureMap, batch_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    count, batches = _feature_batches(samples, feature_map, batch_size)
+    if count < 2:
+        raise ValueError(f"feature statistics need at least two samples, got {count}")
+    total = gram = 0
+    for batch in batches:  # sums in float64, as torchmetrics' FrechetInceptionDistance keeps them
+        batch = batch.double()
+        total = total + batch.sum(0)
+        gram = gram + batch.T @ batch
+    mu = total / count
+    sigma = (gram - count * torch.outer(mu, mu)) / (count - 1)
+    return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def feature_statistics(samples, features: str = "pixel", *, batch_size: int | None = None, inception_weights=None,
                        device="auto") -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma): mean and unbiased covariance (float64) of the features of ``samples``.
 
-    ``samples`` is a tensor (N, ...) or a folder of images (read as [-1, 1]). Features are extracted by
-    torchmetrics' FrechetInceptionDistance in batches of ``batch_size`` on ``device``.
+    ``samples`` is a tensor (N, ...) or a folder of images (read as [-1, 1]). Features are extracted in batches of
+    ``batch_size`` on ``device``; by default 1000, and for Inception a size for the device (``INCEPTION_CPU_BATCH``
+    on the CPU, from the free memory on a GPU), which bounds the memory.
     """
-    _check_features(features)
-    count, batches = _batches(samples, batch_size)
-    if count < 2:
-        raise ValueError(f"feature statistics need at least two samples, got {count}")
-    device = resolve_device(device)
-    metric = prepare = None
-    for batch in batches:
-        if metric is None:
-            metric, prepare = _metric(features, tuple(batch.shape[1:]), inception_weights)
-            metric.to(device)
-        metric.update(prepare(batch.to(device)), real=True)
-    n = int(metric.real_features_num_samples)
-    mu = metric.real_features_sum / n
-    sigma = (metric.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
-    return mu.cpu().numpy(), sigma.cpu().numpy()
+    return _moments(samples, _FeatureMap(features, inception_weights, device), batch_size)
 
 
 def save_statistics(path: str | os.PathLike, mu, sigma) -> None:
@@ -227,7 +285,7 @@ def _checked_statistics(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def _statistics(source, features: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+def _statistics(source, feature_map: _FeatureMap, batch_size: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Statistics of samples (tensor, image folder), given as a (mu, sigma) pair, or read from an ``.npz`` file."""
     if isinstance(source, tuple):
         if len(source) != 2:
@@ -235,32 +293,33 @@ def _statistics(source, features: str, **kwargs) -> tuple[np.ndarray, np.ndarray
         return _checked_statistics(*source, "the given statistics")
     if not isinstance(source, torch.Tensor) and Path(source).suffix == ".npz":
         return load_statistics(source)
-    return feature_statistics(source, features, **kwargs)
+    return _moments(source, feature_map, batch_size)
 
 
-def frechet_distance(samples, reference, features: str = "pixel", batch_size: int = 1000, *,
+def frechet_distance(samples, reference, features: str = "pixel", batch_size: int | None = None, *,
                      inception_weights=None, device="auto") -> float:
     """Frechet distance between the Gaussians fitted to the features of ``samples`` and ``reference``.
 
     Each side is a tensor of samples, a folder of images in [-1, 1] as PNG/JPEG, or statistics computed in the same
     feature space: an ``.npz`` of ``mu`` and ``sigma``, or a ``(mu, sigma)`` pair (``feature_statistics``), which
     saves recomputing a fixed reference's features for every comparison. ``features``: ``"pixel"`` (FD in
-    pixel space), ``"digits"`` (FD-digits: the shipped digits classifier, 8x8 digits in [-1, 1]) or
-    ``"inception"`` (FID: images of any size, 1 or 3 channels; Inception weights as in ``inception_weights``).
-    Features by torchmetrics' FrechetInceptionDistance, distance by its closed form, in float64.
+    pixel space; both sides of one shape), ``"digits"`` (FD-digits: the shipped digits classifier, 8x8 digits in
+    [-1, 1]) or ``"inception"`` (FID: each side images of any size, 1 or 3 channels, grey counting as RGB with
+    three equal channels; torch-fidelity's features, weights as in ``inception_weights``). The feature network is
+    built once per call, for both sides; ``batch_size`` as in ``feature_statistics``.
+
+    Distance by torchmetrics' closed form, in float64. It is never negative in exact arithmetic; a negative value
+    from rounding (e.g. the matrix square root of singular covariances, fewer samples than features, identical
+    sides) is returned as 0.0.
     """
-    _check_features(features)
-    tensors = isinstance(samples, torch.Tensor) and isinstance(reference, torch.Tensor)
-    if tensors and samples.shape[1:] != reference.shape[1:]:
-        raise ValueError(f"samples {tuple(samples.shape)} and reference {tuple(reference.shape)} differ in shape")
-    kwargs = dict(batch_size=batch_size, inception_weights=inception_weights, device=device)
-    mu, sigma = _statistics(samples, features, **kwargs)
-    mu_ref, sigma_ref = _statistics(reference, features, **kwargs)
+    feature_map = _FeatureMap(features, inception_weights, device)
+    mu, sigma = _statistics(samples, feature_map, batch_size)
+    mu_ref, sigma_ref = _statistics(reference, feature_map, batch_size)
     if len(mu) != len(mu_ref):
         raise ValueError(f"the two sides have {len(mu)} and {len(mu_ref)} features: statistics from another "
                          f"feature space than features={features!r}?")
     as_tensors = (torch.from_numpy(a) for a in (mu_ref, sigma_ref, mu, sigma))
-    return float(_compute_fid(*as_tensors))
+    return max(float(_compute_fid(*as_tensors)), 0.0)
 
 
 def rmse(samples: torch.Tensor, reference: torch.Tensor) -> float:

@@ -71,6 +71,17 @@ def test_frechet_distance_to_itself_is_zero(two_sets):
     assert abs(dode.frechet_distance(a, a.clone())) < 1e-6
 
 
+def test_negative_rounding_is_clamped_to_zero():
+    """Identical sides with fewer samples than pixels: the covariances are singular, and the closed form rounds
+    below 0 (the square roots of the zero eigenvalues come out near 1e-7, not 0). The distance is 0.0."""
+    x = torch.randn(10, 1, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mu, sigma = metrics.feature_statistics(x)
+    raw = float(metrics._compute_fid(*(torch.from_numpy(a) for a in (mu, sigma, mu, sigma))))
+    assert -1e-6 * np.trace(sigma) < raw < 0
+    assert dode.frechet_distance(x, x.clone()) == 0.0
+    assert dode.frechet_distance(x, (mu, sigma)) == 0.0
+
+
 def test_frechet_distance_unknown_features():
     x = torch.zeros(4, 1, 2, 2)
     with pytest.raises(ValueError, match="pixel"):
