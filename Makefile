@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # here; pyproject.toml keeps an open range for users who bring their own.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test reproduce verify bench models lab clean
+.PHONY: setup test reproduce verify bench models lab clean test-inception
 
 setup: $(STAMP)
 
@@ -51,6 +51,31 @@ models: setup
 # LAB_ARGS passes options to JupyterLab, e.g. LAB_ARGS="--allow-root --no-browser --ip=0.0.0.0" in a container.
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks $(LAB_ARGS)
+
+# Inception FID for real, in an environment of its own (several GB; not part of `make test`): PyPI's torchvision
+# does not import beside .venv's CPU torch, so this pins a torch/torchvision pair that does. The tests run against
+# stand-in weights made afresh each time (torch-fidelity's InceptionV3 with random weights, scripts/inception_standin.py)
+# under the file name the weights lookup expects; no weights are committed.
+INCEPTION_VENV  := .venv-inception
+INCEPTION_PY    := $(INCEPTION_VENV)/bin/python
+INCEPTION_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+$(INCEPTION_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(INCEPTION_VENV)
+	echo '*' > $(INCEPTION_VENV)/.gitignore
+	$(INCEPTION_PY) -m pip install --quiet --upgrade pip
+	$(INCEPTION_PY) -m pip install --quiet $(INCEPTION_TORCH)
+	$(INCEPTION_PY) -m pip install --quiet -e ".[dev,inception]"
+	$(INCEPTION_PY) -c "import torchvision, torch_fidelity"
+	touch $@
+
+test-inception: $(INCEPTION_VENV)/.installed
+	rm -rf $(INCEPTION_VENV)/torch-home
+	$(INCEPTION_PY) scripts/inception_standin.py $(INCEPTION_VENV)/torch-home/hub/checkpoints
+	# the real-network tests would skip without torch-fidelity or weights: make that an error here
+	TORCH_HOME=$(abspath $(INCEPTION_VENV)/torch-home) $(INCEPTION_PY) -c \
+	    "from dode import metrics; assert metrics._TORCH_FIDELITY_AVAILABLE; print(metrics.inception_weights())"
+	TORCH_HOME=$(abspath $(INCEPTION_VENV)/torch-home) $(INCEPTION_PY) -m pytest -q tests/test_inception.py tests/test_metrics.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build
