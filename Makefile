@@ -78,4 +78,4 @@ test-inception: $(INCEPTION_VENV)/.installed
 	TORCH_HOME=$(abspath $(INCEPTION_VENV)/torch-home) $(INCEPTION_PY) -m pytest -q tests/test_inception.py tests/test_metrics.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build
+	rm -rf $(VENV) $(INCEPTION_VENV) .pytest_cache build

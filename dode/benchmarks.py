@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from .distill import distill
 from .experiments import (PAPER_NFES, evaluate_grid, evaluate_scheduler, evaluation_data, gap_summary, possible,
                           provenance)
+from .grids import TimeGrid
 from .models import load_model
 from .plots import quality_vs_nfe, short_number, solver_label
 from .sampling import sample
@@ -298,9 +299,15 @@ def _sweeps(sizes: Sizes) -> list[tuple[str, str, int, int, int]]:
 def _grid_fits(model, sizes: Sizes, teacher_for: Callable[[], object]) -> dict:
     """Fit every solver x NFE once, each with ``teacher_for()``'s teacher; totals over the fits."""
     teacher = teacher_for()
-    fits = [distill(model, s, n, teacher=teacher, guard=False).fit_info for s in sizes.solvers for n in sizes.nfes if possible(s, n)]
+    fitted = [distill(model, s, n, teacher=teacher, guard=False) for s in sizes.solvers for n in sizes.nfes if possible(s, n)]
+    fits = [f.fit_info for f in fitted]
+    starts = set()
+    for scheduler in fitted:  # a grid that starts lower (leading) starts from pure noise there: another ODE solution
+        scheduler.set_timesteps(scheduler.num_inference_steps)
+        starts.add(round(TimeGrid.of(scheduler).start, 4))
     return {
         "fits": len(fits),
+        "start_levels": len(starts),
         "teacher_nfe": sum(f["teacher_nfe"] for f in fits),
         # a fit whose teacher spent more evaluations than the fit has targets started a whole teacher run
         "teacher_runs": sum(f["teacher_nfe"] > f["nfe"] for f in fits),
@@ -313,7 +320,8 @@ def distillation_cost(sizes: Sizes = FULL, progress: bool = True) -> pd.DataFram
     to sample the evaluation set at the same NFE; per model and sweep (NFE, teacher C, batch size, solver).
 
     Rows with sweep "all fits" fit every solver x NFE of gmm-digits once with a C = 10 teacher per fit, and once
-    with one fine-grid ``Teacher`` shared by all fits (totals; ``teacher_runs`` counts whole teacher runs).
+    with one fine-grid ``Teacher`` shared by all fits (totals; ``teacher_runs`` counts whole teacher runs,
+    ``start_levels`` the distinct noise levels the fits' grids start from).
     """
     eval_samples = dict(sizes.eval_samples)
     tables = []
@@ -347,7 +355,8 @@ def distillation_cost(sizes: Sizes = FULL, progress: bool = True) -> pd.DataFram
         row = runs.median(numeric_only=True)
         tables.append({"model": "gmm-digits", "sweep": "all fits", "solver": "all", "nfe": None, "teacher": teacher,
                        "batch_size": BASE_FIT["batch_size"], "fits": int(row["fits"]),
-                       "teacher_runs": int(row["teacher_runs"]), "fit_seconds": row["seconds"],
+                       "teacher_runs": int(row["teacher_runs"]), "start_levels": int(row["start_levels"]),
+                       "fit_seconds": row["seconds"],
                        **{f"{k}_seconds": row[f"{k}_seconds"] for k in SPLIT},
                        "other_seconds": row["seconds"] - sum(row[f"{k}_seconds"] for k in SPLIT),
                        "lstsq_share": row["lstsq_seconds"] / row["seconds"], "teacher_nfe": int(row["teacher_nfe"])})
@@ -486,9 +495,12 @@ def targets(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         shared = cost[(cost["sweep"] == "all fits") & (cost["teacher"] == "fine, shared")]
         if len(shared):
             shared = shared.iloc[0]
-            rows.append(("distillation_cost", "one fine-grid teacher run serves every solver and NFE",
-                         f"{shared['teacher_runs']} whole teacher runs, {shared['teacher_nfe']} teacher NFE "
-                         f"for {shared['fits']} fits", bool(shared["teacher_runs"] == 1)))
+            starts = int(shared["start_levels"]) if pd.notna(shared.get("start_levels")) else 1
+            rows.append(("distillation_cost", "one fine-grid teacher run per starting noise level serves every solver "
+                         "and NFE (a grid that starts lower, such as leading, starts from pure noise there)",
+                         f"{shared['teacher_runs']} whole teacher runs for {starts} starting levels, "
+                         f"{shared['teacher_nfe']} teacher NFE for {shared['fits']} fits",
+                         bool(shared["teacher_runs"] == starts)))
     overhead = tables.get("sampling_overhead")
     if overhead is not None:
         overhead = overhead[~overhead["control"]]
