@@ -22,12 +22,37 @@ _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf", re.IG
 _SUFFIXES = (".csv", ".json")
 
 
+def _is_measured(value: str) -> bool:
+    """A float written with a point or an exponent (a score, a time), not a name, a count or a list."""
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return any(c in value for c in ".eE") or value.lower() in ("nan", "inf", "-inf")
+
+
+def _key_columns(table) -> list:
+    """The columns that name a row (solver, variant, nfe, spacing, ...): no measured numbers, no lists."""
+    return [column for column in table.columns if not _VOLATILE.search(str(column))
+            and not any(v.startswith("[") or _is_measured(v) for v in table[column])]
+
+
 def _cells_of_csv(path: Path) -> dict:
+    """Cells named by their row's key columns ("solver=ddim, nfe=5, variant=base: fd_pixel"), so that a row added
+    or removed elsewhere does not shift the others; each row also counts as a cell of its own (it may vanish)."""
     import pandas as pd
 
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    return {f"row {i + 1}, {column}": value for column in table.columns if not _VOLATILE.search(str(column))
-            for i, value in enumerate(table[column])}
+    keys = _key_columns(table)
+    values = [c for c in table.columns if c not in keys and not _VOLATILE.search(str(c))]
+    cells, seen = {}, {}
+    for i, row in table.iterrows():
+        label = ", ".join(f"{k}={row[k]}" for k in keys) or f"row {i + 1}"
+        seen[label] = seen.get(label, 0) + 1
+        label += f" #{seen[label]}" if seen[label] > 1 else ""
+        cells[f"{label}: (row)"] = "present"
+        cells.update({f"{label}: {column}": row[column] for column in values})
+    return cells
 
 
 def _cells_of_json(value, prefix: str = "") -> dict:

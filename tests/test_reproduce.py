@@ -41,7 +41,7 @@ def project(tmp_path, monkeypatch):
     notebook(tmp_path / "nb" / "r.ipynb", READ, parameters="results = None\nout_dir = None")
     monkeypatch.setattr(reproduce, "NOTEBOOKS", tmp_path / "nb")
     monkeypatch.setattr(reproduce, "VERIFY_DIR", tmp_path / "verify")
-    value = {"v": 7}
+    value = {"v": 0.7}
 
     def plan(results, models):
         return [reproduce.Run("w", "w.ipynb", {"value": value["v"]}),
@@ -60,7 +60,7 @@ def test_a_fresh_clone_runs_everything_and_a_second_run_skips(project, capsys):
     results = root / "results"
     main(results)
     manifest = json.loads((results / "manifest.json").read_text())
-    assert set(manifest["runs"]) == {"w", "r"} and (results / "m/t.csv").read_text() == "x\n7"
+    assert set(manifest["runs"]) == {"w", "r"} and (results / "m/t.csv").read_text() == "x\n0.7"
     # a clone: the committed results and manifest, without this machine's state
     clone = root / "clone"
     subprocess.run(["cp", "-r", str(results), str(clone)], check=True)
@@ -69,9 +69,10 @@ def test_a_fresh_clone_runs_everything_and_a_second_run_skips(project, capsys):
     main(clone)
     out = capsys.readouterr().out
     assert "2 of 2 runs executed" in out and "up to date" not in out  # the manifest's keys do not skip
-    # what it regenerated is compared with what was there: the timing column is left out, fd is identical
+    # what it regenerated is compared with what was there: the timing column is left out; r.csv's row is named by
+    # its solver, t.csv's (no name column) by its number; each row and each value is a cell
     report = (clone / "verification.md").read_text()
-    assert "4 result cells compared: **4 identical**, 0 within a relative 0.001, **0 different**" in report
+    assert "5 result cells compared: **5 identical**, 0 within a relative 0.001, **0 different**" in report
     main(clone)
     out = capsys.readouterr().out
     assert out.count("up to date, skipped") == 2 and "0 of 2 runs executed" in out
@@ -85,17 +86,17 @@ def test_verify_compares_with_the_committed_results_and_leaves_them_alone(projec
     main(results, "--verify")  # the same code and parameters: identical
     assert (results / "m/r.csv").read_text() == committed
     assert "**0 different**" in (root / "verify/verification.md").read_text()
-    value["v"] = 7.000001  # within the tolerance
+    value["v"] = 0.7000001  # within the tolerance
     main(results, "--verify", "--force")
     assert "within a relative 0.001" in capsys.readouterr().out
     report = (root / "verify/verification.md").read_text()
-    assert ", 3 within" in report and "**0 different**" in report
-    value["v"] = 8  # a real change: reported cell by cell, and --verify fails
+    assert "**2 identical**, 3 within" in report and "**0 different**" in report  # fd, lambdas, x; rows the same
+    value["v"] = 0.8  # a real change: reported cell by cell, and --verify fails
     with pytest.raises(SystemExit) as failed:
         main(results, "--verify")
     assert failed.value.code == 1
     report = (root / "verify/verification.md").read_text()
-    assert "| `m/r.csv` | row 1, fd | 7 | 8 |" in report and "| `m/t.csv` | row 1, x | 7 | 8 |" in report
+    assert "| `m/r.csv` | solver=ddim: fd | 0.7 | 0.8 |" in report and "| `m/t.csv` | row 1: x | 0.7 | 0.8 |" in report
     assert (results / "m/r.csv").read_text() == committed and not (results / "verification.md").read_text() == report
 
 
@@ -104,7 +105,7 @@ def test_verify_of_one_run_takes_its_inputs_from_the_results(project):
     results = root / "results"
     main(results)
     main(results, "--verify", "--only", "r")
-    assert (root / "verify/m/t.csv").read_text() == "x\n7" and not (root / "verify/notebooks/w.ipynb").exists()
+    assert (root / "verify/m/t.csv").read_text() == "x\n0.7" and not (root / "verify/notebooks/w.ipynb").exists()
 
 
 def test_a_run_whose_inputs_are_missing_stops_before_anything_runs(project):
@@ -123,15 +124,24 @@ def test_compare_sorts_cells_into_identical_within_and_different(tmp_path):
     (tmp_path / "b/e.json").write_text(json.dumps({"floor": {"pixel": 0.095}, "seconds": 2, "seeds": [0, 98]}))
     files = ["t.csv", "e.json", "figure.png"]
     result = verification.compare(verification.snapshot(tmp_path / "a", files), verification.snapshot(tmp_path / "b", files))
-    assert (result.identical, result.within) == (5, 1)  # ddim, heun, 0.5, [0.3], floor.pixel; lambdas within
-    assert sorted((f, c) for f, c, _, _ in result.different) == [("e.json", "seeds"), ("t.csv", "row 2, fd")]
-    assert ("t.csv", "row 2, fd", "1.0", "1.1") in result.different and not result.ok
+    # rows named by solver (their one name column): both rows, ddim's fd, heun's lambdas, floor.pixel identical
+    assert (result.identical, result.within) == (5, 1)  # ddim's lambdas within
+    assert sorted((f, c) for f, c, _, _ in result.different) == [("e.json", "seeds"), ("t.csv", "solver=heun: fd")]
+    assert ("t.csv", "solver=heun: fd", "1.0", "1.1") in result.different and not result.ok
     # a row that vanished is a difference, and a file with nothing before it is listed as new
     (tmp_path / "b/t.csv").write_text('solver,fd,lambdas,wall_seconds\nddim,0.5,"[0.1, 0.2]",3\n')
     result = verification.compare({"t.csv": verification.cells(tmp_path / "a/t.csv")},
                                   verification.snapshot(tmp_path / "b", ["t.csv", "e.json"]))
-    assert ("t.csv", "row 2, fd", "1.0", None) in result.different and result.new_files == ["e.json"]
-    assert "| `t.csv` | row 2, fd | 1.0 | – |" in verification.report(result, "x")
+    assert ("t.csv", "solver=heun: fd", "1.0", None) in result.different and result.new_files == ["e.json"]
+    assert ("t.csv", "solver=heun: (row)", "present", None) in result.different
+    assert "| `t.csv` | solver=heun: fd | 1.0 | – |" in verification.report(result, "x")
+    # a row inserted before the others shifts nothing: its cells are new, the others still match
+    (tmp_path / "b/t.csv").write_text('solver,fd,lambdas,wall_seconds\nipndm,0.2,[0.1],1\nddim,0.5,"[0.1, 0.2]",3\n'
+                                      'heun,1.0,[0.3],4\n')
+    result = verification.compare({"t.csv": verification.cells(tmp_path / "a/t.csv")},
+                                  {"t.csv": verification.cells(tmp_path / "b/t.csv")})
+    assert result.identical == 6 and {c for _, c, a, _ in result.different if a is None} == {
+        "solver=ipndm: (row)", "solver=ipndm: fd", "solver=ipndm: lambdas"}
 
 
 def test_the_makefile_has_verify_and_passes_lab_arguments():
