@@ -93,8 +93,10 @@ def _close(a: float, b: float, rtol: float) -> bool:
 class Verification:
     identical: int = 0
     within: int = 0
-    #: (file, cell, old, new) of every cell that differs beyond the tolerance, appeared or vanished
+    #: (file, cell, old, new) of every cell that differs beyond the tolerance or vanished
     different: list = field(default_factory=list)
+    #: (file, cell, None, new) of every cell that was not there before (a new row: a new solver, say)
+    added: list = field(default_factory=list)
     #: files with no earlier version to compare with
     new_files: list = field(default_factory=list)
     rtol: float = RTOL
@@ -105,7 +107,8 @@ class Verification:
 
     @property
     def ok(self) -> bool:
-        return not self.different
+        """Every cell there before is there again within the tolerance, and nothing new appeared."""
+        return not (self.different or self.added)
 
 
 def compare(old: dict, new: dict, rtol: float = RTOL) -> Verification:
@@ -126,21 +129,45 @@ def compare(old: dict, new: dict, rtol: float = RTOL) -> Verification:
                 if shape_a == shape_b and len(xs) == len(ys) and xs and all(_close(x, y, rtol) for x, y in zip(xs, ys)):
                     result.within += 1
                     continue
-            result.different.append((name, cell, a, b))
+            (result.added if a is None else result.different).append((name, cell, a, b))
     return result
 
 
 def report(result: Verification, against: str, limit: int = 200) -> str:
-    """Markdown: the counts, then every differing cell with its old and new value (the first ``limit``)."""
+    """Markdown: the counts, then every differing cell with its old and new value (the first ``limit``), then
+    the cells that are new."""
     lines = [f"# Verification against {against}", "",
              f"{result.compared} result cells compared: **{result.identical} identical**, {result.within} within "
-             f"a relative {result.rtol:g}, **{len(result.different)} different**."]
+             f"a relative {result.rtol:g}, **{len(result.different)} different**; {len(result.added)} new cells "
+             "(rows that were not there before)."]
     if result.new_files:
         lines += ["", "Nothing to compare with (new files): " + ", ".join(f"`{f}`" for f in result.new_files) + "."]
-    if result.different:
-        lines += ["", "| file | cell | before | now |", "|---|---|---|---|"]
-        lines += [f"| `{f}` | {c} | {'–' if a is None else a} | {'–' if b is None else b} |"
-                  for f, c, a, b in result.different[:limit]]
-        if len(result.different) > limit:
-            lines.append(f"\n... and {len(result.different) - limit} more.")
+    for title, cells in (("Different", result.different), ("New", result.added)):
+        if cells:
+            lines += ["", f"## {title}", "", "| file | cell | before | now |", "|---|---|---|---|"]
+            lines += [f"| `{f}` | {c} | {'–' if a is None else a} | {'–' if b is None else b} |"
+                      for f, c, a, b in cells[:limit]]
+            if len(cells) > limit:
+                lines.append(f"\n... and {len(cells) - limit} more.")
     return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    """``python -m dode.verification BEFORE AFTER``: compare the result files of two results folders (those in
+    AFTER's manifest), print the report."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("before", type=Path)
+    parser.add_argument("after", type=Path)
+    parser.add_argument("--label", default=None, help="what BEFORE is, for the report's title")
+    args = parser.parse_args(argv)
+    manifest = json.loads((args.after / "manifest.json").read_text())
+    files = {o for run in manifest["runs"].values() for o in run["outputs"]}
+    result = compare(snapshot(args.before, files), snapshot(args.after, files))
+    print(report(result, args.label or str(args.before)), end="")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -140,8 +140,9 @@ def test_compare_sorts_cells_into_identical_within_and_different(tmp_path):
                                       'heun,1.0,[0.3],4\n')
     result = verification.compare({"t.csv": verification.cells(tmp_path / "a/t.csv")},
                                   {"t.csv": verification.cells(tmp_path / "b/t.csv")})
-    assert result.identical == 6 and {c for _, c, a, _ in result.different if a is None} == {
-        "solver=ipndm: (row)", "solver=ipndm: fd", "solver=ipndm: lambdas"}
+    assert result.identical == 6 and not result.different and not result.ok
+    assert {c for _, c, _, _ in result.added} == {"solver=ipndm: (row)", "solver=ipndm: fd", "solver=ipndm: lambdas"}
+    assert "**0 different**; 3 new cells" in verification.report(result, "x")
 
 
 def test_the_makefile_has_verify_and_passes_lab_arguments():
