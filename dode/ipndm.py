@@ -26,6 +26,8 @@ from diffusers import EulerDiscreteScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
+from .models import convert_prediction
+
 #: Adams-Bashforth coefficients for equal steps, newest prediction first, by order
 ADAMS_BASHFORTH = {
     1: (1.0,),
@@ -117,15 +119,6 @@ class IPNDMDiscreteScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
 
-    def _epsilon(self, model_output, sample, alpha_prod_t):
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            return model_output
-        beta_prod_t = 1 - alpha_prod_t
-        if kind == "sample":
-            return (sample - alpha_prod_t ** 0.5 * model_output) / beta_prod_t ** 0.5
-        return alpha_prod_t ** 0.5 * model_output + beta_prod_t ** 0.5 * sample  # v_prediction
-
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
              **kwargs):
         """One iPNDM step from the current state to the next noise level; ``kwargs`` (a pipeline's
@@ -138,7 +131,8 @@ class IPNDMDiscreteScheduler(SchedulerMixin, ConfigMixin):
                                "call set_timesteps() before every sampling run")
         alphas = self._step_alphas()
         alpha_prod_t, alpha_prod_t_prev = alphas[i], alphas[i + 1]
-        self._history = [self._epsilon(model_output, sample, alpha_prod_t), *self._history][: self.config.max_order]
+        eps = convert_prediction(model_output, sample, alpha_prod_t, self.config.prediction_type, "epsilon")
+        self._history = [eps, *self._history][: self.config.max_order]
         coefficients = ADAMS_BASHFORTH[len(self._history)]
         if len(self._history) == 1:
             pred_epsilon = self._history[0]
