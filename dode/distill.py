@@ -14,7 +14,8 @@ Around that fit (``distill``):
   fitted lambdas are compared with lambda = 0 on the same grid (and, with ``"auto"``, with every spacing's base);
   where they do not help, all of them are shrunk by one common factor in [0, 1], chosen by a line search;
 - ``refine="joint"`` / ``"joint+timesteps"`` (beyond the paper, ``dode.refine``) then moves all lambdas together,
-  and optionally the time grid, to bring the student's final samples closer to the teacher's.
+  and optionally the time grid, to bring the student's final samples closer to the teacher's, from several
+  starting spacings, kept only where it validates better; ``"timesteps"`` learns the grid alone (lambdas 0).
 
 The validation reference is the ODE solution of the validation seeds by a fine teacher (every training timestep,
 from pure noise at the first training noise level): what every spacing's samples should be, known without data.
@@ -33,7 +34,7 @@ from .models import resolve_device
 from .refine import MODE_OPTIONS, MODES, refine as refine_jointly
 from .sampling import check_batch_size, integrate, sample
 from .scheduler import DODEScheduler
-from .solvers import GRID_SOLVERS, get_solver, make_scheduler
+from .solvers import GRID_SOLVERS, get_solver, make_scheduler, solver_of, to_grid_form
 from .teacher import Teacher
 
 #: the validation criteria of ``distill``: a student's final samples against the validation reference
@@ -44,6 +45,9 @@ _SHRINK_FACTORS = (0.75, 0.5, 0.25)  # the line search's first points; then half
 #: D-ODE must validate this much better (relative) than the best base it would replace: below that the difference
 #: is within the noise of 100 validation samples, and the base is the safe choice
 MARGIN = 0.02
+#: starts of a refinement with the guard on (``refine_starts``): the spacing ``auto`` chose, the paper's and the
+#: best other one; the best refinement on the validation seeds is kept
+STARTS = 3
 _SEARCHED = 3  # with spacing="auto", the line search runs on the best few candidates (and the best base's)
 
 
@@ -209,7 +213,8 @@ def _teacher(model, teacher, batch_size, seed, device, what: str) -> Teacher:
 def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
             teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
             margin: float = MARGIN, device="auto",
-            refine: str | None = None, refine_iterations: int = 50, progress: bool = True) -> DODEScheduler:
+            refine: str | None = None, refine_iterations: int = 50, refine_starts: int = STARTS,
+            progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
 
     ``spacing``: the time grid. None (the paper's, ``Solver.default_spacing``), one of the solver's spacings
@@ -235,20 +240,24 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     greedy fit, with no validation.
 
     ``refine``: None (the paper's greedy fit), ``"joint"`` (then all lambdas together, against the teacher's
-    state after every step, at most ``refine_iterations`` L-BFGS iterations) or ``"joint+timesteps"`` (lambdas
+    state after every step, at most ``refine_iterations`` L-BFGS iterations), ``"joint+timesteps"`` (lambdas
     and the noise level of every step but the first, against the teacher's final samples; only for the solvers
-    in ``dode.solvers.GRID_SOLVERS``); with the guard on, a refinement that scores worse on validation than the
-    greedy fit it started from is dropped (``fit_info["refine"]["kept"]``).
+    in ``dode.solvers.GRID_SOLVERS``) or ``"timesteps"`` (the grid alone, every lambda 0: the base solver on a
+    learned grid, the ablation without D-ODE). With ``spacing="auto"`` a refinement runs from ``refine_starts``
+    starting points (``refinement_starts``: auto's spacing, the paper's, the best other one) and the best on
+    the validation seeds is kept; with the guard on, a refinement that validates worse than what it would
+    replace (the greedy fit; for "timesteps" the best base) is dropped (``fit_info["refine"]["kept"]``).
 
     ``fit_info`` records the spacing, every candidate's validation scores and the decision.
     """
     solver = get_solver(solver)
     if refine not in MODES:
         raise ValueError(f"refine must be one of {MODES}, got {refine!r}")
-    if refine == "joint+timesteps" and solver.name not in GRID_SOLVERS:
+    if refine is not None and MODE_OPTIONS[refine]["timesteps"] and solver.name not in GRID_SOLVERS:
         raise ValueError(
-            f"refine='joint+timesteps' cannot learn a time grid for {solver.name}: its diffusers scheduler steps on "
-            f"integer timesteps. Use refine='joint', or one of: {', '.join(GRID_SOLVERS)}"
+            f"refine={refine!r} cannot learn a time grid for {solver.name}: its diffusers scheduler steps on "
+            f"integer timesteps and no scheduler makes exactly its update on other levels. Use refine='joint', "
+            f"or one of: {', '.join(GRID_SOLVERS)}"
         )
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -346,30 +355,127 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
         }
     if refine is not None:
         dode = refine_fit(model, dode, teacher, refine, validation=check, targets=targets,
-                          max_iterations=refine_iterations, progress=progress)
+                          max_iterations=refine_iterations, starts=refine_starts if auto else 1, progress=progress)
     return dode
 
 
+def refinement_starts(model, fitted: DODEScheduler, mode: str, count: int = STARTS) -> list[tuple[DODEScheduler, float | None]]:
+    """Up to ``count`` starting points of a ``mode`` refinement of ``fitted`` (a ``distill`` result), each with its
+    validation score where ``fitted`` records one: (scheduler, score).
+
+    From the candidates ``spacing="auto"`` validated (``fit_info["validation"]["candidates"]``): for "joint" and
+    "joint+timesteps", ``fitted`` itself, then the paper's spacing and the best other spacing, each with its
+    greedy lambdas at the common factor that validated best; for "timesteps" (lambdas held at 0) the bases: the
+    best-validating spacing, the paper's, the next best. Without recorded candidates: ``fitted`` alone (with
+    every lambda 0 for "timesteps")."""
+    if mode not in MODE_OPTIONS:
+        raise ValueError(f"mode must be one of {tuple(MODE_OPTIONS)}, got {mode!r}")
+    zero = not MODE_OPTIONS[mode]["lambdas"]
+    check = fitted.fit_info.get("validation", {})
+    candidates = [c for c in check.get("candidates", []) if c["spacing"] != "explicit"]
+    solver = get_solver(fitted.fit_info.get("solver") or solver_of(fitted).name)
+
+    def at(spacing, lambdas):
+        return DODEScheduler(make_scheduler(solver.name, model, spacing), lambdas, fitted.num_inference_steps,
+                             {**copy.deepcopy(fitted.fit_info), "spacing": spacing})
+
+    if not candidates:
+        start = copy.deepcopy(fitted)
+        if zero:
+            start.lambdas = [0.0] * start.nfe
+        return [(start, None)]
+    if zero:
+        ranked = sorted(candidates, key=lambda c: c["base"])
+        score = lambda c: c["base"]  # noqa: E731
+    else:
+        ranked = sorted(candidates, key=lambda c: c["best"])
+        score = lambda c: c["best"]  # noqa: E731
+    paper = [c for c in candidates if c["spacing"] == solver.default_spacing]
+    order = [c for c in candidates if c["spacing"] == fitted.fit_info.get("spacing")] if not zero else []
+    chosen, seen = [], set()
+    for c in [*order, *ranked[:1], *paper, *ranked]:
+        if c["spacing"] not in seen and len(chosen) < count:
+            seen.add(c["spacing"])
+            chosen.append(c)
+    starts = []
+    for c in chosen:
+        if not zero and c["spacing"] == fitted.fit_info.get("spacing"):
+            starts.append((fitted, check.get("guarded", score(c))))
+            continue
+        factor = 0.0 if zero else float(min(c["scores"], key=c["scores"].get))
+        starts.append((at(c["spacing"], [factor * v for v in c["greedy_lambdas"]]), score(c)))
+    return starts
+
+
 def refine_fit(model, fitted: DODEScheduler, teacher: Teacher, mode: str, *, validation: Validation | None = None,
-               targets=None, max_iterations: int = 50, progress: bool = True) -> DODEScheduler:
+               targets=None, max_iterations: int = 50, starts: int = 1, probe_iterations: int = 5,
+               progress: bool = True) -> DODEScheduler:
     """``distill(refine=mode)`` from an existing fit, against ``teacher`` (its noise batch is the fitting batch).
 
-    With ``validation``, a refinement that scores worse on the validation seeds than ``fitted`` is dropped:
-    ``fitted`` comes back with the attempt recorded (``fit_info["refine"]["kept"] = False``)."""
-    if targets is None:
-        probe = copy.deepcopy(fitted)
-        probe.set_timesteps(probe.num_inference_steps, device=teacher.noise.device)
-        targets = teacher.targets(TimeGrid.of(probe))
-    refined = refine_jointly(model, fitted, teacher.noise, targets, **MODE_OPTIONS[mode],
-                             max_iterations=max_iterations, progress=progress)
+    ``mode``: "joint", "timesteps" (a learned grid, every lambda 0: the base solver on it) or "joint+timesteps".
+    ``starts``: how many starting points (``refinement_starts``: the fit's own spacing, the paper's, the best other
+    one; they need the candidates ``spacing="auto"`` records, and ``validation``). With several, each is refined
+    for ``probe_iterations``, the one that then validates best goes on for the rest of ``max_iterations``, and
+    the best-validating of all is the result. With ``validation``, the never-worse guard: the refinement comes
+    back only where it validates better than what it would replace (``fitted``, or for "timesteps" the
+    best-validating base among the starts); else that comes back, with the attempt recorded
+    (``fit_info["refine"]["kept"] = False``)."""
+    if mode not in MODE_OPTIONS:
+        raise ValueError(f"mode must be one of {tuple(MODE_OPTIONS)}, got {mode!r}")
+    began = time.perf_counter()
+    options = dict(MODE_OPTIONS[mode])
+    points = refinement_starts(model, fitted, mode, starts if validation is not None else 1)
+    probing = len(points) > 1 and probe_iterations < max_iterations
+
+    def run(start, iterations, given_targets=None):
+        if given_targets is None:
+            probe = copy.deepcopy(to_grid_form(start) if options["timesteps"] else start)
+            probe.set_timesteps(probe.num_inference_steps, device=teacher.noise.device)
+            given_targets = teacher.targets(TimeGrid.of(probe))
+        refined = refine_jointly(model, start, teacher.noise, given_targets, **options, max_iterations=iterations,
+                                 progress=progress)
+        if validation is not None:
+            refined.fit_info["refine"]["validation"] = validation(refined)
+        return refined
+
+    attempts = []
+    for start, known in points:
+        own = targets if start is fitted and not options["timesteps"] else None
+        refined = run(start, probe_iterations if probing else max_iterations, own)
+        refined.fit_info["refine"]["start"] = {"spacing": start.fit_info.get("spacing"), "validation": known}
+        attempts.append(refined)
     if validation is None:
+        refined = attempts[0]
+        refined.fit_info["refine"]["seconds_total"] = time.perf_counter() - began
         return refined
-    before = fitted.fit_info.get("validation", {}).get("guarded")
-    before = validation(fitted) if before is None else before
-    score = validation(refined)
-    refined.fit_info["refine"].update(validation_before=before, validation=score, kept=score <= before)
-    if score <= before:
-        return refined
-    kept = copy.deepcopy(fitted)
-    kept.fit_info["refine"] = refined.fit_info["refine"]
+    steps = [{**{k: r.fit_info["refine"][k] for k in ("mse_start", "mse_refined", "validation", "iterations",
+                                                       "evaluations", "seconds")},
+              "spacing": r.fit_info["refine"]["start"]["spacing"],
+              "start_validation": r.fit_info["refine"]["start"]["validation"]} for r in attempts]
+    best = min(attempts, key=lambda r: r.fit_info["refine"]["validation"])
+    if probing:  # the best probe goes on
+        more = run(best, max_iterations - probe_iterations)
+        info = more.fit_info["refine"]
+        steps.append({**{k: info[k] for k in ("mse_start", "mse_refined", "validation", "iterations", "evaluations",
+                                              "seconds")}, "spacing": best.fit_info["refine"]["start"]["spacing"],
+                      "start_validation": best.fit_info["refine"]["validation"], "continued": True})
+        info["start"] = best.fit_info["refine"]["start"]
+        if info["validation"] <= best.fit_info["refine"]["validation"]:
+            best = more
+    # what the refinement would replace: the fit itself, or for a learned grid alone the best base among the starts
+    if options["lambdas"]:
+        baseline, before = fitted, fitted.fit_info.get("validation", {}).get("guarded")
+    else:
+        baseline, before = min(points, key=lambda p: float("inf") if p[1] is None else p[1])
+    if before is None:
+        before = validation(baseline)
+    score = best.fit_info["refine"]["validation"]
+    record = {**best.fit_info["refine"], "validation_before": before, "kept": score <= before, "steps": steps,
+              "iterations": sum(step["iterations"] for step in steps),
+              "evaluations": sum(step["evaluations"] for step in steps),
+              "student_runs": sum(r.fit_info["refine"]["student_runs"] for r in attempts) +
+              (more.fit_info["refine"]["student_runs"] if probing else 0),
+              "seconds_total": time.perf_counter() - began}
+    kept = best if score <= before else copy.deepcopy(baseline)
+    kept.fit_info["refine"] = record
     return kept

@@ -110,11 +110,21 @@ def schedule_config(config) -> dict:
 
 
 def training_sigmas(scheduler_config: dict) -> np.ndarray:
-    """sigma_t = sqrt((1 - abar_t) / abar_t) at every training timestep t, in float64."""
+    """sigma_t = sqrt((1 - abar_t) / abar_t) at every training timestep t, in float64 (a new array each call)."""
+    schedule = tuple((key, _hashable(scheduler_config[key])) for key in SCHEDULE_KEYS if key in scheduler_config)
+    return _training_sigmas(schedule).copy()
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, (list, np.ndarray)) else value
+
+
+@functools.lru_cache(maxsize=32)
+def _training_sigmas(schedule: tuple) -> np.ndarray:
+    # cached: the refinement moves a grid (and so asks for these) thousands of times per fit
     from diffusers import DDPMScheduler
 
-    schedule = {key: scheduler_config[key] for key in SCHEDULE_KEYS if key in scheduler_config}
-    alphas_cumprod = DDPMScheduler.from_config(schedule).alphas_cumprod.double().numpy()
+    alphas_cumprod = DDPMScheduler.from_config(dict(schedule)).alphas_cumprod.double().numpy()
     return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
 
 

@@ -75,7 +75,8 @@ class DODEScheduler(SchedulerMixin):
     def corrected_output(self, model_output: torch.Tensor, lam: float | None = None) -> torch.Tensor:
         """o~_i = o_i + lambda_i (o_i - o_{i-1}) for the evaluation about to be stepped (no state change)."""
         lam = self.lambdas[self._evaluation] if lam is None else lam
-        if self._previous_output is None or lam == 0.0:
+        # a tensor lambda (the refinement's) stays in the graph even at 0, so that its gradient exists
+        if self._previous_output is None or (not torch.is_tensor(lam) and lam == 0.0):
             return model_output
         return model_output + lam * (model_output - self._previous_output)
 
@@ -90,8 +91,9 @@ class DODEScheduler(SchedulerMixin):
         self._previous_output = model_output
         self._evaluation += 1
         # pipelines pass what their own scheduler takes (DDPMPipeline: generator); hand on what this one takes
-        accepted = inspect.signature(self.base_scheduler.step).parameters
-        kwargs = {key: value for key, value in kwargs.items() if key in accepted}
+        if kwargs:
+            accepted = inspect.signature(self.base_scheduler.step).parameters
+            kwargs = {key: value for key, value in kwargs.items() if key in accepted}
         return self.base_scheduler.step(corrected, timestep, sample, *args, **kwargs)
 
     # -- persistence, in diffusers' layout: the base scheduler's config plus the lambdas ---------------------

@@ -13,6 +13,7 @@ per step, for the solvers whose steps read ``scheduler.sigmas``.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -73,6 +74,14 @@ class Solver:
     paper: str = ""
     #: its ``step`` reads every noise level from ``scheduler.sigmas``, so ``set_grid`` can move them
     custom_grid: bool = False
+    #: for a solver whose scheduler steps on integer timesteps: (scheduler class, settings) of a scheduler that
+    #: makes exactly its update on any grid of noise levels (``grid_form``); explicit and learned grids use it
+    grid_form: tuple | None = None
+
+    @property
+    def takes_grid(self) -> bool:
+        """An explicit or learned time grid is possible: on its own scheduler, or on its ``grid_form``."""
+        return self.custom_grid or self.grid_form is not None
 
     def steps_for(self, nfe: int) -> int:
         """The ``num_inference_steps`` that costs exactly ``nfe`` model evaluations (ValueError if none)."""
@@ -88,7 +97,7 @@ class Solver:
 
     def check_spacing(self, spacing):
         """A spacing name this solver supports, or an explicit grid as a float64 array; ValueError otherwise."""
-        supported = (", ".join(map(repr, self.spacings)) + (", a list of noise levels" if self.custom_grid else "")
+        supported = (", ".join(map(repr, self.spacings)) + (", a list of noise levels" if self.takes_grid else "")
                      + ", or 'auto' (dode.distill: the best on validation seeds)")
         if spacing is None:
             return self.default_spacing
@@ -96,9 +105,10 @@ class Solver:
             if spacing not in self.spacings:
                 raise ValueError(f"solver {self.name!r} does not support spacing {spacing!r}; supported: {supported}")
             return spacing
-        if not self.custom_grid:
+        if not self.takes_grid:
             raise ValueError(f"solver {self.name!r} cannot take an explicit grid of noise levels (its diffusers "
-                             f"scheduler steps on integer timesteps); supported: {supported}")
+                             f"scheduler steps on integer timesteps, and no scheduler makes exactly its update on "
+                             f"other levels); supported: {supported}")
         try:
             grid = np.asarray(spacing, dtype=np.float64)
         except (TypeError, ValueError):
@@ -116,10 +126,13 @@ def check_levels(grid: np.ndarray) -> None:
 
 _ALL = _TIMESTEP_SPACINGS + _SIGMA_SPACINGS
 _SOLVERS = [
-    # the paper's DDIM: uniform timesteps linspace(0, T, N + 1)[:N], i.e. leading
+    # the paper's DDIM: uniform timesteps linspace(0, T, N + 1)[:N], i.e. leading. On other noise levels its update
+    # is iPNDM's of order 1 (the DDIM transfer with the newest eps), which steps on scheduler.sigmas
     Solver("ddim", DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=True),
-           _spacing_options(_TIMESTEP_SPACINGS), "leading", paper="DDIM"),
-    # PLMS: the warm-up evaluates the first timestep twice, so n steps cost n + 1 NFE.
+           _spacing_options(_TIMESTEP_SPACINGS), "leading", paper="DDIM",
+           grid_form=(IPNDMDiscreteScheduler, dict(max_order=1))),
+    # PLMS: the warm-up evaluates the first timestep twice, so n steps cost n + 1 NFE. No grid form: its warm-up
+    # and its multistep combination are tied to PNDMScheduler's integer timesteps.
     Solver("pndm", PNDMScheduler, dict(skip_prk_steps=True, set_alpha_to_one=True),
            _spacing_options(_TIMESTEP_SPACINGS), "leading",
            nfe_of_steps=lambda steps: steps + 1, min_steps=2, paper="PLMS"),
@@ -150,8 +163,9 @@ _SOLVERS = [
 #: the solver names, in the order of the paper's tables
 SOLVERS: tuple[str, ...] = tuple(s.name for s in _SOLVERS)
 _BY_NAME = {s.name: s for s in _SOLVERS}
-#: the solvers whose time grid ``set_grid`` can move (explicit grids, ``refine="joint+timesteps"``)
-GRID_SOLVERS: tuple[str, ...] = tuple(s.name for s in _SOLVERS if s.custom_grid)
+#: the solvers that take any time grid (explicit grids, learned grids): their own scheduler's ``set_grid``, or
+#: their ``grid_form`` (DDIM)
+GRID_SOLVERS: tuple[str, ...] = tuple(s.name for s in _SOLVERS if s.takes_grid)
 
 
 def get_solver(name: str) -> Solver:
@@ -207,10 +221,40 @@ def make_scheduler(name: str, model, spacing=None, **overrides):
     scheduler = solver.scheduler_class.from_config(config)
     if isinstance(spacing, str):
         return scheduler
+    if not solver.custom_grid:  # DDIM: the scheduler that makes its update on any levels
+        scheduler = _grid_form_scheduler(solver, scheduler.config)
     from .scheduler import DODEScheduler  # a grid lives in the D-ODE scheduler, which re-applies it
 
     steps = len(spacing)  # one level per step (Heun: per step of two stages)
     return DODEScheduler(scheduler, [0.0] * solver.nfe_of_steps(steps), steps, grid=list(spacing))
+
+
+def _grid_form_scheduler(solver: Solver, config):
+    cls, settings = solver.grid_form
+    return cls.from_config({**dict(config), **settings})
+
+
+def to_grid_form(dode):
+    """A DODEScheduler (same lambdas and step count) that can take any grid, on ``dode``'s own grid: ``dode``
+    itself when its scheduler steps on ``scheduler.sigmas``; for DDIM, iPNDM of order 1 on DDIM's noise levels.
+
+    The same sampler where DDIM's next state is at the timestep it evaluates next: always with "leading", and with
+    "trailing" when the step count divides the training steps; "linspace" (and "trailing" otherwise) round their
+    timesteps apart from DDIM's ``t - T // n`` steps, so there the grid form differs slightly from DDIM."""
+    solver = solver_of(dode)
+    if solver.custom_grid:
+        return dode
+    if solver.grid_form is None:
+        raise ValueError(f"{solver.name} cannot take a custom time grid: its diffusers scheduler steps on integer "
+                         f"timesteps and no scheduler makes exactly its update on other levels; solvers that can: "
+                         f"{', '.join(GRID_SOLVERS)}")
+    from .scheduler import DODEScheduler
+
+    probe = copy.deepcopy(dode)
+    probe.set_timesteps(probe.num_inference_steps)
+    base = _grid_form_scheduler(solver, dode.base_scheduler.config)
+    return DODEScheduler(base, list(dode.lambdas), dode.num_inference_steps, copy.deepcopy(dode.fit_info),
+                         grid=list(TimeGrid.of(probe).steps))
 
 
 def set_grid(scheduler, grid) -> None:
@@ -224,9 +268,10 @@ def set_grid(scheduler, grid) -> None:
 
     solver = solver_of(scheduler)
     if not solver.custom_grid:
+        form = f"; for {solver.name}, use dode.solvers.to_grid_form first" if solver.grid_form else ""
         raise ValueError(
             f"{type(scheduler).__name__} ({solver.name}) cannot take a custom time grid: its steps use integer "
-            f"timesteps; solvers that can: {', '.join(GRID_SOLVERS)}"
+            f"timesteps{form}; solvers that can: {', '.join(GRID_SOLVERS)}"
         )
     grid = np.asarray(grid, dtype=np.float64)
     current = TimeGrid.of(scheduler).steps
