@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .distill import Validation, distill, refine_fit
+from .distill import STARTS, Validation, distill, refine_fit
+from .refine import MODE_OPTIONS
 from .models import resolve_device
 from .metrics import feature_statistics, frechet_distance, rmse
 from .ode import solve_ode
@@ -69,6 +70,15 @@ def _positive_ints(value, name: str, empty: bool = False) -> list:
     return list(value)
 
 
+def _seeds(value, name: str) -> list:
+    """A non-empty list of distinct seeds (integers >= 0); a single integer is a one-element list."""
+    value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(value, (list, tuple)) or not value or len(set(value)) != len(value) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
+        raise ValueError(f"{name} must be a list of distinct integers >= 0, e.g. [0, 100, 200]; got {value!r}")
+    return list(value)
+
+
 def _teacher_value(value, name: str):
     if value == "fine" or (isinstance(value, int) and not isinstance(value, bool) and value >= 2):
         return value
@@ -108,7 +118,10 @@ def _checks():
     return {
         "model_name": lambda v, n: _model_name(v),
         "models": lambda v, n: [_model_name(m) for m in ([v] if isinstance(v, str) else v)],
-        "solvers": solvers, "matching_solvers": solvers, "refine_solvers": solvers,
+        "solvers": solvers, "matching_solvers": solvers, "refine_solvers": solvers, "learned_solvers": solvers,
+        "seed_solvers": solvers,
+        "learned_starts": lambda v, n: _positive_ints(v, n)[0], "learned_iterations": lambda v, n: _positive_ints(v, n)[0],
+        "fit_seeds": _seeds,
         "solver": lambda v, n: _names(v, n, SOLVERS)[0] if isinstance(v, str) else _names(v, n, SOLVERS),
         "pca_solver": lambda v, n: _names([v], n, SOLVERS)[0],
         "nfes": _positive_ints, "grid_nfes": _positive_ints, "batch_sizes": _positive_ints,
@@ -258,7 +271,9 @@ def evaluate_grid(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NF
 
 
 #: the rows of the spacing tables, per solver and NFE
-SPACING_VARIANTS = ("base", "best-base", "dode", "dode-auto", "dode-learned")
+#: the refinements ``evaluate_spacings`` adds at ``learned_nfes``: variant -> ``distill(refine=...)`` mode
+LEARNED_VARIANTS = {"learned-grid": "timesteps", "dode-joint": "joint", "dode-learned": "joint+timesteps"}
+SPACING_VARIANTS = ("base", "best-base", "dode", "dode-auto", *LEARNED_VARIANTS)
 
 
 def _scores(model, scheduler, nfe, data, *, seed, features, batch_size, device, validation=None, criteria=(),
@@ -278,6 +293,7 @@ def _scores(model, scheduler, nfe, data, *, seed, features, batch_size, device, 
 
 def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
                       fit_teacher: Teacher, validation: Teacher, metric: str = "fd_pixel", learned_nfes=(),
+                      learned_solvers=SOLVERS, learned_starts: int = STARTS, learned_iterations: int = 20,
                       refine_teacher: Teacher | None = None, criteria=(), features=("pixel",),
                       validation_features: str | None = None,
                       batch_size: int | None = None, save_dir=None, device="auto",
@@ -290,8 +306,11 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
     validation criteria in ``criteria`` ("rmse", "fd") beside them. ``results`` holds the table rows
     (``SPACING_VARIANTS``): the base on the paper's spacing, the best base by ``metric`` on the evaluation data
     (what a user who tunes diffusers' spacing gets), the paper's greedy D-ODE on the paper's spacing, D-ODE with
-    ``spacing="auto"`` (guarded), and at ``learned_nfes`` (solvers in ``GRID_SOLVERS``) the auto fit with a
-    learned grid (``refine="joint+timesteps"`` against ``refine_teacher``, kept only where it validates better).
+    ``spacing="auto"`` (guarded), and at ``learned_nfes`` for ``learned_solvers`` the refinements
+    (``LEARNED_VARIANTS``, against ``refine_teacher``, from ``learned_starts`` starting spacings, at most
+    ``learned_iterations`` L-BFGS iterations, each kept only where it validates better than what it replaces):
+    the base solver on a learned grid (lambdas 0), D-ODE auto with its lambdas refined jointly, and D-ODE with
+    lambdas and grid learned together (grids only for ``GRID_SOLVERS``).
     Validation Frechet distances are in ``validation_features`` (default: the feature space of ``metric``).
     Fitted schedulers go to ``save_dir/<solver>-nfe<k>-<variant>``.
     """
@@ -335,15 +354,17 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
             "spacing": chosen, **_scores(model, auto, nfe, data, **score)}
         fits = {"base": (cells[paper, "base"][0], None), "best-base": (best, None),
                 "dode": (cells[paper, "dode"][0], cells[paper, "dode"][1]), "dode-auto": (auto_row, auto)}
-        if nfe in learned_nfes and solver in GRID_SOLVERS:
-            clock = time.perf_counter()
+        if nfe in learned_nfes and solver in learned_solvers:
             check = Validation(model, validation, auto.fit_info["validation"]["criterion"], device, validation_features)
-            learned = refine_fit(model, auto, refine_teacher or fit_teacher, "joint+timesteps", validation=check,
-                                 progress=False)
-            learned.fit_info["refine"]["seconds_total"] = time.perf_counter() - clock
-            kept = learned.fit_info["refine"]["kept"]  # else the auto fit itself came back
-            fits["dode-learned"] = ({"spacing": "learned" if kept else chosen,
-                                     **_scores(model, learned, nfe, data, **score)}, learned)
+            for variant, mode in LEARNED_VARIANTS.items():
+                if MODE_OPTIONS[mode]["timesteps"] and solver not in GRID_SOLVERS:
+                    continue
+                refined = refine_fit(model, auto, refine_teacher or fit_teacher, mode, validation=check,
+                                     starts=learned_starts, max_iterations=learned_iterations, progress=False)
+                info = refined.fit_info["refine"]
+                spacing = ("learned" if info["kept"] and MODE_OPTIONS[mode]["timesteps"]
+                           else refined.fit_info.get("spacing", chosen))
+                fits[variant] = ({"spacing": spacing, **_scores(model, refined, nfe, data, **score)}, refined)
         for variant, (row, fitted) in fits.items():
             out = {key: row[key] for key in row if key not in ("variant", "paper_spacing", "chosen", "shrink")}
             out.update(solver=solver, nfe=nfe, variant=variant, spacing=row["spacing"])
@@ -353,7 +374,9 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                            shrink=fitted.fit_info.get("validation", {}).get("shrink"),
                            fit_seconds=auto_seconds if variant == "dode-auto" else
                            fitted.fit_info.get("refine", {}).get("seconds_total", 0.0),
-                           kept=fitted.fit_info.get("refine", {}).get("kept"))
+                           kept=fitted.fit_info.get("refine", {}).get("kept"),
+                           validation=fitted.fit_info.get("refine", {}).get(
+                               "validation", fitted.fit_info.get("validation", {}).get("guarded")))
                 if save_dir is not None:
                     fitted.save_pretrained(Path(save_dir) / f"{solver}-nfe{nfe}-{variant}")
             results.append(out)
@@ -428,7 +451,7 @@ def gap_summary(results: pd.DataFrame, floor: float, metric: str = "fd_pixel") -
     of the base-to-floor gap each closes."""
     wide = results.pivot_table(index=["solver", "nfe"], columns="variant", values=metric).reset_index()
     for variant in [v for v in VARIANTS[1:] if v in wide]:
-        suffix = variant[4:]
+        suffix = variant[4:] if variant.startswith("dode") else "-" + variant
         wide["ratio" + suffix] = wide[variant] / wide["base"]
         wide["gap_closed" + suffix] = (wide["base"] - wide[variant]) / (wide["base"] - floor)
     order = {s: i for i, s in enumerate(SOLVERS)}

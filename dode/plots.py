@@ -127,13 +127,14 @@ def sample_grid(samples: torch.Tensor, ncol: int = 8, ax=None, title: str | None
 VARIANT_NAMES = {
     "base": "base, paper's spacing",
     "best-base": "base, best spacing",
+    "learned-grid": "base, learned grid (lambdas 0)",
     "dode": "D-ODE, paper's spacing",
     "dode-auto": "D-ODE auto (spacing picked on validation seeds)",
-    "dode-learned": "D-ODE auto, learned grid",
     "dode-joint": "D-ODE joint",
+    "dode-learned": "D-ODE auto, learned grid",
     "dode-joint+timesteps": "D-ODE joint+timesteps",
 }
-_VARIANT_MARKERS = dict(zip(VARIANTS, ("o", "X", "s", "P", "D", "^", "v")))
+_VARIANT_MARKERS = dict(zip(VARIANTS, ("o", "X", "h", "s", "P", "^", "D", "v")))
 _VARIANT_COLORS = {v: f"C{i}" for i, v in enumerate(VARIANTS)}  # one colour per row kind in every figure
 
 
@@ -154,12 +155,14 @@ def sample_grid_figure(nrows: int, ncols: int, num: int, ncol: int, image_shape,
 
 
 def quality_vs_nfe(results: pd.DataFrame, metric: str = "fd_pixel", floor: float | None = None, col_wrap: int = 4,
-                   floor_label: str = FLOOR_LABEL, exact: bool = True):
+                   floor_label: str = FLOOR_LABEL, exact: bool = True, variants=None):
     """One panel per solver (titled with its name in the paper): ``metric`` against NFE on a log scale, base rows
     dashed, D-ODE rows solid, one legend below the panels; ``floor`` (when given and above 0) as a dotted grey
-    line, explained in the legend by ``floor_label``. Returns the figure (constrained layout: give it a title with
-    ``fig.suptitle(text)`` and no ``y``)."""
+    line, explained in the legend by ``floor_label``; ``variants``: the row kinds drawn (default: all present).
+    Returns the figure (constrained layout: give it a title with ``fig.suptitle(text)`` and no ``y``)."""
     solvers = _solver_order(results["solver"])
+    if variants is not None:
+        results = results[results["variant"].isin(variants)]
     variants = [v for v in VARIANTS if v in set(results["variant"])]
     variants += [v for v in dict.fromkeys(results["variant"]) if v not in variants]
     ncols = min(col_wrap, len(solvers))

@@ -65,9 +65,12 @@ def plan(results: Path, models: list[str]) -> list[Run]:
             "nfes": list(PAPER_NFES) if exact else [4, 5, 6, 8],
             "metric": "fd_pixel" if exact or not digits else "fd_digits",
             "num_samples": 2000 if exact else 500, "reference_samples": 10_000, "fine_nfe": 200, "teacher": 10,
-            # learned grids and the criteria's rank correlation on gmm-digits only: on the UNet they would double
-            # the run (a learned grid costs about a minute per solver there)
-            "validation_size": 100, "learned_nfes": [4, 5, 6] if exact else [], "refine_teacher": "fine",
+            # learned grids (the grid alone, joint lambdas, both) at every NFE on gmm-digits, from three starting
+            # spacings; on the UNet (each student run about 15x dearer) at NFE 4-6 for DDIM, DPM-Solver++ and DEIS,
+            # from auto's spacing alone, in fewer iterations; the criteria's rank correlation on gmm-digits only
+            "validation_size": 100, "learned_nfes": list(PAPER_NFES) if exact else [4, 5, 6],
+            "learned_solvers": "all" if exact else ["ddim", "dpm_solver_pp_2m", "deis"],
+            "learned_starts": 3 if exact else 1, "learned_iterations": 20 if exact else 10, "refine_teacher": "fine",
             "criteria": ["rmse", "fd"] if exact else []}))
     metrics = [f"fd_{f}" for f in features] + ["rmse_exact"]
     runs.append(Run("03_paper_tables", "03_paper_tables.ipynb",
@@ -80,7 +83,9 @@ def plan(results: Path, models: list[str]) -> list[Run]:
     runs.append(Run("05_ablations-gmm-digits", "05_ablations.ipynb", {
         "model_name": "gmm-digits", "solver": "ddim", "nfe": 5, "teacher_scales": [2, 5, 10, 20, "fine"],
         "batch_sizes": [10, 25, 100, 400], "fit_repeats": 3, "matching_solvers": "all", "num_samples": 2000,
-        "reference_samples": 10_000, "refine_solvers": ["ddim", "ipndm", "dpm_solver_pp_2m", "heun"], "refine_teacher": "fine"}))
+        "reference_samples": 10_000, "refine_solvers": ["ddim", "ipndm", "dpm_solver_pp_2m", "heun"], "refine_teacher": "fine",
+        "seed_solvers": ["ddim", "ipndm", "dpm_solver_pp_2m", "deis"], "fit_seeds": [0, 100, 200],
+        "learned_starts": 3, "learned_iterations": 20}))
     return runs
 
 
@@ -239,6 +244,35 @@ def headline(summary, metric: str, floor: float, tolerance: float = 0.01, costs:
     return " ".join(lines)
 
 
+def learned_claims(results, metric: str) -> str:
+    """Prose on the learned grids from a model's ``results.csv`` rows (empty where it holds none): what the lambdas
+    add on top of a learned grid, what the grid adds on top of the lambdas, and what each fit costs."""
+    wide = results.pivot_table(index=["solver", "nfe"], columns="variant", values=metric)
+    seconds = results.pivot_table(index=["solver", "nfe"], columns="variant", values="fit_seconds")
+    if "dode-learned" not in wide or "learned-grid" not in wide:
+        return ""
+    both = wide.dropna(subset=["dode-learned", "learned-grid"])
+    if both.empty:
+        return ""
+    nfes = sorted({n for _, n in both.index})
+    lam = both["dode-learned"] / both["learned-grid"]
+    low = lam[[n <= 5 for _, n in both.index]]
+    grid = (both["dode-learned"] / both["dode-auto"]).median()
+    lines = [f"Learned grids ({len(both)} solver x NFE cells, NFE {', '.join(map(str, nfes))}): D-ODE with lambdas and "
+             f"grid learned together against the base solver on a grid learned alone (lambdas 0, same starts and "
+             f"iterations): median ratio {lam.median():.3f}"
+             + (f", at or below 0.5x in {int((low <= 0.5).sum())} of {len(low)} cells at NFE 5 and below" if len(low)
+                else "") + f". What the grid adds on top of the lambdas: median ratio {grid:.3f} to greedy D-ODE auto."]
+    best = (both["dode-learned"] / wide.loc[both.index, "best-base"]).median()
+    lines.append(f"Against the best base on diffusers' spacings, D-ODE learned grid has a median ratio of {best:.3f}.")
+    costs = {v: seconds[v].median() for v in ("learned-grid", "dode-joint", "dode-learned", "dode-auto") if v in seconds}
+    lines.append("Median fit seconds per solver and NFE: " + ", ".join(
+        f"{name} {costs[v]:.1f} s" for v, name in (("dode-auto", "greedy D-ODE auto"), ("learned-grid", "grid alone"),
+                                                  ("dode-joint", "joint lambdas"), ("dode-learned", "lambdas and grid"))
+        if v in costs) + " (each refinement on top of the auto fit it starts from).")
+    return " ".join(lines)
+
+
 README_BLOCK = ("<!-- results: written by make reproduce from results/; do not edit by hand -->", "<!-- /results -->")
 
 
@@ -282,6 +316,20 @@ def write_summary(results: Path, manifest: dict) -> str:
                 costs = {"auto": rows.loc[rows.variant == "dode-auto", "fit_seconds"].median(),
                          "greedy": sweep.loc[sweep.variant == "dode", "fit_seconds"].median()}
         text = headline(summary, metric, floor, costs=costs)
+        learned = learned_claims(pd.read_csv(folder / "results.csv"), metric) if (folder / "results.csv").is_file() \
+            else ""
+        if learned:
+            text += " " + learned
+        for spread_file in sorted(folder.glob("ablation_seeds_summary-nfe*.csv")):
+            spread = pd.read_csv(spread_file)
+            spread = spread[spread.variant == "dode-learned"]
+            if len(spread):
+                nfe = spread_file.stem.rsplit("-nfe", 1)[1]
+                text += (f" Refitted on {len(pd.read_csv(folder / f'ablation_seeds-nfe{nfe}.csv').fit_seed.unique())} "
+                         f"fitting batches, D-ODE learned grid at NFE {nfe} varies by at most "
+                         f"{spread.range_over_median.max():.1%} of its median ("
+                         + ", ".join(f"{r.solver} {r['median']:.3f}, {r['min']:.3f}-{r['max']:.3f}"
+                                     for _, r in spread.iterrows()) + ").")
         claims.append(f"- **{model}** (`{metric}`, {evaluation['num_samples']} held-out samples per cell, NFE "
                       f"{', '.join(map(str, sorted(summary.nfe.unique())))}): {text}")
         if not correlation.empty:
@@ -301,7 +349,13 @@ with teacher C = {evaluation['teacher']}; spacings chosen and guarded on seeds
 {(folder / f"table_{metric}.md").read_text()}
 The spacing behind each cell is in `{model}/table_spacings.md`; every solver x spacing x NFE x (base, D-ODE) cell
 in `{model}/spacings.csv` and `figures/spacings-{model}.png`.
-""" + ("" if correlation.empty else f"""
+""" + ("" if not (folder / "table_learned.md").is_file() else f"""
+### Learned grids: the grid alone, the lambdas alone, both
+
+The best base, the base on a learned grid (lambdas 0), greedy D-ODE auto, its lambdas refined jointly, lambdas and
+grid learned together (`{model}/table_learned.md`):
+
+{(folder / "table_learned.md").read_text()}""") + ("" if correlation.empty else f"""
 How well each validation criterion predicts `{metric}` (Spearman rank correlation over every cell, its median
 within each solver and NFE, and how often the criterion's pick is the true best):
 

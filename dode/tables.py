@@ -9,31 +9,51 @@ from .solvers import SOLVERS, get_solver
 VARIANT_LABELS = {
     "base": "",                       # the base solver on the paper's spacing
     "best-base": " best spacing",     # the best base over diffusers' spacings (by the true metric)
+    "learned-grid": " learned grid",  # the base solver on a learned grid, every lambda 0 (refine="timesteps")
     "dode": "",                       # the paper's greedy D-ODE on the paper's spacing ("D-" in front)
     "dode-auto": " auto",             # D-ODE, spacing chosen on validation seeds
-    "dode-learned": " learned grid",  # D-ODE auto with a learned time grid
     "dode-joint": " joint",           # all lambdas refined jointly
+    "dode-learned": " learned grid",  # D-ODE auto with lambdas and time grid learned together
     "dode-joint+timesteps": " joint+timesteps",
 }
 VARIANTS = tuple(VARIANT_LABELS)
+#: the rows of the paper's tables in 03_paper_tables: the paper's and the spacing comparison
+PAPER_VARIANTS = ("base", "best-base", "dode", "dode-auto", "dode-learned")
+#: the learned-grid comparison (``learned_table``): the best base, a learned grid alone, greedy D-ODE auto, its
+#: lambdas refined jointly, lambdas and grid learned together
+LEARNED_VARIANTS = ("best-base", "learned-grid", "dode-auto", "dode-joint", "dode-learned")
 
 
 def row_label(solver: str, variant: str) -> str:
-    """"DDIM", "DDIM best spacing", "D-DDIM" (the paper's greedy fit), "D-DDIM auto", "D-DDIM learned grid", ..."""
+    """"DDIM", "DDIM best spacing", "DDIM learned grid" (lambdas 0), "D-DDIM" (the paper's greedy fit),
+    "D-DDIM auto", "D-DDIM learned grid", ..."""
     paper = get_solver(solver).paper
     if variant not in VARIANT_LABELS:
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
-    return ("" if variant in ("base", "best-base") else "D-") + paper + VARIANT_LABELS[variant]
+    return ("D-" if variant.startswith("dode") else "") + paper + VARIANT_LABELS[variant]
 
 
-def paper_table(results: pd.DataFrame, metric: str = "fd") -> pd.DataFrame:
-    """Numeric table: index = solver rows in the paper's order (base, D-ODE, its refinements), columns = NFE."""
+def paper_table(results: pd.DataFrame, metric: str = "fd", variants=VARIANTS) -> pd.DataFrame:
+    """Numeric table: index = solver rows in the paper's order (base, D-ODE, its refinements; those of
+    ``variants`` present), columns = NFE."""
     table = results.pivot_table(index=["solver", "variant"], columns="nfe", values=metric)
-    order = [(s, v) for s in SOLVERS for v in VARIANTS if (s, v) in table.index]
+    order = [(s, v) for s in SOLVERS for v in variants if (s, v) in table.index]
     table = table.loc[order]
     table.index = [row_label(s, v) for s, v in order]
     table.columns = [f"NFE {n}" for n in table.columns]
     return table
+
+
+def learned_table(results: pd.DataFrame, metric: str = "fd") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(quality, cost) over ``LEARNED_VARIANTS`` at the NFEs where the learned rows exist: ``metric``, and the
+    seconds each row's fit took (the refinements' own, on top of the auto fit they start from; the best base is
+    picked on evaluation data, no fit). A cell a solver cannot have (no grid for PLMS) is empty."""
+    learned = results[results["variant"].isin(LEARNED_VARIANTS[1:]) & (results["variant"] != "dode-auto")]
+    nfes = sorted(set(learned["nfe"]))
+    rows = results[results["nfe"].isin(nfes)]
+    quality = paper_table(rows, metric, LEARNED_VARIANTS)
+    cost = paper_table(rows.assign(fit_seconds=rows["fit_seconds"].fillna(0.0)), "fit_seconds", LEARNED_VARIANTS)
+    return quality, cost
 
 
 def spacing_table(results: pd.DataFrame) -> pd.DataFrame:
