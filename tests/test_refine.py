@@ -44,7 +44,8 @@ def test_grid_parameters_always_give_a_strictly_descending_grid_with_fixed_ends(
 INTEGER_LEVELS = {"dpm_solver_2": "linspace", "dpm_solver_pp_2m": "linspace"}
 
 
-@pytest.mark.parametrize("solver", GRID_SOLVERS)
+# DDIM takes grids through its grid form (tests/test_learned_grids.py), not set_grid on DDIMScheduler
+@pytest.mark.parametrize("solver", [s for s in GRID_SOLVERS if dode.get_solver(s).custom_grid])
 def test_setting_the_default_grid_changes_nothing(gmm, solver):
     steps = dode.get_solver(solver).steps_for(5)
     spacing = INTEGER_LEVELS.get(solver)
@@ -119,7 +120,7 @@ def test_set_grid_rejects_integer_timestep_schedulers_and_bad_grids(gmm):
     for solver in ("ddim", "pndm"):
         scheduler = make_scheduler(solver, gmm)
         scheduler.set_timesteps(4)
-        with pytest.raises(ValueError, match="cannot take a custom time grid.*" + GRID_SOLVERS[0]):
+        with pytest.raises(ValueError, match="cannot take a custom time grid.*" + GRID_SOLVERS[-1]):
             set_grid(scheduler, [100.0, 10.0, 1.0, 0.1])
     scheduler = make_scheduler("unipc", gmm)
     scheduler.set_timesteps(4)
@@ -182,7 +183,7 @@ def test_a_learned_grid_is_monotone_keeps_its_ends_improves_the_fit_and_round_tr
     probe.set_timesteps(probe.num_inference_steps)
     default = TimeGrid.of(probe).steps
     grid = np.array(learned.grid)
-    assert grid[0] == pytest.approx(default[0], rel=1e-9)
+    assert grid[0] <= default[0] * (1 + 1e-9)  # the first level may only come down
     assert np.all(np.diff(grid) < 0) and grid[-1] > training_sigmas(gmm.scheduler_config)[0]
     assert not np.allclose(grid, default)
     assert _fitting_loss(gmm, learned, teacher, "final") < _fitting_loss(gmm, greedy, teacher, "final")
@@ -195,12 +196,12 @@ def test_a_learned_grid_is_monotone_keeps_its_ends_improves_the_fit_and_round_tr
 
 
 def test_refinement_errors_are_clear(gmm, tmp_path):
-    with pytest.raises(ValueError, match="cannot learn a time grid for ddim.*refine='joint'.*unipc"):
-        dode.distill(gmm, "ddim", 4, batch_size=4, refine="joint+timesteps")
+    with pytest.raises(ValueError, match="cannot learn a time grid for pndm.*refine='joint'.*unipc"):
+        dode.distill(gmm, "pndm", 4, batch_size=4, refine="joint+timesteps")
     with pytest.raises(ValueError, match="refine must be one of"):
         dode.distill(gmm, "ddim", 4, batch_size=4, refine="jointly")
     teacher = dode.Teacher(gmm, batch_size=4, seed=0, grid=2)
-    greedy = dode.distill(gmm, "ddim", 4, teacher=teacher, guard=False)
+    greedy = dode.distill(gmm, "pndm", 4, teacher=teacher, guard=False)
     with pytest.raises(ValueError, match="custom time grid"):
         refine(gmm, greedy, teacher.noise, teacher.targets(greedy), timesteps=True, objective="final")
     with pytest.raises(ValueError, match="objective"):

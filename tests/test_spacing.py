@@ -209,7 +209,8 @@ def test_teacher_targets_lie_on_the_exact_ode_at_the_students_levels_on_every_sp
     targets = teacher.targets(grid)
     # the start written out: the first sigma of the schedulers that hold them, else the first timestep's level
     sigmas = training_sigmas(gaussian.model.scheduler_config)
-    start = float(scheduler.sigmas[0]) if solver in GRID_SOLVERS else float(sigmas[int(scheduler.timesteps[0])])
+    start = float(scheduler.sigmas[0]) if dode.get_solver(solver).custom_grid else \
+        float(sigmas[int(scheduler.timesteps[0])])
     assert grid.start == pytest.approx(start, rel=1e-6)
     x0 = teacher.noise * float(scheduler.init_noise_sigma)
     if solver == "heun":  # sigma space: x0 + sigma * noise
@@ -253,7 +254,7 @@ def custom_levels(steps):
     return list(np.geomspace(80.0, 0.05, steps))
 
 
-@pytest.mark.parametrize("solver", GRID_SOLVERS)
+@pytest.mark.parametrize("solver", [s for s in GRID_SOLVERS if dode.get_solver(s).custom_grid])
 def test_an_explicit_grid_is_set_grid_on_the_same_levels(gmm, solver):
     steps = dode.get_solver(solver).steps_for(NFE)
     levels = custom_levels(steps)
@@ -338,11 +339,11 @@ def test_bad_explicit_grids_are_clear_errors(gmm, bad, words):
             make_scheduler("unipc", gmm, bad)
 
 
-@pytest.mark.parametrize("solver", ["ddim", "pndm"])
-def test_integer_timestep_solvers_refuse_an_explicit_grid(gmm, solver):
+def test_plms_refuses_an_explicit_grid(gmm):
+    """DDIM takes one through its grid form (tests/test_learned_grids.py); PLMS has none."""
     levels = custom_levels(4)
-    for call in (lambda: make_scheduler(solver, gmm, levels), lambda: dode.sample(gmm, solver, 5, 2, spacing=levels),
-                 lambda: dode.distill(gmm, solver, 5, spacing=levels, batch_size=2, guard=False)):
+    for call in (lambda: make_scheduler("pndm", gmm, levels), lambda: dode.sample(gmm, "pndm", 5, 2, spacing=levels),
+                 lambda: dode.distill(gmm, "pndm", 5, spacing=levels, batch_size=2, guard=False)):
         with pytest.raises(ValueError, match="cannot take an explicit grid.*integer timesteps.*'leading', 'trailing'"):
             call()
 

@@ -1,0 +1,175 @@
+"""Learned time grids for every solver (issue 12): DDIM's exact grid form, the grid alone (refine="timesteps"),
+several starts chosen on validation seeds, and the never-worse guard on every refinement."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import dode
+from dode.distill import refine_fit, refinement_starts
+from dode.grids import TimeGrid
+from dode.models import training_sigmas
+from dode.refine import MODE_OPTIONS, refine
+from dode.sampling import integrate, seeded_noise
+from dode.solvers import GRID_SOLVERS, make_scheduler, to_grid_form
+
+NOISE_SEED, BATCH = 11, 12
+
+
+def _ddim_by_hand(model, grid, noise, lambdas):
+    """DDIM (eta 0) with D-ODE's corrected eps on a grid of noise levels, written out: abar = 1 / (1 + sigma^2),
+    x0 = (x - sqrt(1 - abar) e) / sqrt(abar), x_next = sqrt(abar_next) x0 + sqrt(1 - abar_next) e, clean at the end."""
+    log_sigmas = np.log(training_sigmas(model.scheduler_config))
+    levels = [*grid, 0.0]
+    x, previous = noise.double(), None
+    for k, sigma in enumerate(grid):
+        t = float(np.interp(np.log(sigma), log_sigmas, np.arange(len(log_sigmas))))
+        eps = model(x.float(), torch.tensor(t)).double()
+        corrected = eps if previous is None else eps + lambdas[k] * (eps - previous)
+        previous = eps
+        abar, abar_next = 1 / (1 + sigma**2), 1 / (1 + levels[k + 1] ** 2)
+        x0 = (x - (1 - abar) ** 0.5 * corrected) / abar**0.5
+        x = abar_next**0.5 * x0 + (1 - abar_next) ** 0.5 * corrected
+    return x
+
+
+def test_ddim_takes_a_grid_through_its_exact_grid_form(gmm):
+    noise = seeded_noise(gmm.sample_shape, BATCH, NOISE_SEED)
+    grid = [120.0, 9.0, 1.7, 0.4, 0.05]
+    lambdas = [0.0, 0.7, -0.3, 1.2, 4.0]
+    scheduler = make_scheduler("ddim", gmm, grid)
+    assert isinstance(scheduler.base_scheduler, dode.IPNDMDiscreteScheduler)
+    assert scheduler.base_scheduler.config.max_order == 1
+    scheduler.lambdas = lambdas
+    got, _ = integrate(gmm, scheduler, scheduler.num_inference_steps, noise)
+    torch.testing.assert_close(got.double(), _ddim_by_hand(gmm, grid, noise, lambdas), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(TimeGrid.of(scheduler).steps, grid, rtol=1e-6)
+
+
+@pytest.mark.parametrize("spacing, nfe", [("leading", 3), ("leading", 5), ("trailing", 5), ("leading", 10)])
+def test_the_grid_form_of_ddim_samples_as_ddim_itself(gmm, spacing, nfe):
+    """On DDIM's own levels its grid form is the same sampler (D-ODE's lambdas included), where DDIM's next state is
+    at the timestep it evaluates next (leading; trailing when the step count divides 1000)."""
+    ddim = dode.DODEScheduler(make_scheduler("ddim", gmm, spacing), [0.0, *np.linspace(0.5, 2.0, nfe - 1)], nfe)
+    form = to_grid_form(ddim)
+    assert isinstance(form.base_scheduler, dode.IPNDMDiscreteScheduler) and form.lambdas == ddim.lambdas
+    x, y = (dode.sample(gmm, s, nfe, BATCH, seed=NOISE_SEED, progress=False) for s in (ddim, form))
+    torch.testing.assert_close(y, x, rtol=0, atol=2e-5)
+    assert to_grid_form(form) is form  # a scheduler that takes grids is its own grid form
+
+
+def test_plms_has_no_grid_form_and_says_so(gmm):
+    assert "pndm" not in GRID_SOLVERS and "ddim" in GRID_SOLVERS
+    with pytest.raises(ValueError, match="no scheduler makes exactly its update"):
+        make_scheduler("pndm", gmm, [100.0, 10.0, 1.0])
+    with pytest.raises(ValueError, match="refine='timesteps' cannot learn a time grid for pndm"):
+        dode.distill(gmm, "pndm", 4, batch_size=4, refine="timesteps")
+    plms = dode.DODEScheduler(make_scheduler("pndm", gmm), [0.0] * 4, 3)
+    with pytest.raises(ValueError, match="no scheduler makes exactly its update"):
+        to_grid_form(plms)
+
+
+def test_a_learned_grid_alone_keeps_every_lambda_at_zero_and_improves_the_fit(gmm):
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, grid="fine")
+    base = dode.DODEScheduler(make_scheduler("ddim", gmm), [0.0] * 4, 4)
+    probe = copy.deepcopy(to_grid_form(base))
+    probe.set_timesteps(4)
+    learned = refine(gmm, base, teacher.noise, teacher.targets(probe), **MODE_OPTIONS["timesteps"], max_iterations=6,
+                     progress=False)
+    info = learned.fit_info["refine"]
+    assert learned.lambdas == [0.0] * 4 and info["mode"] == "timesteps"
+    assert info["mse_refined"] < info["mse_start"]
+    start = TimeGrid.of(probe).steps
+    grid = np.array(learned.grid)
+    assert not np.allclose(grid, start) and np.all(np.diff(grid) < 0)
+    assert grid[0] <= start[0] * (1 + 1e-9)  # the first level may come down, never above the schedule's start
+    # the objective it reports is the final samples' distance to the teacher's (the ODE from the start's own first
+    # state), recomputed through dode.sample
+    x = dode.sample(gmm, learned, 4, teacher.batch_size, seed=teacher.seed, progress=False)
+    final = teacher.targets(probe)[-1].double()
+    assert info["mse_refined"] == pytest.approx(float(torch.mean((x.double() - final) ** 2)), rel=1e-4)
+    with pytest.raises(ValueError, match="nothing to refine"):
+        refine(gmm, base, teacher.noise, teacher.targets(probe), timesteps=False, lambdas=False)
+
+
+def test_joint_refinement_from_zero_lambdas_has_a_gradient(gmm):
+    """Lambdas at 0 (what the guard hands back where D-ODE does not help) still move: the gradient is not lost."""
+    teacher = dode.Teacher(gmm, batch_size=12, seed=2, grid=4)
+    zero = dode.DODEScheduler(make_scheduler("deis", gmm), [0.0] * 4, 4)
+    zero.set_timesteps(4)
+    joint = refine(gmm, zero, teacher.noise, teacher.targets(zero), objective="all", max_iterations=5, progress=False)
+    assert any(v != 0.0 for v in joint.lambdas[1:])
+    assert joint.fit_info["refine"]["mse_refined"] < joint.fit_info["refine"]["mse_start"]
+
+
+@pytest.fixture(scope="module")
+def auto_fit(gmm, validation):
+    teacher = dode.Teacher(gmm, batch_size=24, seed=3, grid=4)
+    return dode.distill(gmm, "deis", 4, spacing="auto", teacher=teacher, validation=validation), teacher
+
+
+def test_the_starts_are_autos_spacing_the_papers_and_the_best_other(gmm, auto_fit):
+    auto, _ = auto_fit
+    candidates = {c["spacing"]: c for c in auto.fit_info["validation"]["candidates"]}
+    starts = refinement_starts(gmm, auto, "joint+timesteps", 3)
+    spacings = [s.fit_info["spacing"] for s, _ in starts]
+    assert spacings[0] == auto.fit_info["spacing"] and starts[0][0] is auto
+    assert len(set(spacings)) == 3 and dode.get_solver("deis").default_spacing in spacings
+    for scheduler, score in starts[1:]:
+        c = candidates[scheduler.fit_info["spacing"]]
+        factor = float(min(c["scores"], key=c["scores"].get))
+        assert scheduler.lambdas == [factor * v for v in c["greedy_lambdas"]] and score == c["best"]
+    bases = refinement_starts(gmm, auto, "timesteps", 3)
+    ranked = sorted(candidates.values(), key=lambda c: c["base"])
+    assert bases[0][0].fit_info["spacing"] == ranked[0]["spacing"] and bases[0][1] == ranked[0]["base"]
+    assert all(s.lambdas == [0.0] * s.nfe for s, _ in bases)
+    assert dode.get_solver("deis").default_spacing in [s.fit_info["spacing"] for s, _ in bases]
+
+
+class _Scores:
+    """A validation whose score of a refined scheduler is fixed: the guard's decision is then known in advance."""
+
+    def __init__(self, score):
+        self.score, self.calls = score, 0
+
+    def __call__(self, scheduler, *args, **kwargs):
+        self.calls += 1
+        return self.score
+
+
+@pytest.mark.parametrize("mode", list(MODE_OPTIONS))
+@pytest.mark.parametrize("better", [True, False])
+def test_every_refinement_is_kept_only_where_it_validates_better_than_what_it_replaces(gmm, auto_fit, mode, better):
+    auto, teacher = auto_fit
+    starts = refinement_starts(gmm, auto, mode, 2)
+    before = auto.fit_info["validation"]["guarded"] if MODE_OPTIONS[mode]["lambdas"] else min(s for _, s in starts)
+    check = _Scores(before * (0.5 if better else 2.0))
+    refined = refine_fit(gmm, auto, teacher, mode, validation=check, starts=2, max_iterations=4, probe_iterations=2,
+                         progress=False)
+    info = refined.fit_info["refine"]
+    assert info["validation_before"] == before and info["kept"] is better
+    assert len(info["steps"]) == 3 and info["steps"][-1]["continued"]  # two probes, the best one continued
+    if better:
+        assert info["validation"] < before
+    elif MODE_OPTIONS[mode]["lambdas"]:  # the fit itself comes back
+        assert refined.lambdas == auto.lambdas and refined.grid == auto.grid
+    else:  # the best-validating base among the starts
+        best = min(starts, key=lambda s: s[1])[0]
+        assert refined.lambdas == [0.0] * refined.nfe and refined.fit_info["spacing"] == best.fit_info["spacing"]
+        assert refined.grid is None
+
+
+def test_distill_learns_ddims_grid_and_the_result_round_trips(gmm, validation, tmp_path):
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, grid=4)
+    learned = dode.distill(gmm, "ddim", 4, spacing="auto", teacher=teacher, validation=validation,
+                           refine="joint+timesteps", refine_iterations=6, refine_starts=2, progress=False)
+    info = learned.fit_info["refine"]
+    assert info["validation"] <= info["validation_before"] or not info["kept"]
+    assert len(info["steps"]) == 3
+    if info["kept"]:
+        assert isinstance(learned.base_scheduler, dode.IPNDMDiscreteScheduler) and learned.grid is not None
+    learned.save_pretrained(tmp_path)
+    loaded = dode.DODEScheduler.from_pretrained(tmp_path)
+    x, y = (dode.sample(gmm, d, 4, 6, seed=100, progress=False) for d in (learned, loaded))
+    assert torch.equal(x, y)
