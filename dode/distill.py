@@ -241,7 +241,7 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
 
     ``refine``: None (the paper's greedy fit), ``"joint"`` (then all lambdas together, against the teacher's
     state after every step, at most ``refine_iterations`` L-BFGS iterations), ``"joint+timesteps"`` (lambdas
-    and the noise level of every step but the first, against the teacher's final samples; only for the solvers
+    and the noise level of every step, the first only downwards, against the teacher's final samples; only for the solvers
     in ``dode.solvers.GRID_SOLVERS``) or ``"timesteps"`` (the grid alone, every lambda 0: the base solver on a
     learned grid, the ablation without D-ODE). With ``spacing="auto"`` a refinement runs from ``refine_starts``
     starting points (``refinement_starts``: auto's spacing, the paper's, the best other one) and the best on
