@@ -384,12 +384,8 @@ def refinement_starts(model, fitted: DODEScheduler, mode: str, count: int = STAR
         if zero:
             start.lambdas = [0.0] * start.nfe
         return [(start, None)]
-    if zero:
-        ranked = sorted(candidates, key=lambda c: c["base"])
-        score = lambda c: c["base"]  # noqa: E731
-    else:
-        ranked = sorted(candidates, key=lambda c: c["best"])
-        score = lambda c: c["best"]  # noqa: E731
+    key = "base" if zero else "best"  # each candidate's validation score: lambda 0, or its best factor
+    ranked = sorted(candidates, key=lambda c: c[key])
     paper = [c for c in candidates if c["spacing"] == solver.default_spacing]
     order = [c for c in candidates if c["spacing"] == fitted.fit_info.get("spacing")] if not zero else []
     chosen, seen = [], set()
@@ -400,10 +396,10 @@ def refinement_starts(model, fitted: DODEScheduler, mode: str, count: int = STAR
     starts = []
     for c in chosen:
         if not zero and c["spacing"] == fitted.fit_info.get("spacing"):
-            starts.append((fitted, check.get("guarded", score(c))))
+            starts.append((fitted, check.get("guarded", c[key])))
             continue
         factor = 0.0 if zero else float(min(c["scores"], key=c["scores"].get))
-        starts.append((at(c["spacing"], [factor * v for v in c["greedy_lambdas"]]), score(c)))
+        starts.append((at(c["spacing"], [factor * v for v in c["greedy_lambdas"]]), c[key]))
     return starts
 
 
@@ -448,17 +444,18 @@ def refine_fit(model, fitted: DODEScheduler, teacher: Teacher, mode: str, *, val
         refined = attempts[0]
         refined.fit_info["refine"]["seconds_total"] = time.perf_counter() - began
         return refined
-    steps = [{**{k: r.fit_info["refine"][k] for k in ("mse_start", "mse_refined", "validation", "iterations",
-                                                       "evaluations", "seconds")},
-              "spacing": r.fit_info["refine"]["start"]["spacing"],
-              "start_validation": r.fit_info["refine"]["start"]["validation"]} for r in attempts]
+    def step_record(info, spacing, start_validation, **extra):
+        return {**{k: info[k] for k in ("mse_start", "mse_refined", "validation", "iterations", "evaluations",
+                                         "seconds")}, "spacing": spacing, "start_validation": start_validation, **extra}
+
+    steps = [step_record(r.fit_info["refine"], r.fit_info["refine"]["start"]["spacing"],
+                         r.fit_info["refine"]["start"]["validation"]) for r in attempts]
     best = min(attempts, key=lambda r: r.fit_info["refine"]["validation"])
     if probing:  # the best probe goes on
         more = run(best, max_iterations - probe_iterations)
         info = more.fit_info["refine"]
-        steps.append({**{k: info[k] for k in ("mse_start", "mse_refined", "validation", "iterations", "evaluations",
-                                              "seconds")}, "spacing": best.fit_info["refine"]["start"]["spacing"],
-                      "start_validation": best.fit_info["refine"]["validation"], "continued": True})
+        steps.append(step_record(info, best.fit_info["refine"]["start"]["spacing"],
+                                 best.fit_info["refine"]["validation"], continued=True))
         info["start"] = best.fit_info["refine"]["start"]
         if info["validation"] <= best.fit_info["refine"]["validation"]:
             best = more

@@ -25,7 +25,7 @@ from .ode import solve_ode
 from .sampling import prepare_scheduler, sample
 from .scheduler import DODEScheduler
 from .solvers import GRID_SOLVERS, SOLVERS, get_solver, make_scheduler
-from .tables import VARIANTS
+from .tables import REFINED_VARIANTS, VARIANTS
 from .teacher import Teacher
 
 PAPER_NFES = (3, 4, 5, 6, 8, 10)
@@ -272,8 +272,8 @@ def evaluate_grid(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NF
 
 #: the rows of the spacing tables, per solver and NFE
 #: the refinements ``evaluate_spacings`` adds at ``learned_nfes``: variant -> ``distill(refine=...)`` mode
-LEARNED_VARIANTS = {"learned-grid": "timesteps", "dode-joint": "joint", "dode-learned": "joint+timesteps"}
-SPACING_VARIANTS = ("base", "best-base", "dode", "dode-auto", *LEARNED_VARIANTS)
+REFINEMENTS = dict(zip(REFINED_VARIANTS, ("timesteps", "joint", "joint+timesteps")))
+SPACING_VARIANTS = ("base", "best-base", "dode", "dode-auto", *REFINEMENTS)
 
 
 def _scores(model, scheduler, nfe, data, *, seed, features, batch_size, device, validation=None, criteria=(),
@@ -307,7 +307,7 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
     (``SPACING_VARIANTS``): the base on the paper's spacing, the best base by ``metric`` on the evaluation data
     (what a user who tunes diffusers' spacing gets), the paper's greedy D-ODE on the paper's spacing, D-ODE with
     ``spacing="auto"`` (guarded), and at ``learned_nfes`` for ``learned_solvers`` the refinements
-    (``LEARNED_VARIANTS``, against ``refine_teacher``, from ``learned_starts`` starting spacings, at most
+    (``REFINEMENTS``, against ``refine_teacher``, from ``learned_starts`` starting spacings, at most
     ``learned_iterations`` L-BFGS iterations, each kept only where it validates better than what it replaces):
     the base solver on a learned grid (lambdas 0), D-ODE auto with its lambdas refined jointly, and D-ODE with
     lambdas and grid learned together (grids only for ``GRID_SOLVERS``).
@@ -356,7 +356,7 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                 "dode": (cells[paper, "dode"][0], cells[paper, "dode"][1]), "dode-auto": (auto_row, auto)}
         if nfe in learned_nfes and solver in learned_solvers:
             check = Validation(model, validation, auto.fit_info["validation"]["criterion"], device, validation_features)
-            for variant, mode in LEARNED_VARIANTS.items():
+            for variant, mode in REFINEMENTS.items():
                 if MODE_OPTIONS[mode]["timesteps"] and solver not in GRID_SOLVERS:
                     continue
                 refined = refine_fit(model, auto, refine_teacher or fit_teacher, mode, validation=check,

@@ -19,9 +19,11 @@ VARIANT_LABELS = {
 VARIANTS = tuple(VARIANT_LABELS)
 #: the rows of the paper's tables in 03_paper_tables: the paper's and the spacing comparison
 PAPER_VARIANTS = ("base", "best-base", "dode", "dode-auto", "dode-learned")
-#: the learned-grid comparison (``learned_table``): the best base, a learned grid alone, greedy D-ODE auto, its
-#: lambdas refined jointly, lambdas and grid learned together
-LEARNED_VARIANTS = ("best-base", "learned-grid", "dode-auto", "dode-joint", "dode-learned")
+#: the refinements of an auto fit (``experiments.REFINEMENTS`` fits them): a learned grid alone, the lambdas refined
+#: jointly, lambdas and grid learned together
+REFINED_VARIANTS = ("learned-grid", "dode-joint", "dode-learned")
+#: the rows of ``learned_table``: the best base, greedy D-ODE auto and its refinements
+LEARNED_ROWS = ("best-base", "learned-grid", "dode-auto", "dode-joint", "dode-learned")
 
 
 def row_label(solver: str, variant: str) -> str:
@@ -45,14 +47,13 @@ def paper_table(results: pd.DataFrame, metric: str = "fd", variants=VARIANTS) ->
 
 
 def learned_table(results: pd.DataFrame, metric: str = "fd") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(quality, cost) over ``LEARNED_VARIANTS`` at the NFEs where the learned rows exist: ``metric``, and the
+    """(quality, cost) over ``LEARNED_ROWS`` at the NFEs where the learned rows exist: ``metric``, and the
     seconds each row's fit took (the refinements' own, on top of the auto fit they start from; the best base is
     picked on evaluation data, no fit). A cell a solver cannot have (no grid for PLMS) is empty."""
-    learned = results[results["variant"].isin(LEARNED_VARIANTS[1:]) & (results["variant"] != "dode-auto")]
-    nfes = sorted(set(learned["nfe"]))
+    nfes = sorted(set(results.loc[results["variant"].isin(REFINED_VARIANTS), "nfe"]))
     rows = results[results["nfe"].isin(nfes)]
-    quality = paper_table(rows, metric, LEARNED_VARIANTS)
-    cost = paper_table(rows.assign(fit_seconds=rows["fit_seconds"].fillna(0.0)), "fit_seconds", LEARNED_VARIANTS)
+    quality = paper_table(rows, metric, LEARNED_ROWS)
+    cost = paper_table(rows.assign(fit_seconds=rows["fit_seconds"].fillna(0.0)), "fit_seconds", LEARNED_ROWS)
     return quality, cost
 
 
