@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .distill import distill
+from .fit import distill
 from .experiments import provenance
 from .metrics import FEATURES, frechet_distance
-from .models import load_model, resolve_device
+from .models import load_model
+from .runtime import resolve_device
 from .sampling import AUTOCAST_DTYPES, check_batch_size, positive_int, sample
 from .scheduler import DODEScheduler
 from .solvers import SOLVERS

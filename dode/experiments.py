@@ -17,16 +17,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .distill import STARTS, Validation, distill, refine_fit
-from .refine import MODE_OPTIONS
-from .models import resolve_device
+from .fit import STARTS, Validation, distill, refine_fit
+from .runtime import resolve_device
 from .metrics import feature_statistics, frechet_distance, rmse
 from .ode import solve_ode
 from .sampling import prepare_scheduler, sample
-from .scheduler import DODEScheduler
-from .solvers import GRID_SOLVERS, SOLVERS, get_solver, make_scheduler
-from .tables import REFINED_VARIANTS, VARIANTS
+from .scheduler import DODEScheduler, make_scheduler
+from .solvers import GRID_SOLVERS, SOLVERS, get_solver
 from .teacher import Teacher
+from .variants import REFINED_VARIANTS, REFINEMENTS, VARIANTS, suffix
 
 PAPER_NFES = (3, 4, 5, 6, 8, 10)
 
@@ -111,7 +110,7 @@ def _spacing(value):
 
 
 def _checks():
-    from .distill import CRITERIA
+    from .fit import CRITERIA
     from .metrics import FEATURES
 
     solvers = lambda value, name: list(SOLVERS) if value == "all" else _names(value, name, SOLVERS)  # noqa: E731
@@ -144,7 +143,7 @@ def check_parameters(**parameters):
     A scalar where a list is expected is a one-element list (papermill hands ``-p nfes 4`` over as an int and
     ``-p solvers deis`` as a string); an unknown solver, model, spacing, feature, metric or criterion, a device
     this machine lacks, or a value of the wrong kind is a ValueError that names what is valid. ``num_threads``
-    is applied (``dode.models.use_threads``: one thread unless asked otherwise). With ``solvers`` (or
+    is applied (``dode.runtime.use_threads``: one thread unless asked otherwise). With ``solvers`` (or
     ``solver``) and ``nfes`` (or ``nfe``), the solver x NFE cells a solver cannot make exactly are returned in
     ``skipped`` (solver, nfe, reason) and printed; none possible at all is a ValueError.
 
@@ -152,7 +151,7 @@ def check_parameters(**parameters):
     """
     from types import SimpleNamespace
 
-    from .models import use_threads
+    from .runtime import use_threads
 
     checks = _checks()
     unknown = sorted(set(parameters) - set(checks))
@@ -224,56 +223,34 @@ def evaluate_scheduler(model, scheduler, nfe: int, data: EvaluationData, *, seed
     return row
 
 
-def _fits(model, solver: str, nfe: int, refine: dict, refine_teacher: Teacher, **fit):
-    """(variant, fitted DODEScheduler, seconds) for the greedy fit and each refinement ``refine`` asks for here."""
-    began = time.perf_counter()
-    greedy = distill(model, solver, nfe, guard=False, **fit)  # the paper's greedy fit
-    yield "dode", greedy, time.perf_counter() - began
-    for mode, nfes in refine.items():
-        if nfe in nfes and (mode == "joint" or solver in GRID_SOLVERS):
-            began = time.perf_counter()
-            refined = refine_jointly(model, greedy, refine_teacher, mode, progress=False)
-            yield f"dode-{mode}", refined, time.perf_counter() - began
-
-
 def evaluate_grid(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
-                  fit_batch_size: int = 100, fit_seed: int = 0, teacher=10, refine: dict | None = None,
-                  refine_teacher=None, features=("pixel",), batch_size: int | None = None, save_dir=None, device="auto",
-                  progress: bool = True) -> pd.DataFrame:
-    """One row per (solver, NFE, variant), scored by ``evaluate_scheduler``; variants are in ``VARIANTS``.
-
-    ``refine`` maps a refinement ("joint", "joint+timesteps") to the NFEs where it is added (from the greedy
-    fit, against ``refine_teacher``: C or "fine", None for ``teacher``; "joint+timesteps" only for solvers that
-    take a custom grid). NFEs a solver cannot make are skipped. Each fitted DODEScheduler is saved under
-    ``save_dir/<solver>-nfe<k>[-<mode>]`` when ``save_dir`` is given. ``fit_rmse_teacher`` is the RMSE of the
-    final samples to the (refinement) teacher's on the fitting batch, beside the held-out scores.
+                  fit_batch_size: int = 100, fit_seed: int = 0, teacher=10, features=("pixel",),
+                  batch_size: int | None = None, save_dir=None, device="auto", progress: bool = True) -> pd.DataFrame:
+    """One row per (solver, NFE, variant): the base ("base") and the paper's greedy fit ("dode"), scored by
+    ``evaluate_scheduler``. NFEs a solver cannot make are skipped. Each fitted DODEScheduler is saved under
+    ``save_dir/<solver>-nfe<k>`` when ``save_dir`` is given. ``fit_rmse_teacher`` is the RMSE of the final samples
+    to the teacher's on the fitting batch, beside the held-out scores.
     """
     jobs = [(s, n) for s in solvers for n in nfes if possible(s, n)]
     teacher = Teacher(model, batch_size=fit_batch_size, seed=fit_seed, grid=teacher, device=device)
-    refine_teacher = teacher if refine_teacher is None else Teacher(
-        model, batch_size=fit_batch_size, seed=fit_seed, grid=refine_teacher, device=device)
     rows = []
     for solver, nfe in tqdm(jobs, desc=f"{getattr(model, 'name', 'model')}: solver x NFE", disable=not progress):
         rows.append({"solver": solver, "variant": "base", "nfe": nfe, "fit_seconds": 0.0, "lambdas": "",
                      **evaluate_scheduler(model, solver, nfe, data, seed=seed, features=features,
                                           batch_size=batch_size, device=device)})
-        for variant, fitted, seconds in _fits(model, solver, nfe, refine or {}, refine_teacher, teacher=teacher,
-                                              device=device):
-            if save_dir is not None:
-                fitted.save_pretrained(Path(save_dir) / f"{solver}-nfe{nfe}{variant[4:]}")
-            rows.append({"solver": solver, "variant": variant, "nfe": nfe, "fit_seconds": seconds,
-                         "lambdas": json.dumps([round(v, 6) for v in fitted.lambdas]),
-                         "grid": json.dumps(fitted.grid and [round(v, 6) for v in fitted.grid]),
-                         "fit_rmse_teacher": fitting_rmse(model, fitted, refine_teacher, device=device),
-                         **evaluate_scheduler(model, fitted, nfe, data, seed=seed, features=features,
-                                              batch_size=batch_size, device=device)})
+        began = time.perf_counter()
+        fitted = distill(model, solver, nfe, guard=False, teacher=teacher, device=device)  # the paper's greedy fit
+        seconds = time.perf_counter() - began
+        if save_dir is not None:
+            fitted.save_pretrained(Path(save_dir) / f"{solver}-nfe{nfe}")
+        rows.append({"solver": solver, "variant": "dode", "nfe": nfe, "fit_seconds": seconds,
+                     "lambdas": json.dumps([round(v, 6) for v in fitted.lambdas]),
+                     "fit_rmse_teacher": fitting_rmse(model, fitted, teacher, device=device),
+                     **evaluate_scheduler(model, fitted, nfe, data, seed=seed, features=features,
+                                          batch_size=batch_size, device=device)})
     return pd.DataFrame(rows)
 
 
-#: the rows of the spacing tables, per solver and NFE
-#: the refinements ``evaluate_spacings`` adds at ``learned_nfes``: variant -> ``distill(refine=...)`` mode
-REFINEMENTS = dict(zip(REFINED_VARIANTS, ("timesteps", "joint", "joint+timesteps")))
-SPACING_VARIANTS = ("base", "best-base", "dode", "dode-auto", *REFINEMENTS)
 
 
 def _scores(model, scheduler, nfe, data, *, seed, features, batch_size, device, validation=None, criteria=(),
@@ -304,10 +281,10 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
     ``fit_teacher``'s batch) and judges them on ``validation``'s seeds. ``sweep`` holds one row per spacing and
     variant ("base": lambda = 0; "dode": the greedy lambdas, unguarded) scored on the evaluation data, with the
     validation criteria in ``criteria`` ("rmse", "fd") beside them. ``results`` holds the table rows
-    (``SPACING_VARIANTS``): the base on the paper's spacing, the best base by ``metric`` on the evaluation data
+    (``dode.variants.VARIANTS``): the base on the paper's spacing, the best base by ``metric`` on the evaluation data
     (what a user who tunes diffusers' spacing gets), the paper's greedy D-ODE on the paper's spacing, D-ODE with
     ``spacing="auto"`` (guarded), and at ``learned_nfes`` for ``learned_solvers`` the refinements
-    (``REFINEMENTS``, against ``refine_teacher``, from ``learned_starts`` starting spacings, at most
+    (``dode.variants.REFINED_VARIANTS``, against ``refine_teacher``, from ``learned_starts`` starting spacings, at most
     ``learned_iterations`` L-BFGS iterations, each kept only where it validates better than what it replaces):
     the base solver on a learned grid (lambdas 0), D-ODE auto with its lambdas refined jointly, and D-ODE with
     lambdas and grid learned together (grids only for ``GRID_SOLVERS``).
@@ -356,13 +333,14 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                 "dode": (cells[paper, "dode"][0], cells[paper, "dode"][1]), "dode-auto": (auto_row, auto)}
         if nfe in learned_nfes and solver in learned_solvers:
             check = Validation(model, validation, auto.fit_info["validation"]["criterion"], device, validation_features)
-            for variant, mode in REFINEMENTS.items():
-                if MODE_OPTIONS[mode]["timesteps"] and solver not in GRID_SOLVERS:
+            for variant in REFINED_VARIANTS:
+                mode = VARIANTS[variant].refine
+                if REFINEMENTS[mode].timesteps and solver not in GRID_SOLVERS:
                     continue
                 refined = refine_fit(model, auto, refine_teacher or fit_teacher, mode, validation=check,
                                      starts=learned_starts, max_iterations=learned_iterations, progress=False)
                 info = refined.fit_info["refine"]
-                spacing = ("learned" if info["kept"] and MODE_OPTIONS[mode]["timesteps"]
+                spacing = ("learned" if info["kept"] and REFINEMENTS[mode].timesteps
                            else refined.fit_info.get("spacing", chosen))
                 fits[variant] = ({"spacing": spacing, **_scores(model, refined, nfe, data, **score)}, refined)
         for variant, (row, fitted) in fits.items():
@@ -417,12 +395,6 @@ def criterion_correlation(sweep: pd.DataFrame, metric: str = "fd_pixel") -> pd.D
     return pd.DataFrame(rows)
 
 
-def refine_jointly(model, greedy, teacher: Teacher, mode: str, **options):
-    """``distill(refine=mode)`` from an existing greedy fit, unguarded: ``dode.distill.refine_fit`` without the
-    validation (the ablation compares the refinements themselves)."""
-    return refine_fit(model, greedy, teacher, mode, **options)
-
-
 def fitting_rmse(model, scheduler, teacher: Teacher, device="auto") -> float:
     """RMSE of a fitted scheduler's final samples to the teacher's, on the teacher's (fitting) batch."""
     probe = copy.deepcopy(scheduler)
@@ -450,10 +422,9 @@ def gap_summary(results: pd.DataFrame, floor: float, metric: str = "fd_pixel") -
     """Per solver and NFE: base, D-ODE (and its refinements, where present), the ratio to base, and the fraction
     of the base-to-floor gap each closes."""
     wide = results.pivot_table(index=["solver", "nfe"], columns="variant", values=metric).reset_index()
-    for variant in [v for v in VARIANTS[1:] if v in wide]:
-        suffix = variant[4:] if variant.startswith("dode") else "-" + variant
-        wide["ratio" + suffix] = wide[variant] / wide["base"]
-        wide["gap_closed" + suffix] = (wide["base"] - wide[variant]) / (wide["base"] - floor)
+    for variant in [v for v in VARIANTS if v != "base" and v in wide]:
+        wide["ratio" + suffix(variant)] = wide[variant] / wide["base"]
+        wide["gap_closed" + suffix(variant)] = (wide["base"] - wide[variant]) / (wide["base"] - floor)
     order = {s: i for i, s in enumerate(SOLVERS)}
     return wide.sort_values(["solver", "nfe"], key=lambda c: c.map(order) if c.name == "solver" else c)
 

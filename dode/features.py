@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import WEIGHTS_DIR, ModelNotFoundError
+from .hub import ModelNotFoundError
+from .runtime import WEIGHTS_DIR
 
 CLASSIFIER_DIR = WEIGHTS_DIR / "digits-classifier"
 

@@ -26,7 +26,7 @@ from diffusers import EulerDiscreteScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
-from .models import convert_prediction
+from .schedule import convert_prediction
 
 #: Adams-Bashforth coefficients for equal steps, newest prediction first, by order
 ADAMS_BASHFORTH = {

@@ -19,8 +19,9 @@ from torch import nn
 from torchmetrics.image.fid import _compute_fid
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
-from .models import ModelNotFoundError, resolve_device
-from .models import url_reachable as _url_reachable  # a name of its own here, so tests can go offline
+from .hub import ModelNotFoundError
+from .hub import url_reachable as _url_reachable  # a name of its own here, so tests can go offline
+from .runtime import resolve_device
 
 FEATURES = ("pixel", "digits", "inception")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

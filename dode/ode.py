@@ -13,7 +13,8 @@ import torch
 from scipy.integrate import solve_ivp
 from tqdm.auto import tqdm
 
-from .models import as_prediction_type, resolve_device, sigma_to_timestep, training_sigmas
+from .runtime import resolve_device
+from .schedule import as_prediction_type, sigma_to_timestep, training_sigmas
 from .sampling import check_batch_size, seeded_noise
 
 

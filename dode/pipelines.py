@@ -17,7 +17,9 @@ import inspect
 
 import torch
 
-from .models import DiffusersModel, fetch, schedule_config
+from .hub import fetch
+from .networks import DiffusersModel
+from .schedule import schedule_config
 from .scheduler import DODEScheduler
 
 

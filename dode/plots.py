@@ -15,9 +15,7 @@ from matplotlib.ticker import LogFormatter, MaxNLocator
 from sklearn.decomposition import PCA
 
 from .solvers import SOLVERS, SPACINGS, get_solver
-from .tables import VARIANT_LABELS, VARIANTS
-
-VARIANT_STYLE = {"base": (4, 2), "dode": ""}  # base dashed, D-ODE solid
+from .variants import VARIANTS
 
 #: readable names of the result columns
 METRIC_LABELS = {
@@ -123,18 +121,6 @@ def sample_grid(samples: torch.Tensor, ncol: int = 8, ax=None, title: str | None
     return ax
 
 
-#: legend entries of the result rows (``tables.VARIANTS``); ``tables.row_label`` gives the same per solver
-VARIANT_NAMES = {
-    "base": "base, paper's spacing",
-    "best-base": "base, best spacing",
-    "learned-grid": "base, learned grid (lambdas 0)",
-    "dode": "D-ODE, paper's spacing",
-    "dode-auto": "D-ODE auto (spacing picked on validation seeds)",
-    "dode-joint": "D-ODE joint",
-    "dode-learned": "D-ODE auto, learned grid",
-    "dode-joint+timesteps": "D-ODE joint+timesteps",
-}
-_VARIANT_MARKERS = dict(zip(VARIANTS, ("o", "X", "h", "s", "P", "^", "D", "v")))
 _VARIANT_COLORS = {v: f"C{i}" for i, v in enumerate(VARIANTS)}  # one colour per row kind in every figure
 
 
@@ -180,10 +166,11 @@ def quality_vs_nfe(results: pd.DataFrame, metric: str = "fd_pixel", floor: float
             line = rows[rows["variant"] == variant].sort_values("nfe")
             if line.empty:
                 continue
-            label = VARIANT_NAMES.get(variant, variant)
+            known = VARIANTS.get(variant)
             handles[variant], = ax.plot(line["nfe"], line[metric], color=colors[variant],
-                                        marker=_VARIANT_MARKERS.get(variant, "o"), ms=4, lw=widths[variant], label=label,
-                                        ls="--" if not variant.startswith("dode") else "-")
+                                        marker=known.marker if known else "o", ms=4, lw=widths[variant],
+                                        label=known.legend if known else variant,
+                                        ls="-" if known is None or known.dode else "--")
         if floor is not None and floor > 0:
             handles["floor"] = ax.axhline(floor, color="grey", lw=1, ls=":", label=floor_label)
         ax.set_yscale("log")

@@ -1,7 +1,7 @@
 """Refinement (beyond the paper): all lambdas together, the time grid alone, or both, through the whole run.
 
 The paper fits each lambda greedily against the teacher's state after its own step. Here the greedy lambdas
-are only the start (``MODE_OPTIONS``): "joint" moves every lambda to minimise the mean squared distance of the
+are only the start (``dode.variants.REFINEMENTS``): "joint" moves every lambda to minimise the mean squared distance of the
 student's states to the teacher's; "timesteps" moves only the noise levels of the grid, every lambda held at 0
 (the base solver on a learned grid: the learned-grid methods without D-ODE); "joint+timesteps" moves both. With
 a grid the objective is the final samples' distance (the moving states have no fixed targets). The optimiser is
@@ -9,13 +9,13 @@ L-BFGS over the distillation batch. The network is frozen but differentiated thr
 to the lambdas comes from autograd through every model evaluation and scheduler step. The grid enters the
 scheduler's coefficients and the model's time input, which diffusers computes outside autograd, so its gradient
 is a finite difference (one extra student run per grid parameter). DDIM's grid is learned on its exact grid form
-(``dode.solvers.to_grid_form``: iPNDM of order 1).
+(``dode.scheduler.to_grid_form``: iPNDM of order 1).
 
 Every level of the grid moves. The first may only come down (``u = log(first / start) <= 0``: above it the
 noise is the schedule's own); the rest are parametrised so that the grid stays strictly descending between the
 first level and the smallest training noise level: the gaps between consecutive log-levels are ``softmax([z, 0])``
 of that span, so any ``z`` is a valid grid (``z`` is kept in a box so that no two levels merge in float32).
-Several starts and the never-worse guard on validation seeds are ``dode.distill.refine_fit``'s.
+Several starts and the never-worse guard on validation seeds are ``dode.fit.refine_fit``'s.
 """
 from __future__ import annotations
 
@@ -27,18 +27,13 @@ import scipy.optimize
 import torch
 from tqdm.auto import tqdm
 
-from .models import training_sigmas
-from .scheduler import DODEScheduler
+from .schedule import training_sigmas
+from .scheduler import DODEScheduler, to_grid_form
 from .grids import TimeGrid
 from .sampling import integrate
-from .solvers import GRID_SOLVERS, solver_of, to_grid_form
+from .solvers import GRID_SOLVERS, solver_of
+from .variants import REFINEMENTS
 
-#: each refinement of ``distill(refine=...)``: what it moves, and against which teacher states. "timesteps" is a
-#: learned grid alone, every lambda held at 0: the base solver on a learned grid (the idea of GITS, LD3, AYS)
-MODE_OPTIONS = {"joint": {"timesteps": False, "lambdas": True, "objective": "all"},
-                "timesteps": {"timesteps": True, "lambdas": False, "objective": "final"},
-                "joint+timesteps": {"timesteps": True, "lambdas": True, "objective": "final"}}
-MODES = (None, *MODE_OPTIONS)
 _FD_STEP = 1e-4  # finite-difference step in the grid parameters z
 _MIN_GAP = 0.02  # smallest share of the log-sigma span between two grid levels at the start
 #: the first level may come down from its start (never up: noise above it is the schedule's own) by at most this
@@ -76,7 +71,7 @@ def _loss(states, targets, objective: str) -> torch.Tensor:
     return sum(torch.mean((x.double() - y.double().to(x.device)) ** 2) for x, y in pairs) / len(pairs)
 
 
-def refine(model, dode: DODEScheduler, noise: torch.Tensor, targets: torch.Tensor, *, timesteps: bool = False,
+def optimise(model, dode: DODEScheduler, noise: torch.Tensor, targets: torch.Tensor, *, timesteps: bool = False,
            lambdas: bool = True, objective: str = "final", max_iterations: int = 50,
            progress: bool = True) -> DODEScheduler:
     """A copy of ``dode`` whose lambdas (``lambdas``) and grid (``timesteps``) minimise the mean squared distance of
@@ -85,7 +80,7 @@ def refine(model, dode: DODEScheduler, noise: torch.Tensor, targets: torch.Tenso
     step at a time) or "final" (the final samples only; the one choice with ``timesteps``, whose moving states
     have no fixed targets). At most ``max_iterations`` L-BFGS iterations and twice as many objective evaluations
     (line searches included). ``lambdas=False`` holds the lambdas at their start (with a zero start: a learned grid
-    alone, the base solver's). DDIM's grid is learned on its grid form (``dode.solvers.to_grid_form``). Never
+    alone, the base solver's). DDIM's grid is learned on its grid form (``dode.scheduler.to_grid_form``). Never
     returns a worse fit than its start: the best point L-BFGS visits is kept."""
     solver = solver_of(dode)
     if timesteps and not solver.takes_grid:
@@ -178,5 +173,5 @@ def refine(model, dode: DODEScheduler, noise: torch.Tensor, targets: torch.Tenso
 
 
 def mode_of(*, timesteps: bool, lambdas: bool) -> str:
-    """The ``MODE_OPTIONS`` name of what a refinement moves."""
-    return next(name for name, o in MODE_OPTIONS.items() if o["timesteps"] == timesteps and o["lambdas"] == lambdas)
+    """The ``REFINEMENTS`` name of what a refinement moves."""
+    return next(name for name, o in REFINEMENTS.items() if o.timesteps == timesteps and o.lambdas == lambdas)

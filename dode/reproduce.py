@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import verification
 from .experiments import PAPER_NFES, provenance
-from .models import WEIGHTS_DIR
+from .runtime import WEIGHTS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

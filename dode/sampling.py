@@ -8,10 +8,11 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .models import resolve_device
+from .runtime import resolve_device
 from .scheduler import DODEScheduler
 from .grids import TimeGrid
-from .solvers import Solver, get_solver, make_scheduler, solver_of
+from .scheduler import make_scheduler
+from .solvers import Solver, get_solver, solver_of
 
 
 class Trajectory(NamedTuple):

@@ -7,6 +7,7 @@ scheduler's, so a DODEScheduler drops in wherever the base scheduler is used.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .solvers import scheduler_class_named, set_grid, solver_of
+from .grids import TimeGrid
+from .solvers import GRID_SOLVERS, get_solver, grid_form_scheduler, scheduler_class_named, set_grid, solver_of
 
 LAMBDAS_FILE = "dode_lambdas.json"
 
@@ -145,3 +147,46 @@ class DODEScheduler(SchedulerMixin):
             except ValueError as err:
                 raise ValueError(f"{path} holds a grid this scheduler cannot use: {err}") from err
         return dode
+
+
+def make_scheduler(name: str, model, spacing=None, **overrides):
+    """A diffusers scheduler for solver ``name`` on ``model``'s noise schedule, as the paper configures it.
+
+    ``spacing``: one of the solver's ``spacings`` (default: the paper's, ``Solver.default_spacing``), or an
+    explicit list of noise levels, one per step, for the solvers in ``GRID_SOLVERS``: then the result is a
+    ``DODEScheduler`` with every lambda 0 (the base solver on that grid) for exactly that many steps.
+    ``overrides`` go to the scheduler's config last.
+    """
+    solver = get_solver(name)
+    spacing = solver.check_spacing(spacing)
+    named = spacing if isinstance(spacing, str) else solver.default_spacing
+    config = {**model.scheduler_config, **solver.settings, **solver.spacings[named], **overrides}
+    scheduler = solver.scheduler_class.from_config(config)
+    if isinstance(spacing, str):
+        return scheduler
+    if not solver.custom_grid:  # DDIM: the scheduler that makes its update on any levels
+        scheduler = grid_form_scheduler(solver, scheduler.config)
+    # a grid lives in the D-ODE scheduler, which re-applies it after every set_timesteps
+    steps = len(spacing)  # one level per step (Heun: per step of two stages)
+    return DODEScheduler(scheduler, [0.0] * solver.nfe_of_steps(steps), steps, grid=list(spacing))
+
+
+def to_grid_form(dode):
+    """A DODEScheduler (same lambdas and step count) that can take any grid, on ``dode``'s own grid: ``dode``
+    itself when its scheduler steps on ``scheduler.sigmas``; for DDIM, iPNDM of order 1 on DDIM's noise levels.
+
+    The same sampler where DDIM's next state is at the timestep it evaluates next: always with "leading", and with
+    "trailing" when the step count divides the training steps; "linspace" (and "trailing" otherwise) round their
+    timesteps apart from DDIM's ``t - T // n`` steps, so there the grid form differs slightly from DDIM."""
+    solver = solver_of(dode)
+    if solver.custom_grid:
+        return dode
+    if solver.grid_form is None:
+        raise ValueError(f"{solver.name} cannot take a custom time grid: its diffusers scheduler steps on integer "
+                         f"timesteps and no scheduler makes exactly its update on other levels; solvers that can: "
+                         f"{', '.join(GRID_SOLVERS)}")
+    probe = copy.deepcopy(dode)
+    probe.set_timesteps(probe.num_inference_steps)
+    base = grid_form_scheduler(solver, dode.base_scheduler.config)
+    return DODEScheduler(base, list(dode.lambdas), dode.num_inference_steps, copy.deepcopy(dode.fit_info),
+                         grid=list(TimeGrid.of(probe).steps))

@@ -206,55 +206,10 @@ def spacing_of(scheduler) -> str | None:
     return None
 
 
-def make_scheduler(name: str, model, spacing=None, **overrides):
-    """A diffusers scheduler for solver ``name`` on ``model``'s noise schedule, as the paper configures it.
-
-    ``spacing``: one of the solver's ``spacings`` (default: the paper's, ``Solver.default_spacing``), or an
-    explicit list of noise levels, one per step, for the solvers in ``GRID_SOLVERS``: then the result is a
-    ``DODEScheduler`` with every lambda 0 (the base solver on that grid) for exactly that many steps.
-    ``overrides`` go to the scheduler's config last.
-    """
-    solver = get_solver(name)
-    spacing = solver.check_spacing(spacing)
-    named = spacing if isinstance(spacing, str) else solver.default_spacing
-    config = {**model.scheduler_config, **solver.settings, **solver.spacings[named], **overrides}
-    scheduler = solver.scheduler_class.from_config(config)
-    if isinstance(spacing, str):
-        return scheduler
-    if not solver.custom_grid:  # DDIM: the scheduler that makes its update on any levels
-        scheduler = _grid_form_scheduler(solver, scheduler.config)
-    from .scheduler import DODEScheduler  # a grid lives in the D-ODE scheduler, which re-applies it
-
-    steps = len(spacing)  # one level per step (Heun: per step of two stages)
-    return DODEScheduler(scheduler, [0.0] * solver.nfe_of_steps(steps), steps, grid=list(spacing))
-
-
-def _grid_form_scheduler(solver: Solver, config):
+def grid_form_scheduler(solver: Solver, config):
+    """The scheduler that makes ``solver``'s update on any grid (``Solver.grid_form``), from a config."""
     cls, settings = solver.grid_form
     return cls.from_config({**dict(config), **settings})
-
-
-def to_grid_form(dode):
-    """A DODEScheduler (same lambdas and step count) that can take any grid, on ``dode``'s own grid: ``dode``
-    itself when its scheduler steps on ``scheduler.sigmas``; for DDIM, iPNDM of order 1 on DDIM's noise levels.
-
-    The same sampler where DDIM's next state is at the timestep it evaluates next: always with "leading", and with
-    "trailing" when the step count divides the training steps; "linspace" (and "trailing" otherwise) round their
-    timesteps apart from DDIM's ``t - T // n`` steps, so there the grid form differs slightly from DDIM."""
-    solver = solver_of(dode)
-    if solver.custom_grid:
-        return dode
-    if solver.grid_form is None:
-        raise ValueError(f"{solver.name} cannot take a custom time grid: its diffusers scheduler steps on integer "
-                         f"timesteps and no scheduler makes exactly its update on other levels; solvers that can: "
-                         f"{', '.join(GRID_SOLVERS)}")
-    from .scheduler import DODEScheduler
-
-    probe = copy.deepcopy(dode)
-    probe.set_timesteps(probe.num_inference_steps)
-    base = _grid_form_scheduler(solver, dode.base_scheduler.config)
-    return DODEScheduler(base, list(dode.lambdas), dode.num_inference_steps, copy.deepcopy(dode.fit_info),
-                         grid=list(TimeGrid.of(probe).steps))
 
 
 def set_grid(scheduler, grid) -> None:
@@ -264,11 +219,11 @@ def set_grid(scheduler, grid) -> None:
     final (clean) level stays the scheduler's own. The model is then called at the fractional training
     timesteps of these levels. Only for solvers with ``custom_grid`` (their steps read ``scheduler.sigmas``).
     """
-    from .models import sigma_to_timestep, training_sigmas
+    from .schedule import sigma_to_timestep, training_sigmas
 
     solver = solver_of(scheduler)
     if not solver.custom_grid:
-        form = f"; for {solver.name}, use dode.solvers.to_grid_form first" if solver.grid_form else ""
+        form = f"; for {solver.name}, use dode.scheduler.to_grid_form first" if solver.grid_form else ""
         raise ValueError(
             f"{type(scheduler).__name__} ({solver.name}) cannot take a custom time grid: its steps use integer "
             f"timesteps{form}; solvers that can: {', '.join(GRID_SOLVERS)}"

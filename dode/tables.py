@@ -1,38 +1,19 @@
-"""The paper's tables: one row per base solver and one per its D-ODE version, one column per NFE, best in bold."""
+"""The paper's tables: one row per base solver and one per its D-ODE version, one column per NFE, best in bold.
+
+The rows, their order and labels are ``dode.variants.VARIANTS``."""
 from __future__ import annotations
 
 import pandas as pd
 
 from .solvers import SOLVERS, get_solver
-
-#: every row kind of a results table, in table order, with the words after the solver's name in its label
-VARIANT_LABELS = {
-    "base": "",                       # the base solver on the paper's spacing
-    "best-base": " best spacing",     # the best base over diffusers' spacings (by the true metric)
-    "learned-grid": " learned grid",  # the base solver on a learned grid, every lambda 0 (refine="timesteps")
-    "dode": "",                       # the paper's greedy D-ODE on the paper's spacing ("D-" in front)
-    "dode-auto": " auto",             # D-ODE, spacing chosen on validation seeds
-    "dode-joint": " joint",           # all lambdas refined jointly
-    "dode-learned": " learned grid",  # D-ODE auto with lambdas and time grid learned together
-    "dode-joint+timesteps": " joint+timesteps",
-}
-VARIANTS = tuple(VARIANT_LABELS)
-#: the rows of the paper's tables in 03_paper_tables: the paper's and the spacing comparison
-PAPER_VARIANTS = ("base", "best-base", "dode", "dode-auto", "dode-learned")
-#: the refinements of an auto fit (``experiments.REFINEMENTS`` fits them): a learned grid alone, the lambdas refined
-#: jointly, lambdas and grid learned together
-REFINED_VARIANTS = ("learned-grid", "dode-joint", "dode-learned")
-#: the rows of ``learned_table``: the best base, greedy D-ODE auto and its refinements
-LEARNED_ROWS = ("best-base", "learned-grid", "dode-auto", "dode-joint", "dode-learned")
+from .variants import LEARNED_ROWS, REFINED_VARIANTS, VARIANTS, get_variant
 
 
 def row_label(solver: str, variant: str) -> str:
     """"DDIM", "DDIM best spacing", "DDIM learned grid" (lambdas 0), "D-DDIM" (the paper's greedy fit),
     "D-DDIM auto", "D-DDIM learned grid", ..."""
-    paper = get_solver(solver).paper
-    if variant not in VARIANT_LABELS:
-        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
-    return ("D-" if variant.startswith("dode") else "") + paper + VARIANT_LABELS[variant]
+    row = get_variant(variant)
+    return ("D-" if row.dode else "") + get_solver(solver).paper + row.label
 
 
 def paper_table(results: pd.DataFrame, metric: str = "fd", variants=VARIANTS) -> pd.DataFrame:

@@ -21,7 +21,8 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 from .grids import TimeGrid
-from .models import resolve_device, sigma_to_timestep, timestep_to_sigma, training_sigmas
+from .runtime import resolve_device
+from .schedule import sigma_to_timestep, timestep_to_sigma, training_sigmas
 from .sampling import integrate, seeded_noise
 
 

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .features import DigitsClassifier
-from .models import DDPM_SCHEDULE, load_digits_data, resolve_device
+from .runtime import resolve_device
+from .schedule import DDPM_SCHEDULE
+from .testbeds import load_digits_data
 
 #: Fraction of the digits held out, and the seed of the (stratified) split.
 TEST_FRACTION, SPLIT_SEED = 0.2, 0

@@ -26,7 +26,7 @@ def validation(gmm):
     """``distill``'s default validation set on gmm-digits (100 seeds from VALIDATION_SEED, fine grid), shared so
     that its fine run is made once for the whole session: ``distill(gmm, ..., validation=validation)`` gives
     exactly what ``distill(gmm, ...)`` gives."""
-    from dode.distill import VALIDATION_SEED
+    from dode.fit import VALIDATION_SEED
 
     return dode.Teacher(gmm, batch_size=100, seed=VALIDATION_SEED, grid="fine")
 

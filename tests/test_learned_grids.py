@@ -7,12 +7,14 @@ import pytest
 import torch
 
 import dode
-from dode.distill import refine_fit, refinement_starts
+from dode.fit import refine_fit, refinement_starts
 from dode.grids import TimeGrid
 from dode.models import training_sigmas
-from dode.refine import MODE_OPTIONS, refine
+from dode.refine import optimise as refine
+from dode.variants import REFINEMENTS
 from dode.sampling import integrate, seeded_noise
-from dode.solvers import GRID_SOLVERS, make_scheduler, to_grid_form
+from dode.scheduler import make_scheduler, to_grid_form
+from dode.solvers import GRID_SOLVERS
 
 NOISE_SEED, BATCH = 11, 12
 
@@ -75,7 +77,7 @@ def test_a_learned_grid_alone_keeps_every_lambda_at_zero_and_improves_the_fit(gm
     base = dode.DODEScheduler(make_scheduler("ddim", gmm), [0.0] * 4, 4)
     probe = copy.deepcopy(to_grid_form(base))
     probe.set_timesteps(4)
-    learned = refine(gmm, base, teacher.noise, teacher.targets(probe), **MODE_OPTIONS["timesteps"], max_iterations=6,
+    learned = refine(gmm, base, teacher.noise, teacher.targets(probe), **REFINEMENTS["timesteps"]._asdict(), max_iterations=6,
                      progress=False)
     info = learned.fit_info["refine"]
     assert learned.lambdas == [0.0] * 4 and info["mode"] == "timesteps"
@@ -138,12 +140,12 @@ class _Scores:
         return self.score
 
 
-@pytest.mark.parametrize("mode", list(MODE_OPTIONS))
+@pytest.mark.parametrize("mode", list(REFINEMENTS))
 @pytest.mark.parametrize("better", [True, False])
 def test_every_refinement_is_kept_only_where_it_validates_better_than_what_it_replaces(gmm, auto_fit, mode, better):
     auto, teacher = auto_fit
     starts = refinement_starts(gmm, auto, mode, 2)
-    before = auto.fit_info["validation"]["guarded"] if MODE_OPTIONS[mode]["lambdas"] else min(s for _, s in starts)
+    before = auto.fit_info["validation"]["guarded"] if REFINEMENTS[mode].lambdas else min(s for _, s in starts)
     check = _Scores(before * (0.5 if better else 2.0))
     refined = refine_fit(gmm, auto, teacher, mode, validation=check, starts=2, max_iterations=4, probe_iterations=2,
                          progress=False)
@@ -152,7 +154,7 @@ def test_every_refinement_is_kept_only_where_it_validates_better_than_what_it_re
     assert len(info["steps"]) == 3 and info["steps"][-1]["continued"]  # two probes, the best one continued
     if better:
         assert info["validation"] < before
-    elif MODE_OPTIONS[mode]["lambdas"]:  # the fit itself comes back
+    elif REFINEMENTS[mode].lambdas:  # the fit itself comes back
         assert refined.lambdas == auto.lambdas and refined.grid == auto.grid
     else:  # the best-validating base among the starts
         best = min(starts, key=lambda s: s[1])[0]

@@ -135,7 +135,7 @@ def test_feature_statistics_are_mean_and_covariance(two_sets):
 @pytest.fixture(scope="module")
 def digit_sets(gmm):
     """Mixture samples against the real 8x8 digits, both (N, 1, 8, 8) in [-1, 1]."""
-    from dode.models import load_digits_data
+    from dode.testbeds import load_digits_data
 
     return gmm.sample_data(400, seed=3), torch.from_numpy(load_digits_data()).float()
 

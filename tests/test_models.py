@@ -15,7 +15,8 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import dode
-from dode.models import DDPM_SCHEDULE, GaussianMixtureDenoiser
+from dode.schedule import DDPM_SCHEDULE
+from dode.testbeds import GaussianMixtureDenoiser
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def test_hub_id_offline_fails_fast_with_local_folder_hint(hf_hub_offline):
     load_model checks first that the hub answers at all. Checked in a fresh process, both with
     HF_HUB_OFFLINE=1 and without it (the latter only where the hub really is unreachable, as here and in CI).
     """
-    if hf_hub_offline is None and dode.models._hub_reachable():
+    if hf_hub_offline is None and dode.hub._hub_reachable():
         pytest.skip("the hub is reachable from here: the offline path cannot be exercised")
     script = textwrap.dedent("""
         import json, time, dode
@@ -461,7 +462,7 @@ def test_unknown_prediction_types_are_clear_errors(tmp_path, digits_model):
 def test_is_available(tmp_path, monkeypatch):
     assert dode.models.is_available("gmm-digits") and dode.models.is_available(tmp_path)
     assert not dode.models.is_available("./no/such/folder")
-    monkeypatch.setattr(dode.models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(dode.hub, "_hub_reachable", lambda timeout=3.0: False)
     assert not dode.models.is_available("dode-tests/not-in-the-cache")
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import dode
-from dode.models import DDPM_SCHEDULE, GaussianMixtureDenoiser
+from dode.schedule import DDPM_SCHEDULE
+from dode.testbeds import GaussianMixtureDenoiser
 from diffusers import DDPMScheduler
 
 SHAPE = (1, 2, 2)

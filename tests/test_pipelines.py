@@ -18,7 +18,7 @@ from diffusers import (
 )
 
 import dode
-from dode.distill import VALIDATION_SEED
+from dode.fit import VALIDATION_SEED
 from dode.pipelines import load_pipeline, pipeline_model, use_dode
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see the repository's conftest.py
@@ -257,7 +257,7 @@ def test_load_pipeline_from_a_folder(unet, tmp_path):
 
 
 def test_load_pipeline_offline_fails_fast_with_local_folder_hint(monkeypatch):
-    monkeypatch.setattr(dode.models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(dode.hub, "_hub_reachable", lambda timeout=3.0: False)
     began = time.perf_counter()
     with pytest.raises(dode.ModelNotFoundError) as info:
         load_pipeline("dode-tests/no-such-pipeline")

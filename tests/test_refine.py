@@ -7,10 +7,11 @@ import torch
 
 import dode
 from dode.models import training_sigmas
-from dode.refine import _loss, _student_states, grid_from_params, params_from_grid, refine
+from dode.refine import _loss, _student_states, grid_from_params, optimise as refine, params_from_grid
 from dode.sampling import integrate, seeded_noise
 from dode.grids import TimeGrid
-from dode.solvers import GRID_SOLVERS, make_scheduler, set_grid
+from dode.scheduler import make_scheduler
+from dode.solvers import GRID_SOLVERS, set_grid
 
 NOISE_SEED, BATCH = 7, 12
 

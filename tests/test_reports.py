@@ -65,16 +65,16 @@ def test_gap_summary_ratio_and_share_of_the_gap_closed():
 def test_refined_rows_follow_their_solver_and_get_their_own_ratios():
     results = toy_results()
     refined = results[results.variant == "dode"].assign(variant="dode-joint", fd_pixel=lambda d: d.fd_pixel * 0.5)
-    learned = refined[refined.solver == "heun"].assign(variant="dode-joint+timesteps", fd_pixel=lambda d: d.fd_pixel * 0.5)
+    learned = refined[refined.solver == "heun"].assign(variant="dode-learned", fd_pixel=lambda d: d.fd_pixel * 0.5)
     results = pd.concat([results, refined, learned])
     table = paper_table(results, "fd_pixel")
     assert list(table.index) == ["DDIM", "D-DDIM", "D-DDIM joint", "EDM", "D-EDM", "D-EDM joint",
-                                 "D-EDM joint+timesteps"]
+                                 "D-EDM learned grid"]
     summary = gap_summary(results, floor=0.2).set_index(["solver", "nfe"])
     base, joint = 9.0 / 5, 0.5 * 0.5 * 9.0 / 5
     assert summary.at[("heun", 5), "ratio-joint"] == pytest.approx(joint / base)
-    assert summary.at[("heun", 5), "gap_closed-joint+timesteps"] == pytest.approx((base - joint / 2) / (base - 0.2))
-    assert np.isnan(summary.at[("ddim", 5), "ratio-joint+timesteps"])
+    assert summary.at[("heun", 5), "gap_closed-learned"] == pytest.approx((base - joint / 2) / (base - 0.2))
+    assert np.isnan(summary.at[("ddim", 5), "ratio-learned"])
     with pytest.raises(ValueError, match="unknown variant"):
         dode.tables.row_label("ddim", "dode-jointly")
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import dode
-from dode.distill import VALIDATION_SEED
+from dode.fit import VALIDATION_SEED
 from dode.grids import TimeGrid
 from dode.models import training_sigmas
 from dode.sampling import integrate, seeded_noise
-from dode.solvers import GRID_SOLVERS, make_scheduler, set_grid, spacing_of
+from dode.scheduler import make_scheduler
+from dode.solvers import GRID_SOLVERS, set_grid, spacing_of
 
 # What diffusers 0.42 lets each scheduler choose (DESIGN.md, section 7), written out here rather than read back.
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")

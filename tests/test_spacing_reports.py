@@ -9,7 +9,7 @@ import torch
 
 import dode
 from dode import reproduce
-from dode.distill import VALIDATION_SEED
+from dode.fit import VALIDATION_SEED
 from dode.experiments import (criterion_correlation, evaluate_spacings, evaluation_data,
                               spacing_summary)
 from dode.tables import paper_table, spacing_table

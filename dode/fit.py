@@ -30,12 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .grids import TimeGrid
-from .models import resolve_device
-from .refine import MODE_OPTIONS, MODES, refine as refine_jointly
+from .runtime import resolve_device
+from .refine import optimise
 from .sampling import check_batch_size, integrate, sample
-from .scheduler import DODEScheduler
-from .solvers import GRID_SOLVERS, get_solver, make_scheduler, solver_of, to_grid_form
+from .scheduler import DODEScheduler, make_scheduler, to_grid_form
+from .solvers import GRID_SOLVERS, get_solver, solver_of
 from .teacher import Teacher
+from .variants import REFINEMENTS
 
 #: the validation criteria of ``distill``: a student's final samples against the validation reference
 CRITERIA = ("rmse", "fd")
@@ -251,9 +252,9 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     ``fit_info`` records the spacing, every candidate's validation scores and the decision.
     """
     solver = get_solver(solver)
-    if refine not in MODES:
-        raise ValueError(f"refine must be one of {MODES}, got {refine!r}")
-    if refine is not None and MODE_OPTIONS[refine]["timesteps"] and solver.name not in GRID_SOLVERS:
+    if refine is not None and refine not in REFINEMENTS:
+        raise ValueError(f"refine must be one of {(None, *REFINEMENTS)}, got {refine!r}")
+    if refine is not None and REFINEMENTS[refine].timesteps and solver.name not in GRID_SOLVERS:
         raise ValueError(
             f"refine={refine!r} cannot learn a time grid for {solver.name}: its diffusers scheduler steps on "
             f"integer timesteps and no scheduler makes exactly its update on other levels. Use refine='joint', "
@@ -368,9 +369,9 @@ def refinement_starts(model, fitted: DODEScheduler, mode: str, count: int = STAR
     greedy lambdas at the common factor that validated best; for "timesteps" (lambdas held at 0) the bases: the
     best-validating spacing, the paper's, the next best. Without recorded candidates: ``fitted`` alone (with
     every lambda 0 for "timesteps")."""
-    if mode not in MODE_OPTIONS:
-        raise ValueError(f"mode must be one of {tuple(MODE_OPTIONS)}, got {mode!r}")
-    zero = not MODE_OPTIONS[mode]["lambdas"]
+    if mode not in REFINEMENTS:
+        raise ValueError(f"mode must be one of {tuple(REFINEMENTS)}, got {mode!r}")
+    zero = not REFINEMENTS[mode].lambdas
     check = fitted.fit_info.get("validation", {})
     candidates = [c for c in check.get("candidates", []) if c["spacing"] != "explicit"]
     solver = get_solver(fitted.fit_info.get("solver") or solver_of(fitted).name)
@@ -416,10 +417,10 @@ def refine_fit(model, fitted: DODEScheduler, teacher: Teacher, mode: str, *, val
     back only where it validates better than what it would replace (``fitted``, or for "timesteps" the
     best-validating base among the starts); else that comes back, with the attempt recorded
     (``fit_info["refine"]["kept"] = False``)."""
-    if mode not in MODE_OPTIONS:
-        raise ValueError(f"mode must be one of {tuple(MODE_OPTIONS)}, got {mode!r}")
+    if mode not in REFINEMENTS:
+        raise ValueError(f"mode must be one of {tuple(REFINEMENTS)}, got {mode!r}")
     began = time.perf_counter()
-    options = dict(MODE_OPTIONS[mode])
+    options = REFINEMENTS[mode]._asdict()
     points = refinement_starts(model, fitted, mode, starts if validation is not None else 1)
     probing = len(points) > 1 and probe_iterations < max_iterations
 
@@ -428,7 +429,7 @@ def refine_fit(model, fitted: DODEScheduler, teacher: Teacher, mode: str, *, val
             probe = copy.deepcopy(to_grid_form(start) if options["timesteps"] else start)
             probe.set_timesteps(probe.num_inference_steps, device=teacher.noise.device)
             given_targets = teacher.targets(TimeGrid.of(probe))
-        refined = refine_jointly(model, start, teacher.noise, given_targets, **options, max_iterations=iterations,
+        refined = optimise(model, start, teacher.noise, given_targets, **options, max_iterations=iterations,
                                  progress=progress)
         if validation is not None:
             refined.fit_info["refine"]["validation"] = validation(refined)
