@@ -37,8 +37,8 @@ reproduce: setup
 verify: setup
 	$(PY) -m dode.reproduce --results results --verify $(ARGS)
 
-# Benchmarks (quality against the exact ODE, index matching, distillation cost, sampling overhead, scaling) into
-# results/benchmarks.md, results/benchmarks/*.csv|json and results/figures/bench_*.png; ~12 min on 2 CPU cores.
+# Benchmarks (distillation cost, sampling overhead, scaling; quality is make reproduce's) into results/benchmarks.md
+# and results/benchmarks/*.csv|json; ~8 min on 2 CPU cores. Fails if a target is missed (the message names it).
 # ARGS passes more options (python -m dode.benchmarks --help), e.g. ARGS="--only scaling" or ARGS="--quick --out /tmp/b".
 bench: setup
 	$(PY) -m dode.benchmarks --out results $(ARGS)

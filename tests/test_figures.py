@@ -13,7 +13,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import dode  # noqa: E402
-from dode import benchmarks  # noqa: E402
 from dode.plots import (FLOOR_LABEL, distance_to_teacher, lambdas_per_step, quality_vs_nfe, sample_grid,  # noqa: E402
                         sample_grid_figure, short_number)
 
@@ -139,18 +138,3 @@ def test_sample_grids_fill_their_figure_without_white_gaps():
 def test_short_numbers_never_print_a_small_value_as_zero():
     assert [short_number(v) for v in (0.28, 1.513, -0.94, 0.0049, 2.6e-05, 0.0)] == \
         ["0.28", "1.51", "-0.94", "0.0049", "2.6e-05", "0.00"]
-
-
-def test_bench_quality_shows_a_small_ratio_and_paper_names(tmp_path, monkeypatch):
-    rows = [{"solver": s, "nfe": n, "fd_base": 1.0, "fd_dode": 0.3, "floor": 0.1, "fd_ratio": 0.3, "gap_closed": 0.7,
-             "rmse_base": 0.2, "rmse_dode": 0.1, "rmse_ratio": 0.5} for s in dode.SOLVERS for n in (3, 5)]
-    rows[-1].update(fd_ratio=0.0048, rmse_ratio=0.0055)  # UniPC at NFE 5
-    kept = []
-    monkeypatch.setattr(plt, "close", kept.append)  # keep the figures to read them
-    benchmarks.figures({"quality": pd.DataFrame(rows)}, tmp_path)
-    assert (tmp_path / "figures/bench_quality.png").is_file()
-    words = texts(kept[0])
-    assert "0.0048" in words and "0.0055" in words and "0.00" not in words
-    assert [t.get_text() for t in kept[0].axes[0].get_yticklabels()] == PAPER
-    assert any(FLOOR_LABEL in t for t in texts(kept[1]))
-    no_raw_names(kept[1])
