@@ -81,6 +81,7 @@ def load_model(name_or_path: str | os.PathLike = "gmm-digits", device: str | tor
         if device.type == "cpu":
             use_threads()  # tiny models: one thread unless asked otherwise (use_threads)
         model = MODELS[name].load()
+        model.name = name
     elif Path(name).expanduser().exists() or hub.is_hub_id(name):
         model = load_diffusers(name)
     else:

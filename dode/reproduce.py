@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import verification
-from .experiments import PAPER_NFES, provenance
+from . import parameters, verification
+from .experiments import provenance
+from .models import available_models, get_model
 from .runtime import WEIGHTS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,32 +47,19 @@ class Run:
     needs: list = field(default_factory=list)  # runs that must finish first (they write the inputs)
 
 
-def available_models() -> list[str]:
-    """gmm-digits always; unet-digits once its weights are there."""
-    return ["gmm-digits"] + (["unet-digits"] if (WEIGHTS_DIR / "unet-digits" / "config.json").is_file() else [])
-
-
 def plan(results: Path, models: list[str]) -> list[Run]:
-    """The full grid of `make reproduce`: the parameters of the paper's tables, figures and ablations."""
+    """The full grid of `make reproduce`: the parameters of the paper's tables, figures and ablations
+    (``dode.parameters.REPRODUCE``), for each embedded model in ``models`` with its registry entry's profile."""
     digits = (WEIGHTS_DIR / "digits-classifier").is_dir()
     features = ["pixel", "digits"] if digits else ["pixel"]
-    runs = [Run("01_quickstart-gmm-digits", "01_quickstart.ipynb", {"model_name": "gmm-digits", "num_samples": 1000})]
+    quickstart = parameters.reproduce("01_quickstart")
+    runs = [Run(f"01_quickstart-{quickstart['model_name']}", "01_quickstart.ipynb", quickstart)]
     for model in models:
-        exact = model == "gmm-digits"
+        entry = get_model(model)
+        metric = entry.metric if entry.metric.removeprefix("fd_") in features else "fd_pixel"
         runs.append(Run(f"02_distill_solvers-{model}", "02_distill_solvers.ipynb", {
-            "model_name": model, "solvers": "all", "features": features,
-            # gmm-digits: the paper's NFEs, judged against its exact data distribution; unet-digits (a real network,
-            # 10x slower): NFE 4-8, judged by FD-digits against 200-step DDIM samples of the same seeds
-            "nfes": list(PAPER_NFES) if exact else [4, 5, 6, 8],
-            "metric": "fd_pixel" if exact or not digits else "fd_digits",
-            "num_samples": 2000 if exact else 500, "reference_samples": 10_000, "fine_nfe": 200, "teacher": 10,
-            # learned grids (the grid alone, joint lambdas, both) at every NFE on gmm-digits, from three starting
-            # spacings; on the UNet (each student run about 15x dearer) at NFE 4-6 for DDIM, DPM-Solver++ and DEIS,
-            # from auto's spacing alone, in fewer iterations; the criteria's rank correlation on gmm-digits only
-            "validation_size": 100, "learned_nfes": list(PAPER_NFES) if exact else [4, 5, 6],
-            "learned_solvers": "all" if exact else ["ddim", "dpm_solver_pp_2m", "deis"],
-            "learned_starts": 3 if exact else 1, "learned_iterations": 20 if exact else 10, "refine_teacher": "fine",
-            "criteria": ["rmse", "fd"] if exact else []}))
+            "model_name": model, "features": [f for f in features if f in entry.features], "metric": metric,
+            **parameters.reproduce("02_distill_solvers", entry.profile)}))
     metrics = [f"fd_{f}" for f in features] + ["rmse_exact"]
     runs.append(Run("03_paper_tables", "03_paper_tables.ipynb",
                     {"results_dir": os.path.relpath(results.resolve(), NOTEBOOKS), "models": models, "metrics": metrics},
@@ -79,13 +67,9 @@ def plan(results: Path, models: list[str]) -> list[Run]:
                     needs=[f"02_distill_solvers-{m}" for m in models]))
     for model in models:
         runs.append(Run(f"04_trajectories-{model}", "04_trajectories.ipynb", {
-            "model_name": model, "solvers": "all", "nfe": 5, "grid_nfes": [3, 5, 10], "grid_samples": 16}))
-    runs.append(Run("05_ablations-gmm-digits", "05_ablations.ipynb", {
-        "model_name": "gmm-digits", "solver": "ddim", "nfe": 5, "teacher_scales": [2, 5, 10, 20, "fine"],
-        "batch_sizes": [10, 25, 100, 400], "fit_repeats": 3, "matching_solvers": "all", "num_samples": 2000,
-        "reference_samples": 10_000, "refine_solvers": ["ddim", "ipndm", "dpm_solver_pp_2m", "heun"], "refine_teacher": "fine",
-        "seed_solvers": ["ddim", "ipndm", "dpm_solver_pp_2m", "deis"], "fit_seeds": [0, 100, 200],
-        "learned_starts": 3, "learned_iterations": 20}))
+            "model_name": model, **parameters.reproduce("04_trajectories")}))
+    ablations = parameters.reproduce("05_ablations")
+    runs.append(Run(f"05_ablations-{ablations['model_name']}", "05_ablations.ipynb", ablations))
     return runs
 
 

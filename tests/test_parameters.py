@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dode
+from dode import experiments, parameters
 from dode.experiments import check_parameters
 from dode.models import use_threads
 
@@ -113,3 +114,38 @@ def test_the_readme_quickstart_runs_as_written_and_writes_nothing_where_it_runs(
     # what the README says it prints is what it prints (on this kind of machine; the numbers are rounded)
     shown = re.search(r"It prints .*?\n\n```text\n(.*?)```", readme, re.S).group(1).strip().splitlines()
     assert printed[:-1] == shown
+
+
+# -- one source of experiment parameters (dode/parameters.py) -------------------------------------------------------
+def _parameters_cell(notebook: str):
+    import nbformat
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / f"{notebook}.ipynb"
+    return next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+
+
+@pytest.mark.parametrize("notebook", list(parameters.DEFAULTS))
+def test_every_notebook_default_comes_from_dode_parameters(notebook):
+    """The parameters cell names every default of dode.parameters and reads each from there (no literal beside
+    it to drift), so that running the cell gives exactly DEFAULTS; papermill's -p still overrides each name."""
+    import ast
+
+    cell = _parameters_cell(notebook)
+    assigned = {}
+    for node in ast.parse(cell.source).body:
+        if isinstance(node, ast.Assign) and node.targets[0].id != "P":
+            assigned[node.targets[0].id] = ast.unparse(node.value)
+    assert assigned == {name: f"P.{name}" for name in parameters.DEFAULTS[notebook]}
+    namespace = {}
+    exec(cell.source, namespace)
+    assert {name: namespace[name] for name in assigned} == parameters.DEFAULTS[notebook]
+
+
+@pytest.mark.parametrize("notebook, profile", [(n, p) for n, values in parameters.REPRODUCE.items()
+                                               for p in (values if n == "02_distill_solvers" else [None])])
+def test_make_reproduce_passes_only_parameters_the_notebook_has_and_valid_ones(notebook, profile):
+    values = parameters.reproduce(notebook, profile)
+    assert set(values) <= set(parameters.DEFAULTS[notebook])
+    checkable = {k: v for k, v in values.items() if k in experiments._checks()}
+    experiments.check_parameters(**checkable)  # raises on a wrong one
+    assert {m.profile for m in dode.models.MODELS.values()} <= set(parameters.REPRODUCE["02_distill_solvers"])
