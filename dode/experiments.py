@@ -21,13 +21,12 @@ from .fit import STARTS, Validation, distill, refine_fit
 from .runtime import resolve_device
 from .metrics import feature_statistics, frechet_distance, rmse
 from .ode import solve_ode
+from .parameters import PAPER_NFES
 from .sampling import prepare_scheduler, sample
 from .scheduler import DODEScheduler, make_scheduler
 from .solvers import GRID_SOLVERS, SOLVERS, get_solver
 from .teacher import Teacher
 from .variants import REFINED_VARIANTS, REFINEMENTS, VARIANTS, suffix
-
-PAPER_NFES = (3, 4, 5, 6, 8, 10)
 
 
 def output_dir(out_dir=None) -> Path:
@@ -223,34 +222,75 @@ def evaluate_scheduler(model, scheduler, nfe: int, data: EvaluationData, *, seed
     return row
 
 
-def evaluate_grid(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
-                  fit_batch_size: int = 100, fit_seed: int = 0, teacher=10, features=("pixel",),
-                  batch_size: int | None = None, save_dir=None, device="auto", progress: bool = True) -> pd.DataFrame:
-    """One row per (solver, NFE, variant): the base ("base") and the paper's greedy fit ("dode"), scored by
-    ``evaluate_scheduler``. NFEs a solver cannot make are skipped. Each fitted DODEScheduler is saved under
-    ``save_dir/<solver>-nfe<k>`` when ``save_dir`` is given. ``fit_rmse_teacher`` is the RMSE of the final samples
-    to the teacher's on the fitting batch, beside the held-out scores.
+def evaluate_grid(model, data: EvaluationData | None = None, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
+                  fit_batch_size: int = 100, fit_seed: int = 0, teacher=10, guard: bool = False, spacing=None,
+                  validation: Teacher | None = None, features=("pixel",), batch_size: int | None = None,
+                  num_samples: int | None = None, decode=None, reference=None, fid_features: str = "inception",
+                  autocast: str | None = None, samples: dict | None = None, keep: int = 16, save_dir=None,
+                  device="auto", progress: bool = True) -> pd.DataFrame:
+    """One row per (solver, NFE, variant): the base ("base") and its D-ODE fit ("dode"). NFEs a solver cannot make
+    are skipped. Each fitted DODEScheduler is saved under ``save_dir/<solver>-nfe<k>`` when ``save_dir`` is given.
+
+    The fit: ``distill`` on ``fit_batch_size`` seeds from ``fit_seed`` against ``teacher`` (C, ``"fine"``: one
+    fine run shared by every cell, or a ``Teacher``), with ``spacing`` and the ``guard`` (default off: the paper's
+    greedy fit) validated on ``validation``'s seeds. ``fit_seconds`` is its wall time.
+
+    With ``data`` (``evaluation_data``), each row holds ``evaluate_scheduler``'s scores (in ``features``) on its
+    seeds, and the D-ODE row ``fit_rmse_teacher``, the RMSE of the final samples to the teacher's on the fitting
+    batch, beside the held-out scores; ``lambdas`` rounded to 6 decimals.
+
+    Without ``data`` (a pretrained model, judged by FID): ``num_samples`` samples per row from seeds ``seed``, ...
+    (in batches of ``batch_size``, model calls in ``autocast``), mapped to images by ``decode`` (default: the
+    model's own ``decode`` where it has one, as latent models do, else none); ``fid`` is their Frechet distance in
+    ``fid_features`` to ``reference`` (``.npz`` statistics, an image folder, samples or (mu, sigma); None: NaN);
+    ``sample_seconds`` and ``fid_seconds`` time both per row; ``lambdas`` in full. When ``samples`` is a dict, the
+    first ``keep`` images of each row go into ``samples[solver, nfe, variant]``.
     """
+    if data is None and num_samples is None:
+        raise ValueError("evaluate_grid needs data (evaluation_data) or num_samples (a pretrained model's FID)")
+    if decode is None:
+        decode = getattr(model, "decode", lambda images: images)  # latents -> images in [-1, 1]
     jobs = [(s, n) for s in solvers for n in nfes if possible(s, n)]
-    teacher = Teacher(model, batch_size=fit_batch_size, seed=fit_seed, grid=teacher, device=device)
+    if not isinstance(teacher, Teacher):
+        teacher = Teacher(model, batch_size=fit_batch_size, seed=fit_seed, grid=teacher, device=device)
+
+    def fid_row(scheduler, nfe):
+        began = time.perf_counter()
+        images = decode(sample(model, scheduler, nfe, num_samples, seed=seed, batch_size=batch_size, device=device,
+                               autocast=autocast, progress=False))
+        sample_seconds = time.perf_counter() - began
+        fid = float("nan") if reference is None else frechet_distance(images, reference, features=fid_features,
+                                                                  device=device)
+        return images, {"fid": fid, "sample_seconds": sample_seconds,
+                        "fid_seconds": time.perf_counter() - began - sample_seconds}
+
     rows = []
     for solver, nfe in tqdm(jobs, desc=f"{getattr(model, 'name', 'model')}: solver x NFE", disable=not progress):
-        rows.append({"solver": solver, "variant": "base", "nfe": nfe, "fit_seconds": 0.0, "lambdas": "",
-                     **evaluate_scheduler(model, solver, nfe, data, seed=seed, features=features,
-                                          batch_size=batch_size, device=device)})
+        if data is not None:
+            rows.append({"solver": solver, "variant": "base", "nfe": nfe, "fit_seconds": 0.0, "lambdas": "",
+                         **evaluate_scheduler(model, solver, nfe, data, seed=seed, features=features,
+                                              batch_size=batch_size, device=device)})
         began = time.perf_counter()
-        fitted = distill(model, solver, nfe, guard=False, teacher=teacher, device=device)  # the paper's greedy fit
+        fitted = distill(model, solver, nfe, spacing=spacing, guard=guard, teacher=teacher, validation=validation,
+                         device=device, progress=False)  # guard=False: the paper's greedy fit
         seconds = time.perf_counter() - began
         if save_dir is not None:
             fitted.save_pretrained(Path(save_dir) / f"{solver}-nfe{nfe}")
-        rows.append({"solver": solver, "variant": "dode", "nfe": nfe, "fit_seconds": seconds,
-                     "lambdas": json.dumps([round(v, 6) for v in fitted.lambdas]),
-                     "fit_rmse_teacher": fitting_rmse(model, fitted, teacher, device=device),
-                     **evaluate_scheduler(model, fitted, nfe, data, seed=seed, features=features,
-                                          batch_size=batch_size, device=device)})
+        if data is not None:
+            rows.append({"solver": solver, "variant": "dode", "nfe": nfe, "fit_seconds": seconds,
+                         "lambdas": json.dumps([round(v, 6) for v in fitted.lambdas]),
+                         "fit_rmse_teacher": fitting_rmse(model, fitted, teacher, device=device),
+                         **evaluate_scheduler(model, fitted, nfe, data, seed=seed, features=features,
+                                              batch_size=batch_size, device=device)})
+            continue
+        for variant, scheduler in (("base", solver), ("dode", fitted)):
+            images, scores = fid_row(scheduler, nfe)
+            rows.append({"solver": solver, "variant": variant, "nfe": nfe, **scores,
+                         "fit_seconds": seconds if variant == "dode" else 0.0,
+                         "lambdas": json.dumps(fitted.lambdas) if variant == "dode" else ""})
+            if samples is not None:
+                samples[solver, nfe, variant] = images[:keep]
     return pd.DataFrame(rows)
-
-
 
 
 def _scores(model, scheduler, nfe, data, *, seed, features, batch_size, device, validation=None, criteria=(),

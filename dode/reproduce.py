@@ -441,7 +441,7 @@ def main(argv=None):
         manifest["environment"] = provenance({"runs": [r.name for r in runs], "jobs": args.jobs},
                                              time.perf_counter() - began)
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-        if "02_distill_solvers-gmm-digits" in manifest["runs"] and (results / "gmm-digits/table_fd_pixel.md").is_file():
+        if any(name.startswith("02_distill_solvers-") for name in manifest["runs"]):
             write_summary(results, manifest)
             summary = results / "README.md"
     print(f"{ran} of {len(runs)} runs executed in {time.perf_counter() - began:.0f} s"
