@@ -8,7 +8,7 @@ import torch
 
 import dode
 from dode.sampling import integrate
-from dode.scheduler import LAMBDAS_FILE
+from dode.scheduler import CONFIG_FILE
 from dode.grids import TimeGrid
 
 NFE = 5  # possible for every solver (Heun: 3 steps)
@@ -182,23 +182,23 @@ def test_save_and_load_round_trip(gmm, validation, tmp_path):
 
 def _saved(tmp_path, gmm, solver="ddim"):
     zero_dode(gmm, solver).save_pretrained(tmp_path)
-    return json.loads((tmp_path / LAMBDAS_FILE).read_text())
+    return json.loads((tmp_path / CONFIG_FILE).read_text())
 
 
 def test_from_pretrained_rejects_missing_corrupt_and_mismatched_folders(gmm, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a saved DODEScheduler"):
         dode.DODEScheduler.from_pretrained(tmp_path)
     record = _saved(tmp_path, gmm)
-    (tmp_path / LAMBDAS_FILE).write_text("{not json")
+    (tmp_path / CONFIG_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         dode.DODEScheduler.from_pretrained(tmp_path)
-    (tmp_path / LAMBDAS_FILE).write_text(json.dumps({**record, "lambdas": record["lambdas"][:-1]}))
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**record, "lambdas": record["lambdas"][:-1]}))
     with pytest.raises(ValueError, match="4 lambdas for nfe=5"):
         dode.DODEScheduler.from_pretrained(tmp_path)
-    (tmp_path / LAMBDAS_FILE).write_text(json.dumps({**record, "nfe": 6, "lambdas": [0.0] * 6}))
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**record, "nfe": 6, "lambdas": [0.0] * 6}))
     with pytest.raises(ValueError, match="makes 5 model evaluations, but 6 lambdas"):
         dode.DODEScheduler.from_pretrained(tmp_path)
-    (tmp_path / LAMBDAS_FILE).write_text(json.dumps({**record, "base_scheduler": "NoSuchScheduler"}))
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**record, "base_scheduler": "NoSuchScheduler"}))
     with pytest.raises(ValueError, match="unknown scheduler 'NoSuchScheduler'"):
         dode.DODEScheduler.from_pretrained(tmp_path)
 
