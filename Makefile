@@ -20,11 +20,12 @@ $(STAMP): pyproject.toml
 
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 
+# One pytest run over tests/ and (nbval) every notebook, spread over one worker per core (TEST_WORKERS), each on one
+# torch thread; --dist loadfile keeps a notebook's cells, in order, on one worker (one kernel).
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
+
 test: setup
-	$(PY) -m pytest -q tests
-ifneq ($(NOTEBOOKS),)
-	$(PY) -m pytest -q --nbval-lax $(NOTEBOOKS)
-endif
+	DODE_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(if $(NOTEBOOKS),--nbval-lax $(NOTEBOOKS))
 
 # Runs every notebook not already run on this machine (results/.state.json, untracked), then compares every
 # number it wrote with the one it replaced (results/verification.md). FORCE=1 reruns everything; ARGS passes

@@ -39,8 +39,8 @@ DEFAULTS = {
     "05_ablations": {
         "model_name": "gmm-digits", "solver": "ddim", "nfe": 5, "teacher_scales": [2, 10, "fine"],
         "batch_sizes": [10, 100], "fit_repeats": 2, "matching_solvers": ["ddim", "heun"],
-        "refine_solvers": ["ddim", "unipc"], "refine_teacher": 10, "seed_solvers": ["ddim", "dpm_solver_pp_2m"],
-        "fit_seeds": [0, 100], "learned_starts": 3, "learned_iterations": 20, "num_samples": 300,
+        "refine_solvers": ["ddim", "unipc"], "refine_teacher": 10, "seed_solvers": ["dpm_solver_pp_2m"],
+        "fit_seeds": [0, 100], "learned_starts": 2, "learned_iterations": 10, "num_samples": 300,
         "reference_samples": 3000, "seed": 1000, **_RUN,
     },
     # a pretrained diffusers checkpoint at the paper's scale: for a GPU (make reproduce does not run it)
