@@ -47,7 +47,7 @@ bench: setup
 # Retrain the shipped unet-digits and digits-classifier weights (dode/weights/); ~10 min on 2 CPU cores.
 models: setup
 	mkdir -p results/notebooks
-	$(PY) -m papermill notebooks/train_unet_digits.ipynb results/notebooks/train_unet_digits.ipynb
+	$(PY) -m papermill notebooks/train_unet_digits.ipynb results/notebooks/train_unet_digits.ipynb -p num_threads 0
 
 # LAB_ARGS passes options to JupyterLab, e.g. LAB_ARGS="--allow-root --no-browser --ip=0.0.0.0" in a container.
 lab: setup
