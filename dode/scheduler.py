@@ -108,7 +108,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         self.lambdas = lambdas
         self.num_inference_steps = int(num_inference_steps)
         self.fit_info = dict(fit_info or {})
-        #: the noise level of every step (``dode.solvers.time_grid``), or None for the base scheduler's own
+        #: the noise level of every step (``TimeGrid.steps``), or None for the base scheduler's own
         self.grid = None if grid is None else [float(v) for v in grid]
         self._reset()
         self._sync_config()

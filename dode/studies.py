@@ -20,12 +20,12 @@ from .experiments import EvaluationData, evaluate_scheduler, fitting_rmse, possi
 from .fit import VALIDATION_SEED, Validation, distill, refine_fit
 from .solvers import GRID_SOLVERS
 from .teacher import Teacher
+from .variants import REFINEMENTS
 
 #: part 2's fitting batches: repeat r starts at seed ``FIT_SEED_STEP * r``
 FIT_SEED_STEP = 10_000
-#: part 5's refinement modes, in the order they run (``dode.variants.REFINEMENTS``); "timesteps" and
-#: "joint+timesteps" only for the solvers that take a grid (``dode.solvers.GRID_SOLVERS``)
-REFINE_MODES = ("joint", "timesteps", "joint+timesteps")
+#: part 5's refinement modes, in registry order; those that learn a grid only for ``dode.solvers.GRID_SOLVERS``
+REFINE_MODES = tuple(REFINEMENTS)
 
 
 def _score(model, scheduler, nfe: int, data: EvaluationData, seed: int, device, **labels) -> dict:
