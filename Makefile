@@ -7,9 +7,18 @@ STAMP  := $(VENV)/.installed
 # here; pyproject.toml keeps an open range for users who bring their own.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test reproduce verify bench models lab clean test-inception
+.PHONY: setup notebook-filter test reproduce verify bench models lab clean test-inception
 
-setup: $(STAMP)
+setup: $(STAMP) notebook-filter
+
+# Notebooks stay output-free in git whatever JupyterLab saves: .gitattributes sends notebooks/*.ipynb (not the
+# executed copies in results/) through nbstripout when they are staged; this registers that filter in this clone.
+notebook-filter:
+	@if git rev-parse --git-dir > /dev/null 2>&1; then \
+	    git config filter.nbstripout.clean "'$(abspath $(PY))' -m nbstripout --keep-id" && \
+	    git config filter.nbstripout.smudge cat && \
+	    git config filter.nbstripout.required true; \
+	fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,10 +53,11 @@ verify: setup
 bench: setup
 	$(PY) -m dode.benchmarks --out results $(ARGS)
 
-# Retrain the shipped unet-digits and digits-classifier weights (dode/weights/); ~10 min on 2 CPU cores.
+# Retrain the shipped unet-digits and digits-classifier weights (dode/weights/), refit the gmm-digits mixture and
+# report how far the refit is from the shipped one (ARGS="-p replace_mixture True" replaces it); ~10 min on 2 CPU cores.
 models: setup
 	mkdir -p results/notebooks
-	$(PY) -m papermill notebooks/train_unet_digits.ipynb results/notebooks/train_unet_digits.ipynb -p num_threads 0
+	$(PY) -m papermill notebooks/train_unet_digits.ipynb results/notebooks/train_unet_digits.ipynb -p num_threads 0 $(ARGS)
 
 # LAB_ARGS passes options to JupyterLab, e.g. LAB_ARGS="--allow-root --no-browser --ip=0.0.0.0" in a container.
 lab: setup

@@ -598,3 +598,48 @@ def test_solve_ode_takes_any_prediction_type(digits_model, prediction_type):
     expected = dode.solve_ode(digits_model, 4, seed=5, progress=False)
     got = dode.solve_ode(Reparametrised(digits_model, prediction_type), 4, seed=5, progress=False)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gmm-digits is the same on every machine: a shipped fit, draws through a unique factor
+# ----------------------------------------------------------------------------------------------------------
+def test_gmm_digits_is_the_shipped_mixture_and_a_refit_is_the_same_mixture_up_to_rounding():
+    from dode import testbeds
+
+    model = testbeds.gmm_digits()
+    shipped = testbeds.load_mixture()
+    assert all(torch.equal(a, b) and a.dtype == torch.float64 for a, b in zip(model.mixture, shipped))
+    refit = testbeds.refit_digits_mixture()  # scikit-learn's EM here, on this machine's BLAS
+    assert max(refit.max_abs.values()) < 1e-9, refit.max_abs
+    # other settings still fit afresh (a registry test builds a 3-component mixture)
+    assert testbeds.gmm_digits(n_components=3).weights.shape == (3,)
+
+
+def test_a_missing_mixture_file_says_how_to_make_it(tmp_path):
+    from dode import testbeds
+
+    with pytest.raises(FileNotFoundError, match="make models"):
+        testbeds.load_mixture(tmp_path / "none.safetensors")
+    path = testbeds.save_mixture(testbeds.load_mixture(), tmp_path / "m.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(testbeds.load_mixture(path), testbeds.load_mixture()))
+
+
+def test_gmm_digits_draws_do_not_turn_with_the_last_bits_of_the_covariances(digits_model):
+    """Every component has 10-17 equal eigenvalues (the reg_covar floor on pixels constant in the data), inside which
+    an eigenvector basis is arbitrary and turns with the last bit of the covariance (another CPU, BLAS kernel or
+    thread count). Draws through the Cholesky factor, which is unique, move only by rounding: a relative 1e-12
+    perturbation of the covariances moves the draws of a seed by less than 1e-9. Through the eigenvectors they moved
+    by O(1)."""
+    from dode.testbeds import GaussianMixtureDenoiser
+
+    w, mu, cov = digits_model.mixture
+    eigenvalues = torch.linalg.eigvalsh(cov)
+    repeated = ((eigenvalues[:, 1:] - eigenvalues[:, :-1]).abs() < 1e-9).sum(1)
+    assert int(repeated.min()) >= 5  # the trap is there: repeated eigenvalues in every component
+    noise = torch.randn(cov.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    nudged = cov * (1 + 1e-12 * (noise + noise.transpose(1, 2)) / 2)  # symmetric, relative 1e-12
+    other = GaussianMixtureDenoiser(w, mu, nudged, (1, 8, 8))
+    a, b = digits_model.sample_data(2000, seed=1).double(), other.sample_data(2000, seed=1).double()
+    assert (a - b).abs().max() < 1e-6  # float32 draws: their rounding is the limit here
+    exact = [m.sample_data(500, seed=1, dtype=torch.float64) for m in (digits_model, other)]
+    assert (exact[0] - exact[1]).abs().max() < 1e-9
