@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -18,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .fit import STARTS, Validation, distill, refine_fit
-from .runtime import resolve_device
+from .runtime import machine, resolve_device
 from .metrics import feature_statistics, frechet_distance, rmse
 from .ode import solve_ode
 from .parameters import PAPER_NFES
@@ -490,6 +488,6 @@ def provenance(parameters: dict, seconds: float) -> dict:
         "packages": packages,
         "git_commit": commit,
         "git_dirty": dirty,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "machine": machine(),
         "wall_seconds": round(seconds, 1),
     }

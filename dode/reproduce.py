@@ -28,12 +28,14 @@ from pathlib import Path
 from . import parameters, verification
 from .experiments import provenance
 from .models import available_models, get_model
-from .runtime import WEIGHTS_DIR
+from .runtime import WEIGHTS_DIR, describe_machine, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 #: per results folder, untracked: the key and outputs of each run that succeeded on this machine
 STATE_FILE = ".state.json"
+#: a partial run's (``--only``, some ``--models``, or runs skipped) comparison, beside the full run's verification.md
+PARTIAL_REPORT = "verification-partial.md"
 #: where ``--verify`` runs (cleared first)
 VERIFY_DIR = ROOT / "build" / "verify"
 
@@ -102,12 +104,13 @@ def execute(run: Run, results: Path, previous: dict, *, force: bool, label: str)
     try:
         papermill.execute_notebook(NOTEBOOKS / run.notebook, executed, cwd=str(NOTEBOOKS), progress_bar=True,
                                    parameters={**run.parameters, "out_dir": str(staging / "out")})
-    except BaseException:
-        failed = results / "notebooks" / f"{run.name}.failed.ipynb"
-        failed.parent.mkdir(parents=True, exist_ok=True)
+    except BaseException as err:
+        how = "interrupted" if _interrupted(err) else "failed"
+        kept = results / "notebooks" / f"{run.name}.{how}.ipynb"
+        kept.parent.mkdir(parents=True, exist_ok=True)
         if executed.is_file():
-            shutil.move(executed, failed)
-            print(f"{run.name} failed; the executed notebook is in {failed}", file=sys.stderr)
+            shutil.move(executed, kept)
+            print(f"{run.name} {how}; the executed notebook is in {kept}", file=sys.stderr)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     outputs = sorted(p.relative_to(staging / "out").as_posix() for p in (staging / "out").rglob("*") if p.is_file())
@@ -123,6 +126,8 @@ def execute(run: Run, results: Path, previous: dict, *, force: bool, label: str)
     notebook_copy = results / "notebooks" / f"{run.name}.ipynb"
     notebook_copy.parent.mkdir(parents=True, exist_ok=True)
     executed.replace(notebook_copy)
+    for how in ("failed", "interrupted"):  # an earlier attempt's copy is stale now
+        (results / "notebooks" / f"{run.name}.{how}.ipynb").unlink(missing_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
     print(f"{label} {run.name}: done in {time.perf_counter() - began:.0f} s", flush=True)
     return {
@@ -130,7 +135,13 @@ def execute(run: Run, results: Path, previous: dict, *, force: bool, label: str)
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(time.perf_counter() - began, 1),
         "executed_notebook": notebook_copy.relative_to(results).as_posix(), "outputs": outputs,
+        "machine": machine(),
     }
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether a run ended by an interruption (Ctrl-C here, or in its kernel) rather than by an error."""
+    return isinstance(err, KeyboardInterrupt) or getattr(err, "ename", None) == "KeyboardInterrupt"
 
 
 class _InProcess:
@@ -269,11 +280,14 @@ def update_readme(readme: Path, text: str) -> bool:
     return True
 
 
-def write_summary(results: Path, manifest: dict) -> str:
+def write_summary(results: Path, manifest: dict) -> str | None:
     """results/README.md: each model's headline table and claims, generated from the result files, with
     provenance, ready to cite. Returns the claims, which also go into the repository README's "Known results"
-    block when ``results`` is the repository's results/."""
+    block when ``results`` is the repository's results/; None, writing nothing, where no 02 run is in the manifest."""
     import pandas as pd
+
+    if not any(name.startswith("02_distill_solvers-") for name in manifest["runs"]):
+        return None
 
     env = manifest["environment"]
     sections, claims = [], []
@@ -354,8 +368,8 @@ every fitted DODEScheduler in `<model>/schedulers/`, the figures in `figures/`, 
 
 ## Provenance
 
-git commit `{env['git_commit']}`{' (with uncommitted changes)' if env['git_dirty'] else ''}; {env['machine']['platform']},
-{env['machine']['cpus']} CPUs, Python {env['machine']['python']}; torch {env['packages']['torch']},
+git commit `{env['git_commit']}`{' (with uncommitted changes)' if env['git_dirty'] else ''}; {describe_machine(env['machine'])};
+Python {env['machine']['python']}; torch {env['packages']['torch']},
 diffusers {env['packages']['diffusers']}, torchmetrics {env['packages']['torchmetrics']}; wall time
 {env['wall_seconds']} s with {env['parameters'].get('jobs', 1)} runs at once.
 
@@ -394,9 +408,12 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", default=None, help="run only these run names (see --list)")
     parser.add_argument("--list", action="store_true", help="print the runs and exit")
     parser.add_argument("--force", action="store_true", help="rerun runs that are up to date")
-    parser.add_argument("--verify", action="store_true", help="run into build/verify (cleared "
-                        "first) and compare every number with --results, which stays as it is; exit 1 when one "
-                        f"differs by more than a relative {verification.RTOL:g}")
+    parser.add_argument("--verify", action="store_true", help="run into build/verify (cleared first) and compare "
+                        "every number with --results, which stays as it is; exit 1 when one differs by more than "
+                        "--rtol")
+    parser.add_argument("--rtol", type=float, default=verification.RTOL, help="with --verify: the relative "
+                        f"difference a number may have; default {verification.RTOL:g} (below the three digits the "
+                        f"tables print); {verification.ROUNDING:g} allows only the rounding of another CPU")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one process and one torch thread each "
                         "(default 2: the two models' grids side by side on a 2-core machine)")
     args = parser.parse_args(argv)
@@ -407,6 +424,7 @@ def main(argv=None):
     if args.list:
         print("\n".join(f"{r.name}: {r.notebook} {json.dumps(r.parameters)}" for r in runs))
         return
+    whole_plan = not args.only and set(args.models or available_models()) == set(available_models())
     if args.only:
         unknown = set(args.only) - {r.name for r in runs}
         if unknown:
@@ -426,36 +444,50 @@ def main(argv=None):
     manifest_path, state_path = results / "manifest.json", results / STATE_FILE
     manifest, state = _read_json(manifest_path), _read_json(state_path)
     # what the runs will overwrite (or, with --verify, what they are checked against), read before they run
-    previous = _read_json(reference / "manifest.json")["runs"]
+    committed = _read_json(reference / "manifest.json")
+    previous = committed["runs"]
     before = verification.snapshot(reference, {o for r in runs for o in previous.get(r.name, {}).get("outputs", [])})
     began = time.perf_counter()
 
     def save():  # after every run, so an interrupted job resumes where it stopped
-        manifest["environment"] = provenance({}, 0.0)
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
         state_path.write_text(json.dumps(state, indent=2) + "\n")
 
     ran = execute_all(runs, results, manifest, save, force=args.force, jobs=args.jobs, state=state)
+    # the record of a full run (manifest's environment, the summaries, verification.md) is rewritten only by a run
+    # of the whole plan in which every run ran; a subset leaves it alone and reports in verification-partial.md
+    full = whole_plan and ran == len(runs)
     summary = None
-    if ran:
+    if full:
         manifest["environment"] = provenance({"runs": [r.name for r in runs], "jobs": args.jobs},
                                              time.perf_counter() - began)
-        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-        if any(name.startswith("02_distill_solvers-") for name in manifest["runs"]):
-            write_summary(results, manifest)
+        save()
+        if write_summary(results, manifest) is not None:
             summary = results / "README.md"
     print(f"{ran} of {len(runs)} runs executed in {time.perf_counter() - began:.0f} s"
-          + (f"; summary in {summary}" if summary else ""))
+          + (f"; summary in {summary}" if summary else "")
+          + ("" if full or not ran or args.verify else "; a partial run: the record of the last full run (README.md, "
+             "results/README.md, results/verification.md) stays as it was"))
     if not ran:
         return
     written = {o for r in runs if r.name in manifest["runs"] for o in manifest["runs"][r.name]["outputs"]}
-    checked = verification.compare(before, verification.snapshot(results, written))
+    checked = verification.compare(before, verification.snapshot(results, written), rtol=max(args.rtol, verification.RTOL))
     against = f"{reference} (before this run)" if not args.verify else str(reference)
-    text = verification.report(checked, against)
-    (results / "verification.md").write_text(text)
-    print(text.split("\n\n", 1)[1].split("\n\n", 1)[0] + f" Details: {results / 'verification.md'}")
-    if args.verify and not checked.ok:
-        raise SystemExit(1)
+    made_on = {describe_machine(previous.get(r.name, {}).get("machine") or committed.get("environment", {})
+                                .get("machine")) for r in runs if r.name in previous}
+    text = verification.report(checked, against, machines=("; ".join(sorted(made_on)) or "no record",
+                                                           describe_machine(machine())))
+    report_path = results / ("verification.md" if full or args.verify else PARTIAL_REPORT)
+    report_path.write_text(text if full or args.verify else text.replace(
+        "# Verification against", f"# Partial run ({', '.join(r.name for r in runs)}): verification against", 1))
+    print(text.split("\n\n", 1)[1].split("\n\n", 1)[0] + f" Details: {report_path}")
+    if args.verify:
+        failing = checked.beyond(args.rtol)
+        if failing:
+            print(f"{len(failing)} cells differ by more than a relative {args.rtol:g} or are new or gone; the "
+                  f"committed results were made on {'; '.join(sorted(made_on)) or 'an unrecorded machine'}, these "
+                  f"on {describe_machine(machine())}", file=sys.stderr)
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -62,3 +62,52 @@ def use_threads(num_threads: int | None = None) -> int:
     if torch.get_num_threads() != num_threads:
         torch.set_num_threads(num_threads)
     return num_threads
+
+
+def _cpu_model() -> str:
+    """The CPU's name with its family, model and stepping (the name alone is often just "Xeon Processor")."""
+    import platform
+
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        return (f"{fields['model name']} (family {fields.get('cpu family')}, model {fields.get('model')}, "
+                f"stepping {fields.get('stepping')})")
+    except (OSError, KeyError, ValueError):
+        return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What the last bits of a result depend on: the platform, the CPU model, numpy's and scipy's BLAS (library, kernel,
+    threads), torch's CPU kernels (capability, MKL, threads) and the environment variables that steer them."""
+    import platform
+
+    import threadpoolctl
+
+    blas = [{key: pool.get(key) for key in ("prefix", "internal_api", "version", "architecture", "num_threads",
+                                             "threading_layer")}
+            for pool in threadpoolctl.threadpool_info() if pool.get("user_api") == "blas"]
+    steering = ("OPENBLAS_", "MKL_", "ONEDNN_", "DNNL_", "OMP_NUM_THREADS", THREADS_ENV)
+    return {
+        "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(), "blas": blas,
+        "torch_cpu": {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+                      "mkl": torch.backends.mkl.is_available(), "mkldnn": torch.backends.mkldnn.is_available()},
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(steering)},
+    }
+
+
+def describe_machine(record: dict | None) -> str:
+    """One line from a ``machine()`` record (or an older record with only platform and CPUs)."""
+    if not record:
+        return "an unrecorded machine"
+    blas = ", ".join(f"{b['prefix']} {b['version']} ({b['architecture']}, {b['num_threads']} threads)"
+                     for b in record.get("blas", [])) or "not recorded"
+    torch_cpu = record.get("torch_cpu")
+    kernels = (f"torch on {torch_cpu['capability']}, {torch_cpu['threads']} threads" if torch_cpu
+               else "torch kernels not recorded")
+    env = record.get("environment") or {}
+    return (f"{record.get('cpu_model', 'CPU model not recorded')}, {record.get('cpus')} CPUs, "
+            f"{record.get('platform')}; BLAS {blas}; {kernels}"
+            + (f"; {' '.join(f'{k}={v}' for k, v in env.items())}" if env else ""))

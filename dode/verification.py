@@ -2,8 +2,10 @@
 
 ``snapshot(folder, files)`` reads the numbers of result files (CSV and JSON) before they are overwritten, or from
 another folder (``make verify`` compares a fresh run with the committed results/); ``compare(old, new)`` sorts
-every cell into identical, within ``RTOL`` (relative), or different, with both values; ``report`` is that as
-Markdown. Timing columns and keys (``*seconds*``, ``finished``, ...) change from run to run and are left out.
+every cell into four classes, with both values where they differ: identical; within ``ROUNDING`` (relative: the
+last bits that another CPU, BLAS kernel or thread count moves); within ``RTOL`` (below the three digits the
+tables print, but more than rounding); different. ``report`` is that as Markdown, naming the machines when the
+numbers differ. Timing columns and keys (``*seconds*``, ``finished``, ...) change from run to run and are left out.
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: relative tolerance of "within tolerance": the tables print three significant digits
+#: relative differences up to this are rounding: what another CPU, BLAS kernel or thread count changes
+ROUNDING = 1e-6
+#: relative differences up to this stay below what the tables print (three significant digits)
 RTOL = 1e-3
 #: columns and JSON keys that measure time or place, not results
-_VOLATILE = re.compile(r"seconds|wall|finished|elapsed|duration|timestamp|git_|platform|hostname|^time$",
+_VOLATILE = re.compile(r"seconds|wall|finished|elapsed|duration|timestamp|git_|platform|hostname|machine|^time$",
                        re.IGNORECASE)
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf", re.IGNORECASE)
 _SUFFIXES = (".csv", ".json")
@@ -83,17 +87,14 @@ def _numbers(text: str):
     return _NUMBER.sub("#", text), [float(n) for n in _NUMBER.findall(text)]
 
 
-def _close(a: float, b: float, rtol: float) -> bool:
-    if math.isnan(a) or math.isnan(b):
-        return math.isnan(a) and math.isnan(b)
-    return abs(a - b) <= rtol * max(abs(a), abs(b)) + 1e-12
-
-
 @dataclass
 class Verification:
     identical: int = 0
-    within: int = 0
-    #: (file, cell, old, new) of every cell that differs beyond the tolerance or vanished
+    #: (file, cell, old, new) of every cell within a relative ``ROUNDING``
+    rounding: list = field(default_factory=list)
+    #: (file, cell, old, new) of every cell within a relative ``rtol`` but not ``ROUNDING``
+    within_list: list = field(default_factory=list)
+    #: (file, cell, old, new) of every cell that differs beyond ``rtol`` or vanished
     different: list = field(default_factory=list)
     #: (file, cell, None, new) of every cell that was not there before (a new row: a new solver, say)
     added: list = field(default_factory=list)
@@ -102,13 +103,39 @@ class Verification:
     rtol: float = RTOL
 
     @property
+    def within(self) -> int:
+        """Cells that differ, but by no more than a relative ``rtol`` (rounding included)."""
+        return len(self.rounding) + len(self.within_list)
+
+    @property
     def compared(self) -> int:
         return self.identical + self.within + len(self.different)
 
     @property
     def ok(self) -> bool:
-        """Every cell there before is there again within the tolerance, and nothing new appeared."""
+        """Every cell there before is there again within ``rtol``, and nothing new appeared."""
         return not (self.different or self.added)
+
+    def beyond(self, rtol: float) -> list:
+        """The cells that differ by more than a relative ``rtol`` (at most the ``rtol`` compared with), or are new or
+        gone."""
+        return [*(c for c in [*self.rounding, *self.within_list] if _relative(c[2], c[3]) > rtol), *self.different,
+                *self.added]
+
+
+def _relative(a: str, b: str) -> float:
+    """The largest relative difference between the numbers of two cells of the same shape; inf otherwise."""
+    (shape_a, xs), (shape_b, ys) = _numbers(a), _numbers(b)
+    if shape_a != shape_b or len(xs) != len(ys) or not xs:
+        return math.inf
+    worst = 0.0
+    for x, y in zip(xs, ys):
+        if math.isnan(x) or math.isnan(y):
+            if not (math.isnan(x) and math.isnan(y)):
+                return math.inf
+        elif x != y:
+            worst = max(worst, (abs(x - y) - 1e-12) / max(abs(x), abs(y)))
+    return worst
 
 
 def compare(old: dict, new: dict, rtol: float = RTOL) -> Verification:
@@ -123,26 +150,32 @@ def compare(old: dict, new: dict, rtol: float = RTOL) -> Verification:
             a, b = before.get(cell), after.get(cell)
             if a == b:
                 result.identical += 1
-                continue
-            if a is not None and b is not None:
-                (shape_a, xs), (shape_b, ys) = _numbers(a), _numbers(b)
-                if shape_a == shape_b and len(xs) == len(ys) and xs and all(_close(x, y, rtol) for x, y in zip(xs, ys)):
-                    result.within += 1
-                    continue
-            (result.added if a is None else result.different).append((name, cell, a, b))
+            elif a is None:
+                result.added.append((name, cell, a, b))
+            else:
+                off = math.inf if b is None else _relative(a, b)
+                bucket = (result.rounding if off <= ROUNDING else result.within_list if off <= rtol
+                          else result.different)
+                bucket.append((name, cell, a, b))
     return result
 
 
-def report(result: Verification, against: str, limit: int = 200) -> str:
-    """Markdown: the counts, then every differing cell with its old and new value (the first ``limit``), then
+def report(result: Verification, against: str, limit: int = 200, machines: tuple[str, str] | None = None) -> str:
+    """Markdown: the counts, the machines (``machines``: where ``against`` was made, and this one) when a number
+    differs, then every cell beyond rounding with its old and new value (the first ``limit`` of each class), then
     the cells that are new."""
     lines = [f"# Verification against {against}", "",
-             f"{result.compared} result cells compared: **{result.identical} identical**, {result.within} within "
-             f"a relative {result.rtol:g}, **{len(result.different)} different**; {len(result.added)} new cells "
+             f"{result.compared} result cells compared: **{result.identical} identical**, {len(result.rounding)} "
+             f"within a relative {ROUNDING:g} (rounding), {len(result.within_list)} within a relative "
+             f"{result.rtol:g}, **{len(result.different)} different**; {len(result.added)} new cells "
              "(rows that were not there before)."]
+    if machines and (result.within or result.different):
+        lines += ["", f"The numbers compared with were made on: {machines[0]}.", "",
+                  f"These were made on: {machines[1]}."]
     if result.new_files:
         lines += ["", "Nothing to compare with (new files): " + ", ".join(f"`{f}`" for f in result.new_files) + "."]
-    for title, cells in (("Different", result.different), ("New", result.added)):
+    for title, cells in ((f"Within a relative {result.rtol:g}, beyond rounding", result.within_list),
+                         ("Different", result.different), ("New", result.added)):
         if cells:
             lines += ["", f"## {title}", "", "| file | cell | before | now |", "|---|---|---|---|"]
             lines += [f"| `{f}` | {c} | {'–' if a is None else a} | {'–' if b is None else b} |"

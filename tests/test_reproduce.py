@@ -6,10 +6,13 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
 import nbformat
 import pytest
 
 from dode import reproduce, verification
+from dode.runtime import describe_machine, machine
 
 
 def notebook(path, body, parameters="value = 1\nout_dir = None"):
@@ -52,7 +55,7 @@ def project(tmp_path, monkeypatch):
 
 
 def main(results, *args):
-    reproduce.main(["--results", str(results), "--models", "gmm-digits", "--jobs", "1", *args])
+    reproduce.main(["--results", str(results), "--jobs", "1", *args])
 
 
 def test_a_fresh_clone_runs_everything_and_a_second_run_skips(project, capsys):
@@ -72,7 +75,9 @@ def test_a_fresh_clone_runs_everything_and_a_second_run_skips(project, capsys):
     # what it regenerated is compared with what was there: the timing column is left out; r.csv's row is named by
     # its solver, t.csv's (no name column) by its number; each row and each value is a cell
     report = (clone / "verification.md").read_text()
-    assert "5 result cells compared: **5 identical**, 0 within a relative 0.001, **0 different**" in report
+    assert ("5 result cells compared: **5 identical**, 0 within a relative 1e-06 (rounding), 0 within a relative "
+            "0.001, **0 different**") in report
+    assert "made on" not in report  # nothing differs: no machines to name
     main(clone)
     out = capsys.readouterr().out
     assert out.count("up to date, skipped") == 2 and "0 of 2 runs executed" in out
@@ -86,11 +91,23 @@ def test_verify_compares_with_the_committed_results_and_leaves_them_alone(projec
     main(results, "--verify")  # the same code and parameters: identical
     assert (results / "m/r.csv").read_text() == committed
     assert "**0 different**" in (root / "verify/verification.md").read_text()
-    value["v"] = 0.7000001  # within the tolerance
+    value["v"] = 0.7000000001  # rounding: passes even the strictest check, which CI runs on the quickstart
+    main(results, "--verify", "--force", "--rtol", "1e-6")
+    assert "3 within a relative 1e-06 (rounding)" in capsys.readouterr().out
+    value["v"] = 0.7001  # within the tables' precision, beyond rounding: passes by default, fails --rtol 1e-6
     main(results, "--verify", "--force")
     assert "within a relative 0.001" in capsys.readouterr().out
     report = (root / "verify/verification.md").read_text()
-    assert "**2 identical**, 3 within" in report and "**0 different**" in report  # fd, lambdas, x; rows the same
+    assert "**2 identical**, 0 within a relative 1e-06 (rounding), 3 within a relative 0.001" in report
+    assert "**0 different**" in report  # fd, lambdas, x; rows the same
+    # where the numbers differ, the report names the machine the committed ones were made on and this one
+    here = describe_machine(machine())
+    assert f"The numbers compared with were made on: {here}." in report and f"These were made on: {here}." in report
+    assert "| `m/r.csv` | solver=ddim: fd | 0.7 | 0.7001 |" in report
+    with pytest.raises(SystemExit) as failed:
+        main(results, "--verify", "--rtol", "1e-6")
+    assert failed.value.code == 1
+    assert "3 cells differ by more than a relative 1e-06" in capsys.readouterr().err
     value["v"] = 0.8  # a real change: reported cell by cell, and --verify fails
     with pytest.raises(SystemExit) as failed:
         main(results, "--verify")
@@ -98,6 +115,70 @@ def test_verify_compares_with_the_committed_results_and_leaves_them_alone(projec
     report = (root / "verify/verification.md").read_text()
     assert "| `m/r.csv` | solver=ddim: fd | 0.7 | 0.8 |" in report and "| `m/t.csv` | row 1: x | 0.7 | 0.8 |" in report
     assert (results / "m/r.csv").read_text() == committed and not (results / "verification.md").read_text() == report
+
+
+def test_a_partial_run_leaves_the_record_of_the_full_run_alone(project, capsys, monkeypatch):
+    root, value = project
+    results = root / "results"
+    summaries = []
+    monkeypatch.setattr(reproduce, "write_summary", lambda results, manifest: summaries.append(results))
+    main(results)
+    assert summaries == [results]  # the README block and results/README.md: write_summary, called by a full run
+    summaries.clear()
+    full = {name: (results / name).read_text() for name in ("verification.md", "manifest.json")}
+    environment = json.loads(full["manifest.json"])["environment"]
+    assert environment["parameters"]["runs"] == ["w", "r"]
+    value["v"] = 0.9
+    main(results, "--only", "w", "--force")
+    assert "a partial run: the record of the last full run" in capsys.readouterr().out
+    assert (results / "verification.md").read_text() == full["verification.md"]
+    partial = (results / reproduce.PARTIAL_REPORT).read_text()
+    assert partial.startswith("# Partial run (w): verification against") and "| 0.7 | 0.9 |" in partial
+    manifest = json.loads((results / "manifest.json").read_text())
+    assert manifest["environment"] == environment  # the full run's provenance; the rerun's own is in its record
+    assert manifest["runs"]["w"]["parameters"] == {"value": 0.9} and manifest["runs"]["w"]["machine"] == machine()
+    # a run of the whole plan in which a run was skipped is partial too: its summary would mix two runs
+    main(results)
+    (results / "m/t.csv").unlink()  # r is out of date, w is not
+    capsys.readouterr()
+    main(results)
+    assert "1 of 2 runs executed" in capsys.readouterr().out
+    assert (results / "verification.md").read_text() == full["verification.md"] and len(summaries) == 0
+    main(results, "--force")
+    assert summaries == [results] and (results / "verification.md").read_text() != full["verification.md"]
+
+
+@pytest.mark.parametrize("error, how", [(KeyboardInterrupt(), "interrupted"), (RuntimeError("boom"), "failed")])
+def test_an_interrupted_or_failed_run_is_named_so_and_its_copy_goes_when_it_succeeds(project, monkeypatch, error,
+                                                                                     how):
+    import papermill
+
+    root, _ = project
+    results = root / "results"
+    real = papermill.execute_notebook
+
+    def breaks(source, executed, **kwargs):  # the kernel got part of the way, then Ctrl-C (or an error)
+        Path(executed).write_text(Path(source).read_text())
+        raise error
+
+    monkeypatch.setattr(papermill, "execute_notebook", breaks)
+    with pytest.raises(type(error)):
+        main(results, "--only", "w")
+    kept = results / "notebooks" / f"w.{how}.ipynb"
+    assert kept.is_file() and not list(results.glob(".staging-*"))
+    assert not (results / "m/r.csv").exists()
+    monkeypatch.setattr(papermill, "execute_notebook", real)
+    main(results, "--only", "w")
+    assert (results / "m/r.csv").is_file() and (results / "notebooks/w.ipynb").is_file() and not kept.exists()
+
+
+def test_a_kernel_interrupted_inside_papermill_counts_as_interrupted():
+    from papermill.exceptions import PapermillExecutionError
+
+    inside = PapermillExecutionError(0, 1, "x", "KeyboardInterrupt", "", [])
+    assert reproduce._interrupted(inside) and reproduce._interrupted(KeyboardInterrupt())
+    assert not reproduce._interrupted(PapermillExecutionError(0, 1, "x", "ValueError", "", []))
+    assert not reproduce._interrupted(RuntimeError())
 
 
 def test_verify_of_one_run_takes_its_inputs_from_the_results(project):
