@@ -20,6 +20,7 @@ Several starts and the never-worse guard on validation seeds are ``dode.fit.refi
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import numpy as np
@@ -115,6 +116,20 @@ def optimise(model, dode: DODEScheduler, noise: torch.Tensor, targets: torch.Ten
     history = []
 
     def value_and_gradient(theta):
+        try:
+            value, gradient = _value_and_gradient(theta)
+        except FloatingPointError:  # the student blew up (NaN or inf) at a shifted point
+            value, gradient = math.inf, None
+        if not math.isfinite(value):  # a line-search trial too far out: L-BFGS backs off from an infinite value
+            value, gradient = math.inf, np.zeros(len(theta))
+        history.append(value)
+        if value < best["loss"]:
+            best.update(loss=value, theta=theta.copy())
+        bar.set_postfix(mse=f"{value:.3g}", refresh=False)
+        bar.update()
+        return value, gradient
+
+    def _value_and_gradient(theta):
         moved_lambdas, grid = unpack(theta)
         gradient = []
         if lambdas:  # d loss / d lambda by autograd through the whole run
@@ -135,12 +150,8 @@ def optimise(model, dode: DODEScheduler, noise: torch.Tensor, targets: torch.Ten
                 shifted[i] += step
                 moved = _loss(_student_states(model, student, noise, *unpack(shifted)), targets, objective).item()
                 gradient.append([(moved - value) / step])
-        history.append(value)
-        if value < best["loss"]:
-            best.update(loss=value, theta=theta.copy())
-        bar.set_postfix(mse=f"{value:.3g}", refresh=False)
-        bar.update()
-        return value, np.concatenate(gradient)
+        gradient = np.concatenate(gradient)
+        return (value, gradient) if np.isfinite(gradient).all() else (math.inf, None)
 
     for p in frozen:
         p.requires_grad_(False)

@@ -236,3 +236,39 @@ def test_with_the_guard_a_refinement_is_kept_only_where_it_validates_no_worse(gm
     else:
         assert joint.lambdas == greedy.lambdas and joint.grid is None
         assert info["validation"] > info["validation_before"] and info["mse_refined"] <= info["mse_start"]
+
+
+@pytest.mark.parametrize("timesteps", [False, True])
+def test_a_refinement_backs_off_where_the_student_blows_up(gmm, monkeypatch, timesteps):
+    """Far out, a line-search trial can make the student's states overflow: NaN through autograd, a FloatingPointError
+    from the finite-difference runs. Such a point counts as an infinite loss (L-BFGS backs off from it); the refinement
+    ends normally with the best finite point, no worse than its start. Blow-ups are simulated past |lambda| = bound."""
+    import dode.refine as refine_module
+
+    teacher = dode.Teacher(gmm, batch_size=12, seed=5, grid=4)
+    greedy = dode.distill(gmm, "deis", 4, teacher=teacher, guard=False)
+    bound = max(abs(v) for v in greedy.lambdas) * 1.01
+    real = refine_module._student_states
+    trials = []
+
+    def blows_up_far_out(model, student, noise, lambdas, grid):
+        states = real(model, student, noise, lambdas, grid)
+        far = max(abs(float(v)) for v in torch.as_tensor(lambdas).detach()) > bound
+        trials.append(far)
+        if far and torch.is_grad_enabled():
+            return [s * float("nan") for s in states]
+        if far:
+            raise FloatingPointError("the model output contains NaN or inf")
+        return states
+
+    monkeypatch.setattr(refine_module, "_student_states", blows_up_far_out)
+    probe = copy.deepcopy(greedy)
+    probe.set_timesteps(probe.num_inference_steps)
+    targets = teacher.targets(TimeGrid.of(probe)) if timesteps else teacher.targets(probe)
+    refined = refine(gmm, greedy, teacher.noise, targets, timesteps=timesteps,
+                     objective="final" if timesteps else "all", max_iterations=8, progress=False)
+    info = refined.fit_info["refine"]
+    assert any(trials)  # the optimiser did go out there
+    assert float("inf") in info["history"] and np.isfinite(info["mse_refined"])
+    assert info["mse_refined"] <= info["mse_start"]
+    assert max(abs(v) for v in refined.lambdas) <= bound
