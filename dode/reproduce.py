@@ -28,7 +28,7 @@ from pathlib import Path
 from . import parameters, verification
 from .experiments import provenance
 from .models import available_models, get_model
-from .runtime import WEIGHTS_DIR, describe_machine, machine
+from .runtime import WEIGHTS_DIR, describe_machine, machine, wanted_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -135,7 +135,7 @@ def execute(run: Run, results: Path, previous: dict, *, force: bool, label: str)
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(time.perf_counter() - began, 1),
         "executed_notebook": notebook_copy.relative_to(results).as_posix(), "outputs": outputs,
-        "machine": machine(),
+        "machine": machine(torch_threads=wanted_threads()),  # the threads the notebook's kernel ran on
     }
 
 
@@ -475,8 +475,9 @@ def main(argv=None):
     against = f"{reference} (before this run)" if not args.verify else str(reference)
     made_on = {describe_machine(previous.get(r.name, {}).get("machine") or committed.get("environment", {})
                                 .get("machine")) for r in runs if r.name in previous}
-    text = verification.report(checked, against, machines=("; ".join(sorted(made_on)) or "no record",
-                                                           describe_machine(machine())))
+    made_now = "; ".join(sorted({describe_machine(manifest["runs"][r.name].get("machine")) for r in runs
+                                 if r.name in manifest["runs"]}))
+    text = verification.report(checked, against, machines=("; ".join(sorted(made_on)) or "no record", made_now))
     report_path = results / ("verification.md" if full or args.verify else PARTIAL_REPORT)
     report_path.write_text(text if full or args.verify else text.replace(
         "# Verification against", f"# Partial run ({', '.join(r.name for r in runs)}): verification against", 1))
@@ -486,7 +487,7 @@ def main(argv=None):
         if failing:
             print(f"{len(failing)} cells differ by more than a relative {args.rtol:g} or are new or gone; the "
                   f"committed results were made on {'; '.join(sorted(made_on)) or 'an unrecorded machine'}, these "
-                  f"on {describe_machine(machine())}", file=sys.stderr)
+                  f"on {made_now}", file=sys.stderr)
             raise SystemExit(1)
 
 

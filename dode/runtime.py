@@ -40,27 +40,31 @@ THREADS_ENV = "DODE_NUM_THREADS"
 
 
 def use_threads(num_threads: int | None = None) -> int:
-    """Set torch's CPU threads for dode's tiny models, and return the count in use.
+    """Set torch's CPU threads for dode's tiny models (``wanted_threads``), and return the count in use.
 
     The embedded models run 30-80x slower with torch's default thread count on a machine with other work (their
-    operations are too small to split), so: ``num_threads`` when given, else ``$DODE_NUM_THREADS``, else torch's
-    own choice when ``$OMP_NUM_THREADS`` is set (the usual way to ask), else 1. ``load_model`` calls it for the
-    embedded models; the notebooks call it with their ``num_threads`` parameter.
+    operations are too small to split). ``load_model`` calls it for the embedded models; the notebooks call it with
+    their ``num_threads`` parameter.
     """
+    num_threads = wanted_threads(num_threads)
+    if torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+    return num_threads
+
+
+def wanted_threads(num_threads: int | None = None) -> int:
+    """The torch threads ``use_threads`` sets: ``num_threads`` when given, else ``$DODE_NUM_THREADS``, else torch's
+    own choice when ``$OMP_NUM_THREADS`` is set (the usual way to ask), else 1."""
     if num_threads is None and os.environ.get(THREADS_ENV):
         num_threads = os.environ[THREADS_ENV]
     if num_threads is None:
-        if os.environ.get("OMP_NUM_THREADS"):
-            return torch.get_num_threads()
-        num_threads = 1
+        return torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else 1
     try:
         num_threads = int(num_threads)
     except (TypeError, ValueError):
         num_threads = 0
     if num_threads < 1:
         raise ValueError(f"num_threads (or ${THREADS_ENV}) must be a positive integer, got {num_threads!r}")
-    if torch.get_num_threads() != num_threads:
-        torch.set_num_threads(num_threads)
     return num_threads
 
 
@@ -78,9 +82,10 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def machine() -> dict:
+def machine(torch_threads: int | None = None) -> dict:
     """What the last bits of a result depend on: the platform, the CPU model, numpy's and scipy's BLAS (library, kernel,
-    threads), torch's CPU kernels (capability, MKL, threads) and the environment variables that steer them."""
+    threads), torch's CPU kernels (capability, MKL, threads: ``torch_threads``, default this process's) and the
+    environment variables that steer them."""
     import platform
 
     import threadpoolctl
@@ -92,7 +97,7 @@ def machine() -> dict:
     return {
         "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(), "blas": blas,
-        "torch_cpu": {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+        "torch_cpu": {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch_threads or torch.get_num_threads(),
                       "mkl": torch.backends.mkl.is_available(), "mkldnn": torch.backends.mkldnn.is_available()},
         "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(steering)},
     }

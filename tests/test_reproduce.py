@@ -12,7 +12,7 @@ import nbformat
 import pytest
 
 from dode import reproduce, verification
-from dode.runtime import describe_machine, machine
+from dode.runtime import describe_machine, machine, wanted_threads
 
 
 def notebook(path, body, parameters="value = 1\nout_dir = None"):
@@ -101,7 +101,7 @@ def test_verify_compares_with_the_committed_results_and_leaves_them_alone(projec
     assert "**2 identical**, 0 within a relative 1e-06 (rounding), 3 within a relative 0.001" in report
     assert "**0 different**" in report  # fd, lambdas, x; rows the same
     # where the numbers differ, the report names the machine the committed ones were made on and this one
-    here = describe_machine(machine())
+    here = describe_machine(machine(torch_threads=wanted_threads()))
     assert f"The numbers compared with were made on: {here}." in report and f"These were made on: {here}." in report
     assert "| `m/r.csv` | solver=ddim: fd | 0.7 | 0.7001 |" in report
     with pytest.raises(SystemExit) as failed:
@@ -136,7 +136,7 @@ def test_a_partial_run_leaves_the_record_of_the_full_run_alone(project, capsys, 
     assert partial.startswith("# Partial run (w): verification against") and "| 0.7 | 0.9 |" in partial
     manifest = json.loads((results / "manifest.json").read_text())
     assert manifest["environment"] == environment  # the full run's provenance; the rerun's own is in its record
-    assert manifest["runs"]["w"]["parameters"] == {"value": 0.9} and manifest["runs"]["w"]["machine"] == machine()
+    assert manifest["runs"]["w"]["parameters"] == {"value": 0.9} and manifest["runs"]["w"]["machine"] == machine(wanted_threads())
     # a run of the whole plan in which a run was skipped is partial too: its summary would mix two runs
     main(results)
     (results / "m/t.csv").unlink()  # r is out of date, w is not
@@ -236,3 +236,20 @@ def test_the_makefile_has_verify_and_passes_lab_arguments():
     helptext = subprocess.run([sys.executable, "-m", "dode.reproduce", "--help"], capture_output=True, text=True,
                               check=True).stdout
     assert "the results folder" in helptext and "--verify" in helptext
+
+
+def test_the_machine_record_names_the_cpu_the_blas_kernel_and_what_steers_them(monkeypatch):
+    import threadpoolctl
+    import torch
+
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")  # recorded as set; numpy's kernel is chosen at import
+    record = machine(torch_threads=3)
+    kernels = {pool["architecture"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"}
+    assert {b["architecture"] for b in record["blas"]} == kernels and kernels
+    assert record["torch_cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["torch_cpu"]["threads"] == 3 and machine()["torch_cpu"]["threads"] == torch.get_num_threads()
+    assert record["environment"]["OPENBLAS_CORETYPE"] == "Haswell" and record["cpu_model"]
+    line = describe_machine(record)
+    assert record["cpu_model"] in line and "OPENBLAS_CORETYPE=Haswell" in line and "3 threads" in line
+    # an older manifest's record (platform and CPUs only) still reads
+    assert describe_machine({"platform": "Linux", "cpus": 2}).startswith("CPU model not recorded, 2 CPUs, Linux")
