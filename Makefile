@@ -34,7 +34,7 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 
 test: setup
-	DODE_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(if $(NOTEBOOKS),--nbval-lax $(NOTEBOOKS))
+	DODE_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 tests $(if $(NOTEBOOKS),--nbval-lax $(NOTEBOOKS))
 
 # Runs every notebook not already run on this machine (results/.state.json, untracked), then compares every
 # number it wrote with the one it replaced (results/verification.md). FORCE=1 reruns everything; ARGS passes
