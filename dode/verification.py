@@ -100,6 +100,8 @@ class Verification:
     added: list = field(default_factory=list)
     #: files with no earlier version to compare with
     new_files: list = field(default_factory=list)
+    #: per file: {class: cells} and the relative differences of its changed numbers ("moves")
+    per_file: dict = field(default_factory=dict)
     rtol: float = RTOL
 
     @property
@@ -146,24 +148,46 @@ def compare(old: dict, new: dict, rtol: float = RTOL) -> Verification:
             result.new_files.append(name)
             continue
         before, after = old[name], new[name]
+        counts = result.per_file.setdefault(name, {"identical": 0, "rounding": 0, "within": 0, "different": 0,
+                                                   "new": 0, "moves": []})
         for cell in sorted(set(before) | set(after)):
             a, b = before.get(cell), after.get(cell)
             if a == b:
                 result.identical += 1
+                counts["identical"] += 1
             elif a is None:
                 result.added.append((name, cell, a, b))
+                counts["new"] += 1
             else:
                 off = math.inf if b is None else _relative(a, b)
-                bucket = (result.rounding if off <= ROUNDING else result.within_list if off <= rtol
-                          else result.different)
-                bucket.append((name, cell, a, b))
+                kind = "rounding" if off <= ROUNDING else "within" if off <= rtol else "different"
+                {"rounding": result.rounding, "within": result.within_list, "different": result.different}[kind] \
+                    .append((name, cell, a, b))
+                counts[kind] += 1
+                if math.isfinite(off):
+                    counts["moves"].append(off)
     return result
+
+
+def _file_table(result: Verification) -> list[str]:
+    """One row per file with a difference: its cells by class, and the median and largest relative move of its
+    changed numbers."""
+    rows = ["| file | identical | rounding | within | different | new | median move | largest move |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, c in sorted(result.per_file.items()):
+        if c["rounding"] + c["within"] + c["different"] + c["new"] == 0:
+            continue
+        moves = sorted(c["moves"])
+        median, largest = (f"{moves[len(moves) // 2]:.1e}", f"{moves[-1]:.1e}") if moves else ("–", "–")
+        rows.append(f"| `{name}` | {c['identical']} | {c['rounding']} | {c['within']} | {c['different']} | "
+                    f"{c['new']} | {median} | {largest} |")
+    return rows if len(rows) > 2 else []
 
 
 def report(result: Verification, against: str, limit: int = 200, machines: tuple[str, str] | None = None) -> str:
     """Markdown: the counts, the machines (``machines``: where ``against`` was made, and this one) when a number
-    differs, then every cell beyond rounding with its old and new value (the first ``limit`` of each class), then
-    the cells that are new."""
+    differs, the counts and moves by file, then every cell beyond rounding with its old and new value (the first
+    ``limit`` of each class), then the cells that are new."""
     lines = [f"# Verification against {against}", "",
              f"{result.compared} result cells compared: **{result.identical} identical**, {len(result.rounding)} "
              f"within a relative {ROUNDING:g} (rounding), {len(result.within_list)} within a relative "
@@ -174,6 +198,10 @@ def report(result: Verification, against: str, limit: int = 200, machines: tuple
                   f"These were made on: {machines[1]}."]
     if result.new_files:
         lines += ["", "Nothing to compare with (new files): " + ", ".join(f"`{f}`" for f in result.new_files) + "."]
+    table = _file_table(result)
+    if table:
+        lines += ["", "## By file", "", "A move is the largest relative difference among a changed cell's numbers (a "
+                  "vanished cell or one whose shape changed has none).", "", *table]
     for title, cells in ((f"Within a relative {result.rtol:g}, beyond rounding", result.within_list),
                          ("Different", result.different), ("New", result.added)):
         if cells:

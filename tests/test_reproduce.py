@@ -209,6 +209,10 @@ def test_compare_sorts_cells_into_identical_within_and_different(tmp_path):
     assert (result.identical, result.within) == (5, 1)  # ddim's lambdas within
     assert sorted((f, c) for f, c, _, _ in result.different) == [("e.json", "seeds"), ("t.csv", "solver=heun: fd")]
     assert ("t.csv", "solver=heun: fd", "1.0", "1.1") in result.different and not result.ok
+    # by file: cells per class, and the median and largest relative move of the changed numbers
+    text = verification.report(result, "x")
+    assert "| `e.json` | 1 | 0 | 0 | 1 | 0 | 1.0e-02 | 1.0e-02 |" in text  # seeds [0, 99] -> [0, 98]
+    assert "| `t.csv` | 4 | 1 | 0 | 1 | 0 | 9.1e-02 | 9.1e-02 |" in text  # lambdas by 5e-7, heun's fd 1.0 -> 1.1
     # a row that vanished is a difference, and a file with nothing before it is listed as new
     (tmp_path / "b/t.csv").write_text('solver,fd,lambdas,wall_seconds\nddim,0.5,"[0.1, 0.2]",3\n')
     result = verification.compare({"t.csv": verification.cells(tmp_path / "a/t.csv")},
