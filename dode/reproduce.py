@@ -136,6 +136,7 @@ def execute(run: Run, results: Path, previous: dict, *, force: bool, label: str)
         "wall_seconds": round(time.perf_counter() - began, 1),
         "executed_notebook": notebook_copy.relative_to(results).as_posix(), "outputs": outputs,
         "machine": machine(torch_threads=wanted_threads()),  # the threads the notebook's kernel ran on
+        **{key: value for key, value in provenance({}, 0.0).items() if key.startswith("git_")},
     }
 
 
@@ -471,7 +472,8 @@ def main(argv=None):
     if not ran:
         return
     written = {o for r in runs if r.name in manifest["runs"] for o in manifest["runs"][r.name]["outputs"]}
-    checked = verification.compare(before, verification.snapshot(results, written), rtol=max(args.rtol, verification.RTOL))
+    checked = verification.compare(before, verification.snapshot(results, written),
+                                   rtol=max(args.rtol, verification.RTOL))
     against = f"{reference} (before this run)" if not args.verify else str(reference)
     made_on = {describe_machine(previous.get(r.name, {}).get("machine") or committed.get("environment", {})
                                 .get("machine")) for r in runs if r.name in previous}

@@ -97,7 +97,8 @@ def machine(torch_threads: int | None = None) -> dict:
     return {
         "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(), "blas": blas,
-        "torch_cpu": {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch_threads or torch.get_num_threads(),
+        "torch_cpu": {"capability": torch.backends.cpu.get_cpu_capability(),
+                      "threads": torch_threads or torch.get_num_threads(),
                       "mkl": torch.backends.mkl.is_available(), "mkldnn": torch.backends.mkldnn.is_available()},
         "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(steering)},
     }

@@ -12,6 +12,7 @@ import nbformat
 import pytest
 
 from dode import reproduce, verification
+from dode.experiments import provenance
 from dode.runtime import describe_machine, machine, wanted_threads
 
 
@@ -136,7 +137,9 @@ def test_a_partial_run_leaves_the_record_of_the_full_run_alone(project, capsys, 
     assert partial.startswith("# Partial run (w): verification against") and "| 0.7 | 0.9 |" in partial
     manifest = json.loads((results / "manifest.json").read_text())
     assert manifest["environment"] == environment  # the full run's provenance; the rerun's own is in its record
-    assert manifest["runs"]["w"]["parameters"] == {"value": 0.9} and manifest["runs"]["w"]["machine"] == machine(wanted_threads())
+    record = manifest["runs"]["w"]
+    assert record["parameters"] == {"value": 0.9} and record["machine"] == machine(wanted_threads())
+    assert record["git_commit"] == provenance({}, 0.0)["git_commit"] and "git_dirty" in record
     # a run of the whole plan in which a run was skipped is partial too: its summary would mix two runs
     main(results)
     (results / "m/t.csv").unlink()  # r is out of date, w is not
