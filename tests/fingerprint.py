@@ -2,7 +2,7 @@
 load, data draws, a greedy D-ODE fit, sampling, Frechet distances (pixel and FD-digits) and RMSE to the exact ODE.
 
 tests/test_machine_independence.py runs it in subprocesses under other BLAS kernels and thread counts and requires
-every number to agree; ``python tests/fingerprint.py`` prints them here.
+every number to agree; ``python tests/fingerprint.py 1 2`` prints them here, on one torch thread and on two.
 """
 import dode
 from dode.experiments import evaluate_scheduler, evaluation_data
@@ -37,6 +37,11 @@ def numbers() -> dict:
     return out
 
 
-if __name__ == "__main__":
-    for name, value in numbers().items():
-        print(f"{name}\t{float(value)!r}")
+if __name__ == "__main__":  # ``python tests/fingerprint.py [THREADS ...]``: the numbers on each torch thread count
+    import os
+    import sys
+
+    for threads in sys.argv[1:] or [os.environ.get("DODE_NUM_THREADS", "1")]:
+        os.environ["DODE_NUM_THREADS"] = threads
+        for name, value in numbers().items():
+            print(f"torch threads {threads}: {name}\t{float(value)!r}")

@@ -29,27 +29,33 @@ def _has_avx2() -> bool:
         return False
 
 
-#: (name, environment); the first is the default every other one is compared with
+#: (name, environment); the first is the default every other one is compared with. torch's threads are a runtime
+#: setting: the default process also computes every number on two threads (``_run``'s ``threads``).
 SETTINGS = [
-    ("default: OpenBLAS on 2 threads, torch on 1", {"OPENBLAS_NUM_THREADS": "2", "DODE_NUM_THREADS": "1"}),
-    ("OpenBLAS on 1 thread", {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "DODE_NUM_THREADS": "1"}),
-    ("torch on 2 threads", {"OPENBLAS_NUM_THREADS": "2", "DODE_NUM_THREADS": "2"}),
-    ("numpy's OpenBLAS on its Haswell kernel", {"OPENBLAS_NUM_THREADS": "2", "DODE_NUM_THREADS": "1",
-                                                "OPENBLAS_CORETYPE": "Haswell"}),
-    ("torch's MKL and oneDNN on AVX2", {"OPENBLAS_NUM_THREADS": "2", "DODE_NUM_THREADS": "1",
-                                         "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
+    ("default: OpenBLAS on 2 threads, torch on 1", {"OPENBLAS_NUM_THREADS": "2"}),
+    ("OpenBLAS on 1 thread", {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}),
+    ("numpy's OpenBLAS on its Haswell kernel", {"OPENBLAS_NUM_THREADS": "2", "OPENBLAS_CORETYPE": "Haswell"}),
+    ("torch's MKL and oneDNN on AVX2", {"OPENBLAS_NUM_THREADS": "2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                         "MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
 ]
 
 
-def _run(extra: dict) -> dict:
+def _run(extra: dict, threads=("1",)) -> dict:
+    """{torch threads: {name: number}} from a fresh process under ``extra``, on each of ``threads``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS_", "MKL_", "ONEDNN_", "OMP_"))
            or k == "OPENBLAS_L2_SIZE"}
     if os.environ.get("OPENBLAS_CORETYPE"):  # set by this machine's image for its CPU: keep it unless overridden
         env["OPENBLAS_CORETYPE"] = os.environ["OPENBLAS_CORETYPE"]
     env.update(extra)
-    done = subprocess.run([sys.executable, str(FINGERPRINT)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(FINGERPRINT), *threads], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {name: float(value) for name, value in (line.split("\t") for line in done.stdout.splitlines())}
+    out = {t: {} for t in threads}
+    for line in done.stdout.splitlines():
+        label, value = line.split("\t")
+        prefix, name = label.split(": ", 1)
+        out[prefix.removeprefix("torch threads ")][name] = float(value)
+    return out
 
 
 def differences(base: dict, other: dict, rtol: float = RTOL) -> list[str]:
@@ -73,7 +79,12 @@ def test_the_comparison_sees_a_difference_in_the_printed_digits_and_forgives_rou
 
 @pytest.fixture(scope="module")
 def default_numbers():
-    return _run(SETTINGS[0][1])
+    return _run(SETTINGS[0][1], threads=("1", "2"))
+
+
+def test_numbers_do_not_depend_on_torchs_threads(default_numbers):
+    assert len(default_numbers["1"]) >= 20
+    assert differences(default_numbers["1"], default_numbers["2"]) == []
 
 
 @pytest.mark.parametrize("name, extra", SETTINGS[1:], ids=[name for name, _ in SETTINGS[1:]])
@@ -82,6 +93,4 @@ def test_numbers_do_not_depend_on_blas_kernel_or_threads(default_numbers, name, 
         pytest.skip("this CPU has no AVX2: OpenBLAS's Haswell kernel would not run")
     if "OPENBLAS_CORETYPE" in extra and os.environ.get("OPENBLAS_CORETYPE"):
         pytest.skip(f"this machine sets OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} for its CPU")
-    numbers = _run(extra)
-    assert len(default_numbers) >= 20
-    assert differences(default_numbers, numbers) == [], name
+    assert differences(default_numbers["1"], _run(extra)["1"]) == [], name
