@@ -609,8 +609,11 @@ def test_gmm_digits_is_the_shipped_mixture_and_a_refit_is_the_same_mixture_up_to
     model = testbeds.gmm_digits()
     shipped = testbeds.load_mixture()
     assert all(torch.equal(a, b) and a.dtype == torch.float64 for a, b in zip(model.mixture, shipped))
-    refit = testbeds.refit_digits_mixture()  # scikit-learn's EM here, on this machine's BLAS
-    assert max(refit.max_abs.values()) < 1e-9, refit.max_abs
+    # scikit-learn's EM here, on this machine's BLAS: the same fit to rounding on the CPU that made the file (6.7e-16
+    # under another OpenBLAS kernel there). Elsewhere EM may stop an iteration earlier or later, which moves it by
+    # about 5e-3; another random_state moves it by 0.1-1.6. The bound tells the two apart on any machine.
+    refit = testbeds.refit_digits_mixture()
+    assert max(refit.max_abs.values()) < 0.05, refit.max_abs
     # other settings still fit afresh (a registry test builds a 3-component mixture)
     assert testbeds.gmm_digits(n_components=3).weights.shape == (3,)
 
