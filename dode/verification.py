@@ -83,8 +83,23 @@ def snapshot(folder: Path, files) -> dict:
 
 
 def _numbers(text: str):
-    """(the text with its numbers blanked, the numbers) of one cell."""
-    return _NUMBER.sub("#", text), [float(n) for n in _NUMBER.findall(text)]
+    """(the text with its numbers blanked, the numbers, as written) of one cell."""
+    written = _NUMBER.findall(text)
+    return _NUMBER.sub("#", text), [float(n) for n in written], written
+
+
+#: numbers written with at least this many decimals (the lambdas' 6 in results.csv) and one unit of the last decimal
+#: apart are rounding: the same value on either side of a rounding boundary (-0.000983 against -0.000982)
+_ROUNDED_DECIMALS = 6
+
+
+def _last_decimal_apart(x: float, y: float, a: str, b: str) -> bool:
+    """Whether two numbers written in fixed notation are at most one unit of the last decimal apart, with at least
+    ``_ROUNDED_DECIMALS`` decimals (a trailing zero the writer dropped counts: 0.93886 against 0.938861)."""
+    if any(c in text for text in (a, b) for c in "eE"):
+        return False
+    decimals = max(len(text.split(".", 1)[1]) if "." in text else 0 for text in (a, b))
+    return decimals >= _ROUNDED_DECIMALS and abs(x - y) <= 1.5 * 10.0 ** -decimals
 
 
 @dataclass
@@ -126,16 +141,17 @@ class Verification:
 
 
 def _relative(a: str, b: str) -> float:
-    """The largest relative difference between the numbers of two cells of the same shape; inf otherwise."""
-    (shape_a, xs), (shape_b, ys) = _numbers(a), _numbers(b)
+    """The largest relative difference between the numbers of two cells of the same shape (0 for numbers rounded to
+    ``_ROUNDED_DECIMALS`` or more decimals that are one unit of the last decimal apart); inf otherwise."""
+    (shape_a, xs, texts_a), (shape_b, ys, texts_b) = _numbers(a), _numbers(b)
     if shape_a != shape_b or len(xs) != len(ys) or not xs:
         return math.inf
     worst = 0.0
-    for x, y in zip(xs, ys):
+    for x, y, text_x, text_y in zip(xs, ys, texts_a, texts_b):
         if math.isnan(x) or math.isnan(y):
             if not (math.isnan(x) and math.isnan(y)):
                 return math.inf
-        elif x != y:
+        elif x != y and not _last_decimal_apart(x, y, text_x, text_y):
             worst = max(worst, (abs(x - y) - 1e-12) / max(abs(x), abs(y)))
     return worst
 

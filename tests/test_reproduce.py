@@ -216,6 +216,12 @@ def test_compare_sorts_cells_into_identical_within_and_different(tmp_path):
     text = verification.report(result, "x")
     assert "| `e.json` | 1 | 0 | 0 | 1 | 0 | 1.0e-02 | 1.0e-02 |" in text  # seeds [0, 99] -> [0, 98]
     assert "| `t.csv` | 4 | 1 | 0 | 1 | 0 | 9.1e-02 | 9.1e-02 |" in text  # lambdas by 5e-7, heun's fd 1.0 -> 1.1
+    # lambdas rounded to 6 decimals on either side of a rounding boundary are rounding; a printed digit moving is not
+    before = {"x": "[0.0, -0.000983]", "w": "0.00101", "y": "0.123", "z": "0.0001234"}
+    after = {"x": "[0.0, -0.000982]", "w": "0.001011", "y": "0.124", "z": "0.0001236"}
+    rounded = verification.compare({"l.csv": before}, {"l.csv": after})
+    assert sorted(c for _, c, _, _ in rounded.rounding) == ["w", "x"]  # w: a trailing zero dropped
+    assert sorted(c for _, c, _, _ in rounded.different) == ["y", "z"]
     # a row that vanished is a difference, and a file with nothing before it is listed as new
     (tmp_path / "b/t.csv").write_text('solver,fd,lambdas,wall_seconds\nddim,0.5,"[0.1, 0.2]",3\n')
     result = verification.compare({"t.csv": verification.cells(tmp_path / "a/t.csv")},
