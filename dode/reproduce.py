@@ -475,21 +475,22 @@ def main(argv=None):
     checked = verification.compare(before, verification.snapshot(results, written),
                                    rtol=max(args.rtol, verification.RTOL))
     against = f"{reference} (before this run)" if not args.verify else str(reference)
-    made_on = {describe_machine(previous.get(r.name, {}).get("machine") or committed.get("environment", {})
-                                .get("machine")) for r in runs if r.name in previous}
+    made_on = "; ".join(sorted({describe_machine(previous.get(r.name, {}).get("machine")
+                                                 or committed.get("environment", {}).get("machine"))
+                                for r in runs if r.name in previous})) or "an unrecorded machine"
     made_now = "; ".join(sorted({describe_machine(manifest["runs"][r.name].get("machine")) for r in runs
                                  if r.name in manifest["runs"]}))
-    text = verification.report(checked, against, machines=("; ".join(sorted(made_on)) or "no record", made_now))
-    report_path = results / ("verification.md" if full or args.verify else PARTIAL_REPORT)
-    report_path.write_text(text if full or args.verify else text.replace(
-        "# Verification against", f"# Partial run ({', '.join(r.name for r in runs)}): verification against", 1))
+    recorded = full or args.verify  # a partial run reports beside the full run's record, not over it
+    text = verification.report(checked, against, machines=(made_on, made_now), heading="Verification" if recorded
+                               else f"Partial run ({', '.join(r.name for r in runs)}): verification")
+    report_path = results / ("verification.md" if recorded else PARTIAL_REPORT)
+    report_path.write_text(text)
     print(text.split("\n\n", 1)[1].split("\n\n", 1)[0] + f" Details: {report_path}")
     if args.verify:
         failing = checked.beyond(args.rtol)
         if failing:
             print(f"{len(failing)} cells differ by more than a relative {args.rtol:g} or are new or gone; the "
-                  f"committed results were made on {'; '.join(sorted(made_on)) or 'an unrecorded machine'}, these "
-                  f"on {made_now}", file=sys.stderr)
+                  f"committed results were made on {made_on}, these on {made_now}", file=sys.stderr)
             raise SystemExit(1)
 
 

@@ -115,7 +115,9 @@ class Verification:
     added: list = field(default_factory=list)
     #: files with no earlier version to compare with
     new_files: list = field(default_factory=list)
-    #: per file: {class: cells} and the relative differences of its changed numbers ("moves")
+    #: {(file, cell): its largest relative difference} of every changed cell (inf: vanished or reshaped)
+    moves: dict = field(default_factory=dict)
+    #: per file: {class: cells}
     per_file: dict = field(default_factory=dict)
     rtol: float = RTOL
 
@@ -136,7 +138,7 @@ class Verification:
     def beyond(self, rtol: float) -> list:
         """The cells that differ by more than a relative ``rtol`` (at most the ``rtol`` compared with), or are new or
         gone."""
-        return [*(c for c in [*self.rounding, *self.within_list] if _relative(c[2], c[3]) > rtol), *self.different,
+        return [*(c for c in [*self.rounding, *self.within_list] if self.moves[c[:2]] > rtol), *self.different,
                 *self.added]
 
 
@@ -164,8 +166,8 @@ def compare(old: dict, new: dict, rtol: float = RTOL) -> Verification:
             result.new_files.append(name)
             continue
         before, after = old[name], new[name]
-        counts = result.per_file.setdefault(name, {"identical": 0, "rounding": 0, "within": 0, "different": 0,
-                                                   "new": 0, "moves": []})
+        counts = result.per_file.setdefault(name, dict.fromkeys(("identical", "rounding", "within", "different",
+                                                                  "new"), 0))
         for cell in sorted(set(before) | set(after)):
             a, b = before.get(cell), after.get(cell)
             if a == b:
@@ -180,8 +182,7 @@ def compare(old: dict, new: dict, rtol: float = RTOL) -> Verification:
                 {"rounding": result.rounding, "within": result.within_list, "different": result.different}[kind] \
                     .append((name, cell, a, b))
                 counts[kind] += 1
-                if math.isfinite(off):
-                    counts["moves"].append(off)
+                result.moves[name, cell] = off
     return result
 
 
@@ -190,21 +191,26 @@ def _file_table(result: Verification) -> list[str]:
     changed numbers."""
     rows = ["| file | identical | rounding | within | different | new | median move | largest move |",
             "|---|---|---|---|---|---|---|---|"]
+    by_file = {}
+    for (name, _), move in result.moves.items():
+        if math.isfinite(move):
+            by_file.setdefault(name, []).append(move)
     for name, c in sorted(result.per_file.items()):
         if c["rounding"] + c["within"] + c["different"] + c["new"] == 0:
             continue
-        moves = sorted(c["moves"])
+        moves = sorted(by_file.get(name, []))
         median, largest = (f"{moves[len(moves) // 2]:.1e}", f"{moves[-1]:.1e}") if moves else ("–", "–")
         rows.append(f"| `{name}` | {c['identical']} | {c['rounding']} | {c['within']} | {c['different']} | "
                     f"{c['new']} | {median} | {largest} |")
     return rows if len(rows) > 2 else []
 
 
-def report(result: Verification, against: str, limit: int = 200, machines: tuple[str, str] | None = None) -> str:
+def report(result: Verification, against: str, limit: int = 200, machines: tuple[str, str] | None = None,
+           heading: str = "Verification") -> str:
     """Markdown: the counts, the machines (``machines``: where ``against`` was made, and this one) when a number
     differs, the counts and moves by file, then every cell beyond rounding with its old and new value (the first
     ``limit`` of each class), then the cells that are new."""
-    lines = [f"# Verification against {against}", "",
+    lines = [f"# {heading} against {against}", "",
              f"{result.compared} result cells compared: **{result.identical} identical**, {len(result.rounding)} "
              f"within a relative {ROUNDING:g} (rounding), {len(result.within_list)} within a relative "
              f"{result.rtol:g}, **{len(result.different)} different**; {len(result.added)} new cells "
