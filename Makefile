@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# CITATION.cff's validator (tests/test_docs.py), without its jsonschema<4 pin (pyproject.toml says why)
+	$(PY) -m pip install --quiet --no-deps "cffconvert==2.0.0"
 	touch $(STAMP)
 
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
@@ -38,24 +40,24 @@ test: setup
 
 # Runs every notebook not already run on this machine (results/.state.json, untracked), then compares every
 # number it wrote with the one it replaced (results/verification.md). FORCE=1 reruns everything; ARGS passes
-# more options (python -m dode.reproduce --help), e.g. ARGS="--only 05_ablations-gmm-digits" (a partial run: it
+# more options (python -m dode.tools.reproduce --help), e.g. ARGS="--only 05_ablations-gmm-digits" (a partial run: it
 # reports in results/verification-partial.md and leaves the full run's record alone).
 reproduce: setup
-	$(PY) -m dode.reproduce --results results $(if $(FORCE),--force) $(ARGS)
+	$(PY) -m dode.tools.reproduce --results results $(if $(FORCE),--force) $(ARGS)
 
 # Reruns into build/verify and compares with the committed results/ (left as they are); fails on a difference beyond
 # a relative 1e-3 (what the tables print), or with ARGS="--rtol 1e-6" beyond rounding; the report names both machines.
 # ARGS="--only 01_quickstart-gmm-digits" verifies a subset.
 verify: setup
-	$(PY) -m dode.reproduce --results results --verify $(ARGS)
+	$(PY) -m dode.tools.reproduce --results results --verify $(ARGS)
 
 # Benchmarks (distillation cost, sampling overhead, scaling; quality is make reproduce's) into results/benchmarks.md
 # and results/benchmarks/*.csv|json; ~8 min on 2 CPU cores. Fails if a target is missed (the message names it).
-# ARGS passes more options (python -m dode.benchmarks --help), e.g. ARGS="--only scaling" or ARGS="--quick --out /tmp/b".
+# ARGS passes more options (python -m dode.tools.benchmarks --help), e.g. ARGS="--only scaling" or ARGS="--quick --out /tmp/b".
 bench: setup
-	$(PY) -m dode.benchmarks --out results $(ARGS)
+	$(PY) -m dode.tools.benchmarks --out results $(ARGS)
 
-# Retrain the shipped unet-digits and digits-classifier weights (dode/weights/), refit the gmm-digits mixture and
+# Retrain the shipped unet-digits and digits-classifier weights (dode/models/weights/), refit the gmm-digits mixture and
 # report how far the refit is from the shipped one (ARGS="-p replace_mixture True" replaces it); ~10 min on 2 CPU cores.
 models: setup
 	mkdir -p results/notebooks

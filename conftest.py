@@ -28,7 +28,7 @@ def _notebook_skip_reason(path) -> str | None:
     model_name = parameters.get("model_name")
     if model_name is None or model_name in dode.MODELS:
         return None
-    if not dode.models.is_available(model_name):
+    if not dode.models.registry.is_available(model_name):
         return (f"{model_name!r} cannot be had here (offline, not in the local Hugging Face cache, no such folder); "
                 "run the notebook with papermill and model_name=<local folder>")
     if not torch.cuda.is_available():

@@ -34,8 +34,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from dode import metrics
-    from dode.models import resolve_device
+    from dode.evaluation import metrics
+    from dode.util.runtime import resolve_device
 
     device = resolve_device(args.device)
     gen = torch.Generator().manual_seed(0)

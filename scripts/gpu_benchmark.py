@@ -2,7 +2,7 @@
 
 The network is diffusers' UNet2DModel in the configuration of google/ddpm-cifar10-32 (35.7 M parameters) with
 random weights: throughput does not depend on the weights. It is saved with DDPM's schedule and loaded back by
-``dode.load_model``, as any UNet folder is. Timing is ``make bench``'s harness (``dode.benchmarks.interleaved``):
+``dode.load_model``, as any UNet folder is. Timing is ``make bench``'s harness (``dode.tools.benchmarks.interleaved``):
 after one warm-up run of each variant, every repeat runs each variant once, in an order rotated each repeat; the
 table gives the median, and D-DDIM's time over DDIM's of the same precision within a repeat (median over repeats).
 Writes benchmark.json and benchmark.md.
@@ -23,7 +23,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 import dode
-from dode.benchmarks import interleaved, round_ratios
+from dode.tools.benchmarks import interleaved, round_ratios
 
 #: google/ddpm-cifar10-32's UNet2DModel configuration
 CIFAR10_UNET = dict(

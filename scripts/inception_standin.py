@@ -43,7 +43,7 @@ def standin_inception(seed: int = 0, images: int = 16, size: int = 64) -> nn.Mod
 
 
 def main(argv=None) -> Path:
-    from dode.metrics import INCEPTION_FILE
+    from dode.evaluation.metrics import INCEPTION_FILE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help=f"where to write {INCEPTION_FILE}")

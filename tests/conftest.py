@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dode
-from dode.models import GaussianMixtureDenoiser
+from dode.models.registry import GaussianMixtureDenoiser
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,9 +26,9 @@ def validation(gmm):
     """``distill``'s default validation set on gmm-digits (100 seeds from VALIDATION_SEED, fine grid), shared so
     that its fine run is made once for the whole session: ``distill(gmm, ..., validation=validation)`` gives
     exactly what ``distill(gmm, ...)`` gives."""
-    from dode.fit import VALIDATION_SEED
+    from dode.core.distill import VALIDATION_SEED
 
-    return dode.Teacher(gmm, batch_size=100, seed=VALIDATION_SEED, grid="fine")
+    return dode.Teacher(gmm, batch_size=100, seed=VALIDATION_SEED, substeps="fine")
 
 
 class WrappedModel(torch.nn.Module):

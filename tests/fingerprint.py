@@ -5,8 +5,8 @@ tests/test_machine_independence.py runs it in subprocesses under other BLAS kern
 every number to agree; ``python tests/fingerprint.py 1 2`` prints them here, on one torch thread and on two.
 """
 import dode
-from dode.experiments import evaluate_scheduler, evaluation_data
-from dode.runtime import use_threads
+from dode.experiments.evaluate import evaluate_scheduler, evaluation_data
+from dode.util.runtime import use_threads
 
 FEATURES = ("pixel", "digits")
 

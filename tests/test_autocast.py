@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dode
-from dode.sampling import integrate
+from dode.core.sampling import integrate
 
 DEVICE = os.environ.get("DODE_TEST_DEVICE", "cpu")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dode
-from dode import benchmarks as bench
+from dode.tools import benchmarks as bench
 
 MiB = 2**20
 

@@ -1,4 +1,4 @@
-"""Multi-process generation (dode.distributed): the seed shards, and a real 2-process torchrun (gloo, CPU)
+"""Multi-process generation (dode.tools.distributed): the seed shards, and a real 2-process torchrun (gloo, CPU)
 against the one-process ``dode.sample`` and ``dode.frechet_distance``."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import dode
-from dode import metrics
-from dode.distributed import shard
+from dode.evaluation import metrics
+from dode.tools.distributed import shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,12 +41,12 @@ def test_shard_rejects_bad_arguments(args):
 
 @pytest.fixture(scope="module")
 def torchrun(gmm, tmp_path_factory):
-    """``torchrun --standalone --nproc_per_node=2 -m dode.distributed`` on gmm-digits, D-DDIM at NFE 5."""
+    """``torchrun --standalone --nproc_per_node=2 -m dode.tools.distributed`` on gmm-digits, D-DDIM at NFE 5."""
     folder = tmp_path_factory.mktemp("torchrun")
     reference = folder / "reference.npz"
     metrics.save_statistics(reference, *metrics.feature_statistics(gmm.sample_data(1000, seed=1)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "dode.distributed", "--model", "gmm-digits", "--solver", "ddim", "--nfe", "5",
+               "-m", "dode.tools.distributed", "--model", "gmm-digits", "--solver", "ddim", "--nfe", "5",
                "--num-samples", "200", "--batch-size", "60", "--seed", "1000", "--reference", str(reference),
                "--device", "cpu", "--out", str(folder / "run")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import dode
-from dode.sampling import integrate
-from dode.scheduler import CONFIG_FILE
-from dode.grids import TimeGrid
+from dode.core.sampling import integrate
+from dode.core.scheduler import CONFIG_FILE
+from dode.core.timegrid import TimeGrid
 
 NFE = 5  # possible for every solver (Heun: 3 steps)
 
@@ -70,7 +70,7 @@ def test_closed_form_lambda_equals_lstsq():
 def test_fitted_states_are_the_least_squares_projection_and_the_scheduler_follows_them(gmm, solver):
     """Sampling the fitting batch with the fitted lambdas reproduces the fit's own residuals, and moving any
     lambda a little moves that step's state away from the teacher."""
-    teacher = dode.Teacher(gmm, batch_size=20, seed=4, grid=10)
+    teacher = dode.Teacher(gmm, batch_size=20, seed=4, substeps=10)
     fitted = dode.distill(gmm, solver, NFE, teacher=teacher, guard=False)  # the plain greedy fit
     residuals = fitted.fit_info["rmse_to_teacher_fitted"]
     fitted.set_timesteps(fitted.num_inference_steps)
@@ -91,7 +91,7 @@ def test_fitted_states_are_the_least_squares_projection_and_the_scheduler_follow
 def test_teacher_targets_lie_on_the_exact_ode_at_the_students_times(gaussian, solver, grid):
     """On a Gaussian, the teacher's target k is close to the exact ODE state at the student's k-th noise level,
     much closer than the exact states at the neighbouring levels are to it (where those differ visibly)."""
-    teacher = dode.Teacher(gaussian.model, batch_size=32, seed=1, grid=grid)
+    teacher = dode.Teacher(gaussian.model, batch_size=32, seed=1, substeps=grid)
     scheduler = dode.make_scheduler(solver, gaussian.model)
     scheduler.set_timesteps(dode.get_solver(solver).steps_for(NFE))
     targets = teacher.targets(scheduler)
@@ -119,13 +119,13 @@ def test_teacher_targets_lie_on_the_exact_ode_at_the_students_times(gaussian, so
 
 
 def test_refined_teacher_grid_holds_every_student_time_and_c_steps_between(gmm):
-    gmm_sigma_min = float(dode.models.training_sigmas(gmm.scheduler_config)[0])
+    gmm_sigma_min = float(dode.models.registry.training_sigmas(gmm.scheduler_config)[0])
     for solver in dode.SOLVERS:
         scheduler = dode.make_scheduler(solver, gmm)
         scheduler.set_timesteps(dode.get_solver(solver).steps_for(NFE))
         levels = TimeGrid.of(scheduler).states.tolist()
         knots = [s for i, s in enumerate(levels) if i == 0 or s != levels[i - 1]]
-        grid = dode.Teacher(gmm, batch_size=1, grid=7).refined_grid(np.array(levels))
+        grid = dode.Teacher(gmm, batch_size=1, substeps=7).substep_levels(np.array(levels))
         positions = [int(np.argmin(np.abs(grid - s))) for s in knots]
         assert np.allclose(grid[positions], knots, rtol=1e-12, atol=0)
         # 7 steps per interval; below the smallest training sigma (t = 0) there is only the final jump to 0
@@ -135,7 +135,7 @@ def test_refined_teacher_grid_holds_every_student_time_and_c_steps_between(gmm):
 
 
 def test_a_shared_fine_teacher_gives_the_same_lambdas_and_runs_once_per_start(gmm):
-    teacher = dode.Teacher(gmm, batch_size=16, seed=2, grid="fine")
+    teacher = dode.Teacher(gmm, batch_size=16, seed=2, substeps="fine")
     # starts equal up to float32 rounding and Heun's scale (DDIM on trailing: its default, leading, starts at t = 800)
     spacings = {"ddim": "trailing", "deis": None, "unipc": None, "heun": None, "dpm_solver_2": None}
     shared = {s: dode.distill(gmm, s, 5, spacing=p, teacher=teacher, guard=False).lambdas for s, p in spacings.items()}
@@ -227,7 +227,7 @@ def test_nan_model_output_names_the_evaluation(gmm, wrap):
         dode.sample(wrap(gmm, nan_from_third_call), "ddim", NFE, 4, progress=False)
     broken = wrap(gmm, nan_from_third_call)
     with pytest.raises(FloatingPointError, match="NaN or inf"):
-        dode.distill(broken, "ddim", NFE, batch_size=4, teacher=dode.Teacher(broken, batch_size=4, grid=1), guard=False)
+        dode.distill(broken, "ddim", NFE, batch_size=4, teacher=dode.Teacher(broken, batch_size=4, substeps=1), guard=False)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5])
@@ -236,5 +236,5 @@ def test_bad_batch_sizes_and_teachers_are_clear_errors(gmm, bad):
         dode.sample(gmm, "ddim", NFE, 4, batch_size=bad, progress=False)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         dode.distill(gmm, "ddim", NFE, batch_size=bad)
-    with pytest.raises(ValueError, match="teacher grid must be"):
+    with pytest.raises(ValueError, match="teacher substeps must be"):
         dode.distill(gmm, "ddim", NFE, teacher=bad)

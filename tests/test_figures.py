@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import dode  # noqa: E402
-from dode.plots import (FLOOR_LABEL, distance_to_teacher, lambdas_per_step, quality_vs_nfe, sample_grid,  # noqa: E402
+from dode.experiments.plots import (FLOOR_LABEL, distance_to_teacher, lambdas_per_step, quality_vs_nfe, sample_grid,  # noqa: E402
                         sample_grid_figure, short_number)
 
 PAPER = [dode.get_solver(s).paper for s in dode.SOLVERS]

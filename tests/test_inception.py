@@ -14,8 +14,8 @@ import scipy.linalg
 import torch
 
 import dode
-from dode import metrics
-from dode.models import ModelNotFoundError
+from dode.evaluation import metrics
+from dode.models.registry import ModelNotFoundError
 
 DEVICE = os.environ.get("DODE_TEST_DEVICE", "cpu")
 

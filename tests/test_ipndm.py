@@ -1,4 +1,4 @@
-"""iPNDM (dode.ipndm) against DDIM, the closed-form Gaussian ODE, a direct transcription of its update, and
+"""iPNDM (dode.core.ipndm) against DDIM, the closed-form Gaussian ODE, a direct transcription of its update, and
 diffusers' pipeline and persistence machinery."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 import dode
-from dode.ipndm import IPNDMDiscreteScheduler
-from dode.solvers import set_grid
+from dode.core.ipndm import IPNDMDiscreteScheduler
+from dode.core.solvers import set_grid
 
 NUM = 24
 #: the issue's coefficients, written here rather than imported, so that the transcription is independent
@@ -17,7 +17,10 @@ AB = {1: [1], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -
 
 
 def ipndm(model, spacing=None, **overrides):
-    return dode.make_scheduler("ipndm", model, spacing, **overrides)
+    """iPNDM on a named spacing, or on a list of noise levels (then a zero-lambda DODEScheduler on that grid)."""
+    if spacing is None or isinstance(spacing, str):
+        return dode.make_scheduler("ipndm", model, spacing, **overrides)
+    return dode.grid_scheduler("ipndm", model, spacing, **overrides)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
@@ -127,7 +130,7 @@ def test_a_moved_grid_is_the_spacing_it_was_moved_to(gmm):
     torch.testing.assert_close(x_moved, x_target, rtol=0, atol=1e-5)
     assert (x_moved - dode.sample(gmm, "ipndm", 5, NUM, seed=1, progress=False)).abs().max() > 1e-2
     # and an explicit grid through the public API is the same thing
-    explicit = dode.make_scheduler("ipndm", gmm, target.sigmas[:-1].tolist())
+    explicit = dode.grid_scheduler("ipndm", gmm, target.sigmas[:-1].tolist())
     torch.testing.assert_close(dode.sample(gmm, explicit, 5, NUM, seed=1, progress=False), x_target, rtol=0, atol=1e-5)
 
 

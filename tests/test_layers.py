@@ -1,14 +1,13 @@
-"""The package layers cleanly: no module imports one above it, and ``import dode`` stays light.
+"""The package layers cleanly, and its folders are the layers: no module imports from a layer above its own.
 
-Bottom to top (the README's layout section says what goes where):
-  1 foundation: the noise schedule's maths, where dode runs, getting checkpoints; the embedded models
-  2 solvers and time grids
-  3 the D-ODE scheduler
-  4 sampling and evaluation: sampling, pipelines, metrics, features, the exact ODE (the fit runs the student and
-    validates it by the evaluation's criteria, so both sit below it)
-  5 fit and refinement, and the variant registry
-  6 experiments, tables, plots, the experiment parameters
-  7 tools: reproduce, benchmarks, training, distributed, verification
+Bottom to top (docs/design.md says what goes where):
+  util         where dode runs, getting checkpoints
+  evaluation   metrics and feature spaces (the guard in core scores students with them)
+  core         D-ODE: schedules, time grids, solvers, the scheduler, sampling, the teacher, fit, guard, refine, distill
+  models       the registry, the embedded testbeds, networks, pipelines
+  experiments  what the notebooks run: parameters, grid evaluation, studies, variants, tables, plots
+  tools        reproduce, verification, benchmarks, distributed generation, training
+Inside ``core`` the modules are ordered too (``CORE``); ``import dode`` stays light.
 """
 from __future__ import annotations
 
@@ -21,61 +20,98 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dode"
 
-LAYERS = {
-    1: ("schedule", "runtime", "hub", "testbeds", "networks", "models"),
-    2: ("grids", "ipndm", "solvers"),
-    3: ("scheduler",),
-    4: ("sampling", "pipelines", "metrics", "features", "ode"),
-    5: ("variants", "teacher", "fit", "refine"),
-    6: ("experiments", "tables", "plots", "parameters", "studies"),
-    7: ("reproduce", "benchmarks", "training", "distributed", "verification"),
+#: the subpackages, bottom to top
+LAYERS = ("util", "evaluation", "core", "models", "experiments", "tools")
+#: the core's modules, bottom to top: a module imports only modules of a lower rank
+CORE = {
+    "schedule": 1, "timegrid": 1, "ipndm": 2, "solvers": 3, "persistence": 4, "scheduler": 5, "sampling": 6,
+    "teacher": 7, "ode": 7, "fit": 8, "refine": 8, "guard": 9, "distill": 10,
 }
-LAYER = {module: layer for layer, modules in LAYERS.items() for module in modules}
 #: what ``import dode`` must not load: evaluation and reporting load where they are used
 HEAVY = ("torchmetrics", "matplotlib", "pandas", "seaborn", "transformers")
 
 
+def module_name(path: Path) -> str:
+    """``core.fit`` for dode/core/fit.py, ``core`` for dode/core/__init__.py, ``""`` for dode/__init__.py."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def dode_imports(path: Path) -> set[str]:
-    """Every dode module ``path`` imports, at the top or inside a function: ``from .x import``, ``from . import x``,
-    ``import dode.x``, ``from dode.x import``."""
+    """Every dode module or subpackage ``path`` imports (dotted below ``dode``: ``core.fit``, ``models``), at the top
+    or inside a function, relative (any level) or absolute."""
+    here = module_name(path).split(".") if module_name(path) else []
+    package = here if path.name == "__init__.py" else here[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found.update(alias.name for alias in node.names)
-            elif node.module and node.module.split(".")[0] == "dode" and "." in node.module:
-                found.add(node.module.split(".")[1])
-            elif node.module == "dode":
-                found.update(alias.name for alias in node.names if (PACKAGE / f"{alias.name}.py").is_file())
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+            elif node.module and node.module.split(".")[0] == "dode":
+                base = []
+            else:
+                continue
+            module = [p for p in (node.module or "").split(".") if p]
+            if not node.level:
+                module = module[1:]
+            target = base + module
+            for alias in node.names:  # ``from . import fit``: the name may be a module of its own
+                candidate = target + [alias.name]
+                is_module = ((PACKAGE.joinpath(*candidate).with_suffix(".py")).is_file()
+                             or PACKAGE.joinpath(*candidate).is_dir())
+                found.add(".".join(candidate if is_module else target))
         elif isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[1] for alias in node.names
-                         if alias.name.startswith("dode.") and alias.name.count(".") >= 1)
+            found.update(alias.name.split(".", 1)[1] for alias in node.names if alias.name.startswith("dode."))
+    found.discard("")
     return found
 
 
-def modules() -> list[str]:
-    return sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+def sources() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
 
 
-def test_every_module_has_a_layer():
-    unplaced = [m for m in modules() if m not in LAYER]
-    assert not unplaced, f"give each new module a layer in LAYERS (and the README's layout section): {unplaced}"
+def rank(name: str) -> tuple[int, int]:
+    """(the layer, the rank inside ``core``; 0 elsewhere) of a dotted module or subpackage name."""
+    layer, _, module = name.partition(".")
+    return LAYERS.index(layer), CORE.get(module, 0) if layer == "core" else 0
 
 
-@pytest.mark.parametrize("module", modules())
-def test_no_module_imports_one_above_it(module):
-    upward = {other: LAYER[other] for other in dode_imports(PACKAGE / f"{module}.py")
-              if other in LAYER and LAYER[other] > LAYER[module]}
-    assert not upward, f"dode.{module} (layer {LAYER[module]}) imports from above: {upward}"
+def test_every_module_sits_in_a_layer_folder():
+    loose = [p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"]
+    assert not loose, f"put each module into its layer's folder ({', '.join(LAYERS)}): {loose}"
+    folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
+    assert folders == sorted(LAYERS), folders
+
+
+def test_every_core_module_has_a_rank():
+    unranked = [p.stem for p in (PACKAGE / "core").glob("*.py") if p.stem != "__init__" and p.stem not in CORE]
+    assert not unranked, f"give each new core module a rank in CORE (and docs/design.md): {unranked}"
+
+
+@pytest.mark.parametrize("path", [p for p in sources() if module_name(p)], ids=module_name)
+def test_no_module_imports_from_above(path):
+    mine = module_name(path)
+    own_package = mine.split(".")[0]
+    upward = {}
+    for other in dode_imports(path):
+        layer = other.split(".")[0]
+        if LAYERS.index(layer) > LAYERS.index(own_package):
+            upward[other] = layer
+        elif layer == own_package == "core" and "." in other and "." in mine and rank(other) >= rank(mine):
+            upward[other] = f"core rank {rank(other)[1]} (this one: {rank(mine)[1]})"
+    assert not upward, f"dode.{mine} imports from its own layer or above: {upward}"
 
 
 def test_the_import_parser_sees_every_form(tmp_path):
-    source = tmp_path / "probe.py"
-    source.write_text("from .fit import distill\nfrom . import plots\nimport dode.tables\n"
-                      "def f():\n    from dode.experiments import provenance\n    from dode import metrics\n")
-    assert dode_imports(source) == {"fit", "plots", "tables", "experiments", "metrics"}
+    source = PACKAGE / "core" / "_probe_for_test.py"
+    source.write_text("from .fit import distill\nfrom . import sampling\nimport dode.experiments.tables\n"
+                      "from ..models import load_model\nfrom ..evaluation import metrics\n"
+                      "def f():\n    from dode.tools.reproduce import main\n    from dode import models\n")
+    try:
+        assert dode_imports(source) == {"core.fit", "core.sampling", "experiments.tables", "models",
+                                        "evaluation.metrics", "tools.reproduce", "models"}
+    finally:
+        source.unlink()
 
 
 def test_import_dode_loads_no_evaluation_or_reporting_package_until_a_name_needs_it():
@@ -86,4 +122,43 @@ def test_import_dode_loads_no_evaluation_or_reporting_package_until_a_name_needs
     loaded = set(light.split())
     assert "dode" in loaded and "torch" in loaded
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
-    assert lazy.split() == ["True", "dode.metrics"]
+    assert lazy.split() == ["True", "dode.evaluation.metrics"]
+
+
+#: the scheduler writes its own ``fit_info`` into its config; nothing else in dode reads the record back
+_FIT_INFO_OWNERS = ("core/scheduler.py", "core/persistence.py")
+#: "about 60 lines": the longest function the core may have, docstring included
+_CORE_FUNCTION_LINES = 65
+
+
+def _fit_info_reads(path: Path) -> list[int]:
+    """Lines where ``path`` reads a ``fit_info`` attribute (``x.fit_info[...]``, ``x.fit_info.get``, ``{**x.fit_info}``)
+    or a ``"fit_info"`` key; assigning one (``x.fit_info = {...}``) is writing the record, which is allowed."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr == "fit_info" and isinstance(node.ctx, ast.Load):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == "fit_info":
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_no_module_reads_fit_info_back():
+    """``fit_info`` is the record a user reads; dode's own stages hand each other values (docs/design.md)."""
+    readers = {p.relative_to(PACKAGE).as_posix(): _fit_info_reads(p) for p in sources()
+               if p.relative_to(PACKAGE).as_posix() not in _FIT_INFO_OWNERS}
+    assert not {path: lines for path, lines in readers.items() if lines}
+
+
+def test_the_fit_info_check_sees_reads_and_lets_writes_pass(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("s.fit_info = {'a': 1}\nx = s.fit_info['a']\ny = dict(**s.fit_info)\nz = c['fit_info']\n")
+    assert _fit_info_reads(probe) == [2, 3, 4]
+
+
+def test_no_core_function_is_longer_than_about_60_lines():
+    long = {f"core/{p.name}:{node.name}": node.end_lineno - node.lineno + 1
+            for p in sorted((PACKAGE / "core").glob("*.py")) for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > _CORE_FUNCTION_LINES}
+    assert not long, long

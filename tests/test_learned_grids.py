@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import dode
-from dode.fit import refine_fit, refinement_starts
-from dode.grids import TimeGrid
-from dode.models import training_sigmas
-from dode.refine import optimise as refine
-from dode.variants import REFINEMENTS
-from dode.sampling import integrate, seeded_noise
-from dode.scheduler import make_scheduler, to_grid_form
-from dode.solvers import GRID_SOLVERS
+from dode.core.distill import distillation, refine_fit, refinement_starts
+from dode.core.timegrid import TimeGrid
+from dode.models.registry import training_sigmas
+from dode.core.refine import optimise as refine
+from dode.core.refine import REFINEMENTS
+from dode.core.sampling import integrate, seeded_noise
+from dode.core.scheduler import grid_scheduler, make_scheduler, to_grid_form
+from dode.core.solvers import GRID_SOLVERS
 
 NOISE_SEED, BATCH = 11, 12
 
@@ -40,7 +40,7 @@ def test_ddim_takes_a_grid_through_its_exact_grid_form(gmm):
     noise = seeded_noise(gmm.sample_shape, BATCH, NOISE_SEED)
     grid = [120.0, 9.0, 1.7, 0.4, 0.05]
     lambdas = [0.0, 0.7, -0.3, 1.2, 4.0]
-    scheduler = make_scheduler("ddim", gmm, grid)
+    scheduler = grid_scheduler("ddim", gmm, grid)
     assert isinstance(scheduler.base_scheduler, dode.IPNDMDiscreteScheduler)
     assert scheduler.base_scheduler.config.max_order == 1
     scheduler.lambdas = lambdas
@@ -64,7 +64,7 @@ def test_the_grid_form_of_ddim_samples_as_ddim_itself(gmm, spacing, nfe):
 def test_plms_has_no_grid_form_and_says_so(gmm):
     assert "pndm" not in GRID_SOLVERS and "ddim" in GRID_SOLVERS
     with pytest.raises(ValueError, match="no scheduler makes exactly its update"):
-        make_scheduler("pndm", gmm, [100.0, 10.0, 1.0])
+        grid_scheduler("pndm", gmm, [100.0, 10.0, 1.0])
     with pytest.raises(ValueError, match="refine='timesteps' cannot learn a time grid for pndm"):
         dode.distill(gmm, "pndm", 4, batch_size=4, refine="timesteps")
     plms = dode.DODEScheduler(make_scheduler("pndm", gmm), [0.0] * 4, 3)
@@ -73,13 +73,13 @@ def test_plms_has_no_grid_form_and_says_so(gmm):
 
 
 def test_a_learned_grid_alone_keeps_every_lambda_at_zero_and_improves_the_fit(gmm):
-    teacher = dode.Teacher(gmm, batch_size=16, seed=5, grid="fine")
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, substeps="fine")
     base = dode.DODEScheduler(make_scheduler("ddim", gmm), [0.0] * 4, 4)
     probe = copy.deepcopy(to_grid_form(base))
     probe.set_timesteps(4)
-    learned = refine(gmm, base, teacher.noise, teacher.targets(probe), **REFINEMENTS["timesteps"]._asdict(), max_iterations=6,
-                     progress=False)
-    info = learned.fit_info["refine"]
+    found = refine(gmm, base, teacher.noise, teacher.targets(probe), **REFINEMENTS["timesteps"]._asdict(), max_iterations=6,
+                   progress=False)
+    learned, info = found.scheduler, found.record()
     assert learned.lambdas == [0.0] * 4 and info["mode"] == "timesteps"
     assert info["mse_refined"] < info["mse_start"]
     start = TimeGrid.of(probe).steps
@@ -97,36 +97,38 @@ def test_a_learned_grid_alone_keeps_every_lambda_at_zero_and_improves_the_fit(gm
 
 def test_joint_refinement_from_zero_lambdas_has_a_gradient(gmm):
     """Lambdas at 0 (what the guard hands back where D-ODE does not help) still move: the gradient is not lost."""
-    teacher = dode.Teacher(gmm, batch_size=12, seed=2, grid=4)
+    teacher = dode.Teacher(gmm, batch_size=12, seed=2, substeps=4)
     zero = dode.DODEScheduler(make_scheduler("deis", gmm), [0.0] * 4, 4)
     zero.set_timesteps(4)
     joint = refine(gmm, zero, teacher.noise, teacher.targets(zero), objective="all", max_iterations=5, progress=False)
-    assert any(v != 0.0 for v in joint.lambdas[1:])
-    assert joint.fit_info["refine"]["mse_refined"] < joint.fit_info["refine"]["mse_start"]
+    assert any(v != 0.0 for v in joint.scheduler.lambdas[1:])
+    assert joint.mse_refined < joint.mse_start
 
 
 @pytest.fixture(scope="module")
 def auto_fit(gmm, validation):
-    teacher = dode.Teacher(gmm, batch_size=24, seed=3, grid=4)
-    return dode.distill(gmm, "deis", 4, spacing="auto", teacher=teacher, validation=validation), teacher
+    teacher = dode.Teacher(gmm, batch_size=24, seed=3, substeps=4)
+    return distillation(gmm, "deis", 4, spacing="auto", teacher=teacher, validation=validation), teacher
 
 
 def test_the_starts_are_autos_spacing_the_papers_and_the_best_other(gmm, auto_fit):
     auto, _ = auto_fit
-    candidates = {c["spacing"]: c for c in auto.fit_info["validation"]["candidates"]}
+    # what the user reads in fit_info, against what the starts are made of
+    candidates = {c["spacing"]: c for c in auto.scheduler.fit_info["validation"]["candidates"]}
     starts = refinement_starts(gmm, auto, "joint+timesteps", 3)
-    spacings = [s.fit_info["spacing"] for s, _ in starts]
-    assert spacings[0] == auto.fit_info["spacing"] and starts[0][0] is auto
+    spacings = [start.spacing for start in starts]
+    assert spacings[0] == auto.scheduler.fit_info["spacing"] and starts[0].scheduler.lambdas == auto.scheduler.lambdas
     assert len(set(spacings)) == 3 and dode.get_solver("deis").default_spacing in spacings
-    for scheduler, score in starts[1:]:
-        c = candidates[scheduler.fit_info["spacing"]]
+    for scheduler, spacing, score, _ in starts[1:]:
+        c = candidates[spacing]
         factor = float(min(c["scores"], key=c["scores"].get))
         assert scheduler.lambdas == [factor * v for v in c["greedy_lambdas"]] and score == c["best"]
+        assert scheduler.spacing == spacing
     bases = refinement_starts(gmm, auto, "timesteps", 3)
     ranked = sorted(candidates.values(), key=lambda c: c["base"])
-    assert bases[0][0].fit_info["spacing"] == ranked[0]["spacing"] and bases[0][1] == ranked[0]["base"]
-    assert all(s.lambdas == [0.0] * s.nfe for s, _ in bases)
-    assert dode.get_solver("deis").default_spacing in [s.fit_info["spacing"] for s, _ in bases]
+    assert bases[0].spacing == ranked[0]["spacing"] and bases[0].score == ranked[0]["base"]
+    assert all(s.scheduler.lambdas == [0.0] * s.scheduler.nfe for s in bases)
+    assert dode.get_solver("deis").default_spacing in [s.spacing for s in bases]
 
 
 class _Scores:
@@ -145,25 +147,27 @@ class _Scores:
 def test_every_refinement_is_kept_only_where_it_validates_better_than_what_it_replaces(gmm, auto_fit, mode, better):
     auto, teacher = auto_fit
     starts = refinement_starts(gmm, auto, mode, 2)
-    before = auto.fit_info["validation"]["guarded"] if REFINEMENTS[mode].lambdas else min(s for _, s in starts)
+    before = (auto.scheduler.fit_info["validation"]["guarded"] if REFINEMENTS[mode].lambdas
+              else min(s.score for s in starts))
     check = _Scores(before * (0.5 if better else 2.0))
-    refined = refine_fit(gmm, auto, teacher, mode, validation=check, starts=2, max_iterations=4, probe_iterations=2,
-                         progress=False)
-    info = refined.fit_info["refine"]
+    result = refine_fit(gmm, auto, teacher, mode, judge=check, starts=2, max_iterations=4, probe_iterations=2,
+                        progress=False)
+    refined, info = result.scheduler, result.scheduler.fit_info["refine"]
+    assert info == result.record and result.kept is better and result.score == info["validation"]
     assert info["validation_before"] == before and info["kept"] is better
     assert len(info["steps"]) == 3 and info["steps"][-1]["continued"]  # two probes, the best one continued
     if better:
         assert info["validation"] < before
     elif REFINEMENTS[mode].lambdas:  # the fit itself comes back
-        assert refined.lambdas == auto.lambdas and refined.grid == auto.grid
+        assert refined.lambdas == auto.scheduler.lambdas and refined.grid == auto.scheduler.grid
     else:  # the best-validating base among the starts
-        best = min(starts, key=lambda s: s[1])[0]
-        assert refined.lambdas == [0.0] * refined.nfe and refined.fit_info["spacing"] == best.fit_info["spacing"]
+        best = min(starts, key=lambda s: s.score)
+        assert refined.lambdas == [0.0] * refined.nfe and refined.fit_info["spacing"] == best.spacing == result.spacing
         assert refined.grid is None
 
 
 def test_distill_learns_ddims_grid_and_the_result_round_trips(gmm, validation, tmp_path):
-    teacher = dode.Teacher(gmm, batch_size=16, seed=5, grid=4)
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, substeps=4)
     learned = dode.distill(gmm, "ddim", 4, spacing="auto", teacher=teacher, validation=validation,
                            refine="joint+timesteps", refine_iterations=6, refine_starts=2, progress=False)
     info = learned.fit_info["refine"]

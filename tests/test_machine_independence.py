@@ -1,5 +1,5 @@
 """Numbers that do not depend on the machine: the same seeds give the same numbers under other BLAS kernels and
-thread counts, as on another CPU (DESIGN section 8; docs in the README's "Numbers on any machine").
+thread counts, as on another CPU (docs/design.md, "Conventions"; docs/reproducing.md, "Numbers on any machine").
 
 tests/fingerprint.py runs load, data draws, a greedy fit, sampling, Frechet distances and RMSE on both embedded
 models; each setting below runs it in a fresh process and must print what the default prints, to a relative

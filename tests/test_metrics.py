@@ -1,4 +1,4 @@
-"""Tests of dode.metrics against an independent numpy/scipy Frechet distance and RMSE."""
+"""Tests of dode.evaluation.metrics against an independent numpy/scipy Frechet distance and RMSE."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import scipy.linalg
 import torch
 
 import dode
-from dode import metrics
+from dode.evaluation import metrics
 
 
 def reference_frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -135,7 +135,7 @@ def test_feature_statistics_are_mean_and_covariance(two_sets):
 @pytest.fixture(scope="module")
 def digit_sets(gmm):
     """Mixture samples against the real 8x8 digits, both (N, 1, 8, 8) in [-1, 1]."""
-    from dode.testbeds import load_digits_data
+    from dode.models.testbeds import load_digits_data
 
     return gmm.sample_data(400, seed=3), torch.from_numpy(load_digits_data()).float()
 

@@ -1,4 +1,4 @@
-"""Tests of dode.models against independent computations (closed forms, Monte Carlo, diffusers itself)."""
+"""Tests of dode.models.registry against independent computations (closed forms, Monte Carlo, diffusers itself)."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,8 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import dode
-from dode.schedule import DDPM_SCHEDULE
-from dode.testbeds import GaussianMixtureDenoiser
+from dode.core.schedule import DDPM_SCHEDULE
+from dode.models.testbeds import GaussianMixtureDenoiser
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_hub_id_offline_fails_fast_with_local_folder_hint(hf_hub_offline):
     load_model checks first that the hub answers at all. Checked in a fresh process, both with
     HF_HUB_OFFLINE=1 and without it (the latter only where the hub really is unreachable, as here and in CI).
     """
-    if hf_hub_offline is None and dode.hub._hub_reachable():
+    if hf_hub_offline is None and dode.util.hub._hub_reachable():
         pytest.skip("the hub is reachable from here: the offline path cannot be exercised")
     script = textwrap.dedent("""
         import json, time, dode
@@ -456,14 +456,14 @@ def test_unknown_prediction_types_are_clear_errors(tmp_path, digits_model):
     with pytest.raises(ValueError, match="unknown prediction type 'flow_prediction'"):
         dode.load_model(tmp_path, device="cpu")
     with pytest.raises(ValueError, match="unknown prediction type 'x0'"):
-        dode.models.as_prediction_type(digits_model, "x0")
+        dode.models.registry.as_prediction_type(digits_model, "x0")
 
 
 def test_is_available(tmp_path, monkeypatch):
-    assert dode.models.is_available("gmm-digits") and dode.models.is_available(tmp_path)
-    assert not dode.models.is_available("./no/such/folder")
-    monkeypatch.setattr(dode.hub, "_hub_reachable", lambda timeout=3.0: False)
-    assert not dode.models.is_available("dode-tests/not-in-the-cache")
+    assert dode.models.registry.is_available("gmm-digits") and dode.models.registry.is_available(tmp_path)
+    assert not dode.models.registry.is_available("./no/such/folder")
+    monkeypatch.setattr(dode.util.hub, "_hub_reachable", lambda timeout=3.0: False)
+    assert not dode.models.registry.is_available("dode-tests/not-in-the-cache")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -495,7 +495,7 @@ def test_convert_prediction_between_every_pair_of_types():
     outputs = {"epsilon": eps, "sample": x0, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0}
     for source, output in outputs.items():
         for target, expected in outputs.items():
-            got = dode.models.convert_prediction(output, x_t, abar, source, target)
+            got = dode.models.registry.convert_prediction(output, x_t, abar, source, target)
             torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -523,7 +523,7 @@ def test_every_solver_gives_the_eps_models_samples_for_v_and_x0_models(digits_mo
                 dode.sample(model, solver, 5, 16, seed=3, progress=False)
         else:
             assert (dode.sample(model, solver, 5, 16, seed=3, progress=False) - expected).abs().max() > 0.1
-        model = dode.models.as_prediction_type(model, "epsilon")
+        model = dode.models.registry.as_prediction_type(model, "epsilon")
     torch.testing.assert_close(dode.sample(model, solver, 5, 16, seed=3, spacing=spacing, progress=False), expected,
                                rtol=0, atol=tolerance)
     if spacing is not None:
@@ -538,7 +538,7 @@ def test_distilling_an_epsilon_view_gives_the_eps_models_lambdas(digits_model, s
     expected = dode.distill(digits_model, solver, 5, batch_size=8, guard=False)  # the greedy fits compared
     x_expected = dode.sample(digits_model, expected, 5, 8, seed=50, progress=False)
     for prediction_type in ("v_prediction", "sample"):
-        model = dode.models.as_prediction_type(Reparametrised(digits_model, prediction_type), "epsilon")
+        model = dode.models.registry.as_prediction_type(Reparametrised(digits_model, prediction_type), "epsilon")
         assert model.scheduler_config["prediction_type"] == "epsilon"
         fitted = dode.distill(model, solver, 5, batch_size=8, guard=False)
         np.testing.assert_allclose(fitted.lambdas, expected.lambdas, rtol=1e-3, atol=1e-3)
@@ -586,7 +586,7 @@ def test_v_prediction_unet_folder_distil_sample_save_reload(tmp_path, layout):
     assert torch.equal(dode.sample(model, reloaded, 4, 6, seed=2, progress=False), x)
     # the same ODE through an epsilon view: the same base samples, computed by the scheduler's other branch (on
     # levels at integer timesteps: on logSNR-uniform ones diffusers rounds the model's timestep, see above)
-    eps_view = dode.models.as_prediction_type(model, "epsilon")
+    eps_view = dode.models.registry.as_prediction_type(model, "epsilon")
     torch.testing.assert_close(dode.sample(eps_view, "dpm_solver_pp_2m", 4, 6, seed=2, spacing="trailing",
                                            progress=False),
                                dode.sample(model, "dpm_solver_pp_2m", 4, 6, seed=2, spacing="trailing", progress=False),
@@ -604,7 +604,7 @@ def test_solve_ode_takes_any_prediction_type(digits_model, prediction_type):
 # gmm-digits is the same on every machine: a shipped fit, draws through a unique factor
 # ----------------------------------------------------------------------------------------------------------
 def test_gmm_digits_is_the_shipped_mixture_and_a_refit_is_the_same_mixture_up_to_rounding():
-    from dode import testbeds
+    from dode.models import testbeds
 
     model = testbeds.gmm_digits()
     shipped = testbeds.load_mixture()
@@ -619,7 +619,7 @@ def test_gmm_digits_is_the_shipped_mixture_and_a_refit_is_the_same_mixture_up_to
 
 
 def test_a_missing_mixture_file_says_how_to_make_it(tmp_path):
-    from dode import testbeds
+    from dode.models import testbeds
 
     with pytest.raises(FileNotFoundError, match="make models"):
         testbeds.load_mixture(tmp_path / "none.safetensors")
@@ -633,7 +633,7 @@ def test_gmm_digits_draws_do_not_turn_with_the_last_bits_of_the_covariances(digi
     thread count). Draws through the Cholesky factor, which is unique, move only by rounding: a relative 1e-12
     perturbation of the covariances moves the draws of a seed by less than 1e-9. Through the eigenvectors they moved
     by O(1)."""
-    from dode.testbeds import GaussianMixtureDenoiser
+    from dode.models.testbeds import GaussianMixtureDenoiser
 
     w, mu, cov = digits_model.mixture
     eigenvalues = torch.linalg.eigvalsh(cov)

@@ -1,7 +1,10 @@
-"""The notebooks' parameters through papermill, as a user passes them: wrong ones stop in the first code cell with
-what is valid, scalars work as one-element lists, impossible cells are reported, and 06 runs on a local model."""
+"""The notebooks' parameters: each notebook's ``parameters`` cell holds its defaults as literals, equal to
+``dode.experiments.parameters.DEFAULTS``; and through papermill, as a user passes them, wrong ones stop in the first
+code cell with what is valid, scalars work as one-element lists, impossible cells are reported, and 06 runs on a
+local model."""
 from __future__ import annotations
 
+import ast
 import json
 import time
 from pathlib import Path
@@ -12,8 +15,56 @@ import pandas as pd
 import pytest
 import torch
 
+from dode.experiments import parameters
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
+
+
+# -- the parameters cells: literals, equal to DEFAULTS (no kernel) -------------------------------------------------
+def parameters_cell(notebook: str) -> str:
+    """The source of the notebook's one cell tagged ``parameters`` (papermill injects its values after it)."""
+    cells = [c for c in nbformat.read(NOTEBOOKS / f"{notebook}.ipynb", as_version=4).cells
+             if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{notebook}: {len(cells)} cells tagged parameters"
+    return cells[0].source
+
+
+def literals(notebook: str) -> dict:
+    """name -> value of each line of the parameters cell, every statement a ``name = <literal>`` (comments aside)."""
+    source, values = parameters_cell(notebook), {}
+    for node in ast.parse(source).body:
+        line = ast.get_source_segment(source, node)
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name), (
+            f"{notebook}: {line!r} is not `name = <literal>` (the parameters cell holds literals only, no import)")
+        name = node.targets[0].id
+        assert name not in values, f"{notebook}: {name} is set twice"
+        try:
+            values[name] = ast.literal_eval(node.value)
+        except ValueError:
+            pytest.fail(f"{notebook}: {line!r} is not a literal")
+    return values
+
+
+def test_every_numbered_notebook_has_its_defaults():
+    assert sorted(p.stem for p in NOTEBOOKS.glob("0*.ipynb")) == sorted(parameters.DEFAULTS)
+
+
+@pytest.mark.parametrize("notebook", list(parameters.DEFAULTS))
+def test_the_parameters_cell_holds_exactly_the_defaults_as_literals(notebook):
+    """Each line of the cell is one default of dode.experiments.parameters, with its value written out (readable
+    where it is read; papermill's -p overrides it), and each default has its line: a change to one side alone
+    fails here."""
+    cell, expected = literals(notebook), vars(parameters.defaults(notebook))
+    missing, extra = [n for n in expected if n not in cell], [n for n in cell if n not in expected]
+    assert not missing and not extra, (f"{notebook}: DEFAULTS has no line in the parameters cell for {missing}; "
+                                       f"the cell has {extra}, which DEFAULTS lacks")
+    differ = {n: (cell[n], expected[n]) for n in expected if repr(cell[n]) != repr(expected[n])}  # 1 is not True
+    assert not differ, f"{notebook}: (parameters cell, DEFAULTS) differ: {differ}"
+    assert cell == expected
+
+
+# -- through papermill (a kernel per run) ----------------------------------------------------------------------------
 
 
 def execute(notebook, tmp_path, **parameters):

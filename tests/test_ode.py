@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import dode
-from dode.schedule import DDPM_SCHEDULE
-from dode.testbeds import GaussianMixtureDenoiser
+from dode.core.schedule import DDPM_SCHEDULE
+from dode.models.testbeds import GaussianMixtureDenoiser
 from diffusers import DDPMScheduler
 
 SHAPE = (1, 2, 2)

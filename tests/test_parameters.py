@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import dode
-from dode import experiments, parameters
-from dode.experiments import check_parameters
-from dode.models import use_threads
+from dode.experiments import checks, parameters
+from dode.experiments.checks import check_parameters
+from dode.models.registry import use_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA")
@@ -62,8 +62,8 @@ def test_a_device_this_machine_lacks_is_a_clear_error(gmm):
         with pytest.raises(ValueError, match=words):
             call()
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
-        dode.models.resolve_device("gpu")
-    assert dode.models.resolve_device("auto") == torch.device("cpu")
+        dode.models.registry.resolve_device("gpu")
+    assert dode.models.registry.resolve_device("auto") == torch.device("cpu")
 
 
 def test_distill_refuses_a_single_evaluation(gmm):
@@ -116,36 +116,12 @@ def test_the_readme_quickstart_runs_as_written_and_writes_nothing_where_it_runs(
     assert printed[:-1] == shown
 
 
-# -- one source of experiment parameters (dode/parameters.py) -------------------------------------------------------
-def _parameters_cell(notebook: str):
-    import nbformat
-
-    path = Path(__file__).resolve().parents[1] / "notebooks" / f"{notebook}.ipynb"
-    return next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
-
-
-@pytest.mark.parametrize("notebook", list(parameters.DEFAULTS))
-def test_every_notebook_default_comes_from_dode_parameters(notebook):
-    """The parameters cell names every default of dode.parameters and reads each from there (no literal beside
-    it to drift), so that running the cell gives exactly DEFAULTS; papermill's -p still overrides each name."""
-    import ast
-
-    cell = _parameters_cell(notebook)
-    assigned = {}
-    for node in ast.parse(cell.source).body:
-        if isinstance(node, ast.Assign) and node.targets[0].id != "P":
-            assigned[node.targets[0].id] = ast.unparse(node.value)
-    assert assigned == {name: f"P.{name}" for name in parameters.DEFAULTS[notebook]}
-    namespace = {}
-    exec(cell.source, namespace)
-    assert {name: namespace[name] for name in assigned} == parameters.DEFAULTS[notebook]
-
-
+# -- the experiment parameters (dode/experiments/parameters.py; the notebooks' cells: tests/test_notebook_parameters.py)
 @pytest.mark.parametrize("notebook, profile", [(n, p) for n, values in parameters.REPRODUCE.items()
                                                for p in (values if n == "02_distill_solvers" else [None])])
 def test_make_reproduce_passes_only_parameters_the_notebook_has_and_valid_ones(notebook, profile):
     values = parameters.reproduce(notebook, profile)
     assert set(values) <= set(parameters.DEFAULTS[notebook])
-    checkable = {k: v for k, v in values.items() if k in experiments._checks()}
-    experiments.check_parameters(**checkable)  # raises on a wrong one
-    assert {m.profile for m in dode.models.MODELS.values()} <= set(parameters.REPRODUCE["02_distill_solvers"])
+    checkable = {k: v for k, v in values.items() if k in checks._checks()}
+    checks.check_parameters(**checkable)  # raises on a wrong one
+    assert {m.profile for m in dode.models.registry.MODELS.values()} <= set(parameters.REPRODUCE["02_distill_solvers"])

@@ -18,8 +18,8 @@ from diffusers import (
 )
 
 import dode
-from dode.fit import VALIDATION_SEED
-from dode.pipelines import load_pipeline, pipeline_model, use_dode
+from dode.core.distill import VALIDATION_SEED
+from dode.models.pipelines import load_pipeline, pipeline_model, use_dode
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see the repository's conftest.py
 NFE = 4
@@ -53,7 +53,7 @@ def images(pipe, model, scheduler, num, seed):
         steps = scheduler.num_inference_steps
     else:
         pipe.scheduler = scheduler
-        steps = dode.solvers.solver_of(scheduler).steps_for(NFE)
+        steps = dode.core.solvers.solver_of(scheduler).steps_for(NFE)
     return pipe(**model.pipeline_inputs(num, seed), num_inference_steps=steps, output_type="pt").images
 
 
@@ -76,7 +76,7 @@ def test_fitted_lambdas_in_the_pipeline_give_dode_sample(unet, pipeline_class, t
     pipe = unconditional(pipeline_class, unet)
     model = pipeline_model(pipe)
     # guarded on a few validation seeds (a fine run per model: keep it small)
-    validation = dode.Teacher(model, batch_size=8, seed=VALIDATION_SEED, grid="fine")
+    validation = dode.Teacher(model, batch_size=8, seed=VALIDATION_SEED, substeps="fine")
     fitted = dode.distill(model, "ddim", NFE, batch_size=8, validation=validation)
     assert fitted.fit_info["validation"]["guarded"] <= fitted.fit_info["validation"]["base"]
     expected = (dode.sample(model, fitted, NFE, 6, seed=11, progress=False) / 2 + 0.5).clamp(0, 1)
@@ -132,7 +132,7 @@ def test_latent_diffusion_pipeline_decodes_dode_samples(solver, nfe):
 
 def test_use_dode_refuses_a_mismatched_schedule_and_sigma_space_in_ddpm_pipelines(unet):
     pipe = unconditional(DDPMPipeline, unet)
-    eps_model = dode.models.DiffusersModel(unet, DDPMScheduler(beta_end=0.015).config, "epsilon")
+    eps_model = dode.models.registry.DiffusersModel(unet, DDPMScheduler(beta_end=0.015).config, "epsilon")
     with pytest.raises(ValueError, match="fitted for the noise schedule"):
         use_dode(pipe, zero_dode(eps_model, "ddim"))
     with pytest.raises(ValueError, match="scale_model_input"):
@@ -226,7 +226,7 @@ def test_distilled_stable_diffusion_pipeline_gives_dode_sample(sd_pipe, solver, 
     decoded = sd_pipe(**model.pipeline_inputs(4, seed=20), num_inference_steps=steps, output_type="pt").images
     torch.testing.assert_close(decoded, (model.decode(latents) / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
     # by prompt: the pipeline encodes the same prompts itself
-    by_prompt = sd_pipe(PROMPTS * 2, generator=dode.pipelines.seed_generators(4, 20), guidance_scale=3.0,
+    by_prompt = sd_pipe(PROMPTS * 2, generator=dode.models.pipelines.seed_generators(4, 20), guidance_scale=3.0,
                         num_inference_steps=steps, output_type="latent").images
     torch.testing.assert_close(by_prompt, latents, rtol=1e-4, atol=1e-4)
     sd_pipe.scheduler = PNDMScheduler(**SD_SCHEDULE)
@@ -238,7 +238,7 @@ def test_conditional_pipeline_errors(sd_pipe):
     with pytest.raises(ValueError, match="not both"):
         pipeline_model(sd_pipe, PROMPTS, prompt_embeds=encode(sd_pipe, PROMPTS))
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
-        dode.pipelines.PipelineModel(sd_pipe, encode(sd_pipe, PROMPTS), None, guidance_scale=2.0)
+        dode.models.pipelines.PipelineModel(sd_pipe, encode(sd_pipe, PROMPTS), None, guidance_scale=2.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_load_pipeline_from_a_folder(unet, tmp_path):
 
 
 def test_load_pipeline_offline_fails_fast_with_local_folder_hint(monkeypatch):
-    monkeypatch.setattr(dode.hub, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(dode.util.hub, "_hub_reachable", lambda timeout=3.0: False)
     began = time.perf_counter()
     with pytest.raises(dode.ModelNotFoundError) as info:
         load_pipeline("dode-tests/no-such-pipeline")
@@ -265,4 +265,4 @@ def test_load_pipeline_offline_fails_fast_with_local_folder_hint(monkeypatch):
     message = str(info.value)
     assert "unreachable" in message and "dode.load_pipeline('./my-model')" in message
     assert "dode-tests/no-such-pipeline" in message
-    assert not dode.models.is_available("dode-tests/no-such-pipeline")
+    assert not dode.models.registry.is_available("dode-tests/no-such-pipeline")

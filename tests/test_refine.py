@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import dode
-from dode.models import training_sigmas
-from dode.refine import _loss, _student_states, grid_from_params, optimise as refine, params_from_grid
-from dode.sampling import integrate, seeded_noise
-from dode.grids import TimeGrid
-from dode.scheduler import make_scheduler
-from dode.solvers import GRID_SOLVERS, set_grid
+from dode.models.registry import training_sigmas
+from dode.core.refine import _loss, _student_states, grid_from_params, optimise as refine, params_from_grid
+from dode.core.sampling import integrate, seeded_noise
+from dode.core.timegrid import TimeGrid
+from dode.core.scheduler import make_scheduler
+from dode.core.solvers import GRID_SOLVERS, set_grid
 
 NOISE_SEED, BATCH = 7, 12
 
@@ -99,7 +99,7 @@ def test_teacher_targets_follow_a_custom_grid_onto_the_exact_ode(gaussian, solve
     scheduler.set_timesteps(steps)
     grid = TimeGrid.of(scheduler)
     np.testing.assert_allclose(grid.steps, custom, rtol=1e-6)
-    teacher = dode.Teacher(model, batch_size=8, seed=3, grid="fine")
+    teacher = dode.Teacher(model, batch_size=8, seed=3, substeps="fine")
     targets = teacher.targets(scheduler)
     start = float(scheduler.sigmas[0])  # written out: the noise level of the initial state, its DDPM scale
     scale = float(scheduler.init_noise_sigma) / (np.sqrt(1 + start**2) if solver == "heun" else 1)
@@ -145,7 +145,7 @@ def _fitting_loss(model, dode_scheduler, teacher, objective):
 
 @pytest.mark.parametrize("solver", ["ddim", "pndm", "dpm_solver_pp_2m"])
 def test_joint_refinement_never_ends_worse_than_its_greedy_start(gmm, solver):
-    teacher = dode.Teacher(gmm, batch_size=16, seed=5, grid=4)
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, substeps=4)
     greedy = dode.distill(gmm, solver, 4, teacher=teacher, guard=False)
     joint = dode.distill(gmm, solver, 4, teacher=teacher, refine="joint", refine_iterations=8, progress=False,
                          guard=False)
@@ -158,7 +158,7 @@ def test_joint_refinement_never_ends_worse_than_its_greedy_start(gmm, solver):
 
 
 def test_the_lambda_gradient_through_the_trajectory_matches_finite_differences(gmm):
-    teacher = dode.Teacher(gmm, batch_size=10, seed=1, grid=3)
+    teacher = dode.Teacher(gmm, batch_size=10, seed=1, substeps=3)
     student = dode.distill(gmm, "deis", 4, teacher=teacher, guard=False)
     student.set_timesteps(student.num_inference_steps)
     targets = teacher.targets(student)
@@ -176,7 +176,7 @@ def test_the_lambda_gradient_through_the_trajectory_matches_finite_differences(g
 
 
 def test_a_learned_grid_is_monotone_keeps_its_ends_improves_the_fit_and_round_trips(gmm, tmp_path):
-    teacher = dode.Teacher(gmm, batch_size=16, seed=5, grid=4)
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, substeps=4)
     greedy = dode.distill(gmm, "dpm_solver_pp_2m", 4, teacher=teacher, guard=False)
     learned = dode.distill(gmm, "dpm_solver_pp_2m", 4, teacher=teacher, refine="joint+timesteps",
                            refine_iterations=6, progress=False, guard=False)
@@ -201,7 +201,7 @@ def test_refinement_errors_are_clear(gmm, tmp_path):
         dode.distill(gmm, "pndm", 4, batch_size=4, refine="joint+timesteps")
     with pytest.raises(ValueError, match="refine must be one of"):
         dode.distill(gmm, "ddim", 4, batch_size=4, refine="jointly")
-    teacher = dode.Teacher(gmm, batch_size=4, seed=0, grid=2)
+    teacher = dode.Teacher(gmm, batch_size=4, seed=0, substeps=2)
     greedy = dode.distill(gmm, "pndm", 4, teacher=teacher, guard=False)
     with pytest.raises(ValueError, match="custom time grid"):
         refine(gmm, greedy, teacher.noise, teacher.targets(greedy), timesteps=True, objective="final")
@@ -218,7 +218,7 @@ def test_refinement_errors_are_clear(gmm, tmp_path):
 def test_with_the_guard_a_refinement_is_kept_only_where_it_validates_no_worse(gmm, validation, solver, kept):
     """Measured on these seeds: joint DEIS validates better than its greedy start (pixel FD 0.94 against 0.97),
     joint DDIM worse (0.44 against 0.41), so the greedy fit comes back. The scores recomputed through dode.sample."""
-    teacher = dode.Teacher(gmm, batch_size=16, seed=5, grid=4)
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, substeps=4)
     joint = dode.distill(gmm, solver, 4, teacher=teacher, refine="joint", refine_iterations=8, validation=validation,
                          criterion="fd", progress=False)
     greedy = dode.distill(gmm, solver, 4, teacher=teacher, validation=validation, criterion="fd")
@@ -243,9 +243,9 @@ def test_a_refinement_backs_off_where_the_student_blows_up(gmm, monkeypatch, tim
     """Far out, a line-search trial can make the student's states overflow: NaN through autograd, a FloatingPointError
     from the finite-difference runs. Such a point counts as an infinite loss (L-BFGS backs off from it); the refinement
     ends normally with the best finite point, no worse than its start. Blow-ups are simulated past |lambda| = bound."""
-    import dode.refine as refine_module
+    import dode.core.refine as refine_module
 
-    teacher = dode.Teacher(gmm, batch_size=12, seed=5, grid=4)
+    teacher = dode.Teacher(gmm, batch_size=12, seed=5, substeps=4)
     greedy = dode.distill(gmm, "deis", 4, teacher=teacher, guard=False)
     bound = max(abs(v) for v in greedy.lambdas) * 1.01
     real = refine_module._student_states
@@ -267,7 +267,7 @@ def test_a_refinement_backs_off_where_the_student_blows_up(gmm, monkeypatch, tim
     targets = teacher.targets(TimeGrid.of(probe)) if timesteps else teacher.targets(probe)
     refined = refine(gmm, greedy, teacher.noise, targets, timesteps=timesteps,
                      objective="final" if timesteps else "all", max_iterations=8, progress=False)
-    info = refined.fit_info["refine"]
+    refined, info = refined.scheduler, refined.record()
     assert any(trials)  # the optimiser did go out there
     assert float("inf") in info["history"] and np.isfinite(info["mse_refined"])
     assert info["mse_refined"] <= info["mse_start"]

@@ -1,5 +1,6 @@
 """A new solver, embedded model or variant is one entry: each is added to a copy of the package's source as one
-entry (the README's layout section says where), and the copy then fits, samples, plans, tables and plots it."""
+entry (docs/design.md, "Where a new piece goes", says where), and the copy then fits, samples, plans, tables and
+plots it."""
 from __future__ import annotations
 
 import shutil
@@ -12,13 +13,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dode"
 
 #: (file, the line an entry goes after, the entry): one line each
 ENTRIES = [
-    ("solvers.py", '           _spacing_options(_ALL), "trailing", paper="UniPC", custom_grid=True),\n',
+    ("core/solvers.py", '           _spacing_options(_ALL), "trailing", paper="UniPC", custom_grid=True),\n',
      '    Solver("euler", diffusers.EulerDiscreteScheduler, {}, _spacing_options(_ALL), "karras", paper="Euler",'
      ' custom_grid=True),\n'),
-    ("models.py", '               description="a small diffusers UNet2DModel trained on the 8x8 digits (dode/weights)"),\n',
+    ("models/registry.py", '               description="a small diffusers UNet2DModel trained on the 8x8 digits (dode/models/weights)"),\n',
      '    ModelEntry("gmm-digits-3", lambda: gmm_digits(n_components=3), exact=True, features=("pixel",),'
      ' metric="fd_pixel", profile="exact"),\n'),
-    ("variants.py", '    Variant("dode-learned", " learned grid", "D-ODE auto, learned grid", True, "auto", "joint+timesteps", "D"),\n',
+    ("experiments/variants.py", '    Variant("dode-learned", " learned grid", "D-ODE auto, learned grid", True, "auto", "joint+timesteps", "D"),\n',
      '    Variant("dode-joint-again", " joint again", "D-ODE joint, again", True, "auto", "joint", "*"),\n'),
 ]
 
@@ -30,9 +31,13 @@ PROBE = textwrap.dedent("""
     import torch
 
     import dode
-    from dode import experiments, plots, reproduce, tables
-    from dode.solvers import GRID_SOLVERS
-    from dode.variants import REFINED_VARIANTS
+    from dode.experiments import checks
+    from dode.experiments import evaluate as experiments
+    from dode.experiments import plots
+    from dode.tools import reproduce
+    from dode.experiments import tables
+    from dode.core.solvers import GRID_SOLVERS
+    from dode.experiments.variants import REFINED_VARIANTS
 
     torch.set_num_threads(1)
     # the solver: in the solver list and the grid solvers, fitted, sampled, labelled, checked as a parameter
@@ -44,16 +49,16 @@ PROBE = textwrap.dedent("""
     base = dode.sample(model, "euler", 3, num_samples=4, seed=0)
     assert torch.isfinite(x).all() and not torch.equal(x, base)
     assert tables.row_label("euler", "dode") == "D-Euler"
-    assert experiments.check_parameters(solvers=["euler"], model_name="gmm-digits-3").solvers == ["euler"]
+    assert checks.check_parameters(solvers=["euler"], model_name="gmm-digits-3").solvers == ["euler"]
     # the model: planned by make reproduce with its entry's profile, available, judged exactly
     runs = {r.name: r for r in reproduce.plan(Path("results"), ["gmm-digits-3"])}
     assert runs["02_distill_solvers-gmm-digits-3"].parameters["nfes"] == [3, 4, 5, 6, 8, 10]
-    assert "04_trajectories-gmm-digits-3" in runs and "gmm-digits-3" in dode.models.available_models()
+    assert "04_trajectories-gmm-digits-3" in runs and "gmm-digits-3" in dode.models.registry.available_models()
     # the variant: fitted by evaluate_spacings, in the tables and the plots' legend
     assert "dode-joint-again" in REFINED_VARIANTS
     data = experiments.evaluation_data(model, 20, reference_samples=200, progress=False)
-    teacher = dode.Teacher(model, batch_size=8, seed=0, grid=10)
-    validation = dode.Teacher(model, batch_size=8, seed=500_000, grid=10)
+    teacher = dode.Teacher(model, batch_size=8, seed=0, substeps=10)
+    validation = dode.Teacher(model, batch_size=8, seed=500_000, substeps=10)
     results, _ = experiments.evaluate_spacings(model, data, solvers=["euler"], nfes=[3], fit_teacher=teacher,
                                                validation=validation, learned_nfes=[3], learned_starts=1,
                                                learned_iterations=2, progress=False)

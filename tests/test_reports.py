@@ -8,9 +8,10 @@ import papermill
 import pytest
 
 import dode
-from dode import reproduce
-from dode.experiments import gap_summary, teacher_distances
-from dode.tables import paper_table, to_latex, to_markdown
+from dode.tools import reproduce
+from dode.experiments.evaluate import teacher_distances
+from dode.experiments.summary import gap_summary
+from dode.experiments.tables import paper_table, to_latex, to_markdown
 
 ROOT = reproduce.ROOT
 
@@ -76,11 +77,11 @@ def test_refined_rows_follow_their_solver_and_get_their_own_ratios():
     assert summary.at[("heun", 5), "gap_closed-learned"] == pytest.approx((base - joint / 2) / (base - 0.2))
     assert np.isnan(summary.at[("ddim", 5), "ratio-learned"])
     with pytest.raises(ValueError, match="unknown variant"):
-        dode.tables.row_label("ddim", "dode-jointly")
+        dode.experiments.tables.row_label("ddim", "dode-jointly")
 
 
 def test_teacher_distances_agree_with_the_fit_on_the_fitting_batch(gmm):
-    teacher = dode.Teacher(gmm, batch_size=12, seed=5, grid=10)
+    teacher = dode.Teacher(gmm, batch_size=12, seed=5, substeps=10)
     fitted = dode.distill(gmm, "unipc", 4, teacher=teacher, guard=False)  # the fit's own (greedy) residuals
     distances = teacher_distances(gmm, fitted, 4, teacher)
     assert list(distances["evaluation"]) == [1, 2, 3, 4]

@@ -11,9 +11,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from dode import reproduce, verification
-from dode.experiments import provenance
-from dode.runtime import describe_machine, machine, wanted_threads
+from dode.tools import report, reproduce, verification
+from dode.tools.provenance import provenance
+from dode.util.runtime import describe_machine, machine, wanted_threads
 
 
 def notebook(path, body, parameters="value = 1\nout_dir = None"):
@@ -122,9 +122,9 @@ def test_a_partial_run_leaves_the_record_of_the_full_run_alone(project, capsys, 
     root, value = project
     results = root / "results"
     summaries = []
-    monkeypatch.setattr(reproduce, "write_summary", lambda results, manifest: summaries.append(results))
+    monkeypatch.setattr(report, "write_summary", lambda results, manifest: summaries.append(results))
     main(results)
-    assert summaries == [results]  # the README block and results/README.md: write_summary, called by a full run
+    assert summaries == [results]  # results/README.md and the docs/results.md block: written after a full run only
     summaries.clear()
     full = {name: (results / name).read_text() for name in ("verification.md", "manifest.json")}
     environment = json.loads(full["manifest.json"])["environment"]
@@ -149,6 +149,19 @@ def test_a_partial_run_leaves_the_record_of_the_full_run_alone(project, capsys, 
     assert (results / "verification.md").read_text() == full["verification.md"] and len(summaries) == 0
     main(results, "--force")
     assert summaries == [results] and (results / "verification.md").read_text() != full["verification.md"]
+
+
+def test_update_block_replaces_only_the_marked_block(tmp_path):
+    start, end = report.RESULTS_BLOCK
+    page = tmp_path / "results.md"
+    page.write_text(f"# title\n\nbefore\n{start}\nold claims\n{end}\nafter\n")
+    assert report.update_block(page, "new claims\n")
+    assert page.read_text() == f"# title\n\nbefore\n{start}\nnew claims\n{end}\nafter\n"
+    assert report.update_block(page, "newer")  # idempotent on its own output
+    assert page.read_text() == f"# title\n\nbefore\n{start}\nnewer\n{end}\nafter\n"
+    (tmp_path / "plain.md").write_text("no markers")
+    assert not report.update_block(tmp_path / "plain.md", "x") and not report.update_block(tmp_path / "none.md", "x")
+    assert (tmp_path / "plain.md").read_text() == "no markers" and not (tmp_path / "none.md").exists()
 
 
 @pytest.mark.parametrize("error, how", [(KeyboardInterrupt(), "interrupted"), (RuntimeError("boom"), "failed")])
@@ -241,12 +254,12 @@ def test_compare_sorts_cells_into_identical_within_and_different(tmp_path):
 
 def test_the_makefile_has_verify_and_passes_lab_arguments():
     makefile = (reproduce.ROOT / "Makefile").read_text()
-    assert "dode.reproduce --results results --verify $(ARGS)" in makefile
+    assert "dode.tools.reproduce --results results --verify $(ARGS)" in makefile
     assert "jupyter lab notebooks $(LAB_ARGS)" in makefile
     dry = subprocess.run(["make", "-n", "lab", "LAB_ARGS=--allow-root", "PY=true", "STAMP=Makefile"],
                          cwd=reproduce.ROOT, capture_output=True, text=True, check=True)
     assert "jupyter lab notebooks --allow-root" in dry.stdout
-    helptext = subprocess.run([sys.executable, "-m", "dode.reproduce", "--help"], capture_output=True, text=True,
+    helptext = subprocess.run([sys.executable, "-m", "dode.tools.reproduce", "--help"], capture_output=True, text=True,
                               check=True).stdout
     assert "the results folder" in helptext and "--verify" in helptext
 

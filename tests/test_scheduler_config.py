@@ -1,13 +1,13 @@
 """DODEScheduler as a diffusers ConfigMixin: its config, save/load (folders, subfolders, hub ids, pipelines), the
-previous format, what base classes make of its folder, attribute writes, push_to_hub (no network)."""
+committed folders byte for byte, what base classes make of its folder, its spacing, attribute writes, push_to_hub
+(no network); make_scheduler and grid_scheduler."""
 from __future__ import annotations
 
-import contextlib
 import copy
+import filecmp
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,8 +17,10 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
     DPMSolverMultistepScheduler, UNet2DModel
 
 import dode
-from dode.pipelines import pipeline_model, use_dode
-from dode.scheduler import CONFIG_FILE, LAMBDAS_FILE, OWN_KEYS
+from dode.models.pipelines import pipeline_model, use_dode
+from dode.core.scheduler import CONFIG_FILE, OWN_KEYS, grid_scheduler, to_grid_form
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GRID = [30.0, 5.0, 1.0, 0.1]  # dpm_solver_pp_2m at 4 steps on an explicit grid
@@ -100,7 +102,7 @@ def test_subfolder_and_pipeline_layouts(gmm, fitted, tmp_path):
 
 
 def test_a_hub_id_loads_from_the_local_cache_and_fails_fast_offline(gmm, fitted, tmp_path, monkeypatch):
-    monkeypatch.setattr(dode.hub, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(dode.util.hub, "_hub_reachable", lambda timeout=3.0: False)
     began = time.perf_counter()
     for call in (dode.DODEScheduler.from_pretrained, dode.DODEScheduler.load_config):
         with pytest.raises(dode.ModelNotFoundError, match="hub is unreachable.*DODEScheduler.from_pretrained"):
@@ -128,7 +130,7 @@ def test_a_pipeline_saved_with_it_reloads_it(tmp_path):
         pipe.set_progress_bar_config(disable=True)
         model = pipeline_model(pipe)
         if pipeline_class is DDPMPipeline:  # on an explicit grid
-            scheduler = dode.make_scheduler("dpm_solver_pp_2m", model, GRID)
+            scheduler = grid_scheduler("dpm_solver_pp_2m", model, GRID)
             scheduler.lambdas = [0.0, 0.4, -0.2, 0.6]
         else:
             scheduler = dode.DODEScheduler(dode.make_scheduler("ddim", model), [0.0, 0.5, -0.3, 0.8], 4)
@@ -137,7 +139,7 @@ def test_a_pipeline_saved_with_it_reloads_it(tmp_path):
         folder = tmp_path / pipeline_class.__name__
         pipe.save_pretrained(folder)
         # diffusers records a class outside its own libraries by its module
-        assert json.loads((folder / "model_index.json").read_text())["scheduler"] == ["dode.scheduler",
+        assert json.loads((folder / "model_index.json").read_text())["scheduler"] == ["dode.core.scheduler",
                                                                                      "DODEScheduler"]
         reloaded = DiffusionPipeline.from_pretrained(folder)
         reloaded.set_progress_bar_config(disable=True)
@@ -152,68 +154,39 @@ def test_a_pipeline_saved_with_it_reloads_it(tmp_path):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the previous format: the base's own scheduler_config.json plus dode_lambdas.json
-def save_previous_format(scheduler, folder):
-    """What ``DODEScheduler.save_pretrained`` wrote before it was a ConfigMixin."""
-    scheduler.base_scheduler.save_pretrained(folder)
-    record = {"base_scheduler": type(scheduler.base_scheduler).__name__,
-              "num_inference_steps": scheduler.num_inference_steps, "nfe": scheduler.nfe,
-              "lambdas": scheduler.lambdas, "grid": scheduler.grid, "fit": scheduler.fit_info}
-    (folder / LAMBDAS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return record
-
-
-@pytest.mark.parametrize("kind", ["plain", "grid"])
-def test_the_previous_format_loads_with_a_warning_and_converts(gmm, fitted, kind, tmp_path):
-    scheduler = fitted[kind]
-    save_previous_format(scheduler, tmp_path)
-    assert saved_config(tmp_path)["_class_name"] == "DPMSolverMultistepScheduler"
-    with pytest.warns(FutureWarning, match=r"previous format.*Convert it: dode\.DODEScheduler\.from_pretrained\(.*"
-                                           r"\.save_pretrained\("):
-        old = dode.DODEScheduler.from_pretrained(tmp_path)
-    assert old.config == scheduler.config and torch.equal(samples(gmm, old), samples(gmm, scheduler))
-    old.save_pretrained(tmp_path)  # converted in place: one file, no warning any more
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_FILE]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        assert dode.DODEScheduler.from_pretrained(tmp_path).config == scheduler.config
-
-
-def test_the_previous_format_keeps_its_checks(gmm, tmp_path):
-    zero = dode.DODEScheduler(dode.make_scheduler("ddim", gmm), [0.0] * 5, 5)
-    record = save_previous_format(zero, tmp_path)
-    path = tmp_path / LAMBDAS_FILE
-    cases = [("{not json", "corrupt"), (dict(record, lambdas=[0.0] * 4), "4 lambdas for nfe=5"),
-             (dict(record, nfe=6, lambdas=[0.0] * 6), "makes 5 model evaluations, but 6 lambdas"),
-             (dict(record, base_scheduler="NoSuchScheduler"), "unknown scheduler 'NoSuchScheduler'")]
-    for content, message in cases:
-        path.write_text(content if isinstance(content, str) else json.dumps(content))
-        warned = contextlib.nullcontext() if message == "corrupt" else pytest.warns(FutureWarning)
-        with pytest.raises(ValueError, match=message), warned:
-            dode.DODEScheduler.from_pretrained(tmp_path)
-    unipc = dode.make_scheduler("unipc", gmm, GRID)
-    save_previous_format(unipc, tmp_path)
-    path.write_text(json.dumps(dict(json.loads(path.read_text()), grid=[100.0, 10.0, 20.0, 1.0])))
-    with pytest.raises(ValueError, match="grid this scheduler cannot use.*strictly descending"), \
-            pytest.warns(FutureWarning):
-        dode.DODEScheduler.from_pretrained(tmp_path)
-
-
-def test_the_new_format_keeps_the_checks_and_refuses_other_schedulers_folders(gmm, fitted, tmp_path):
+def test_a_saved_config_keeps_its_checks_and_other_schedulers_folders_are_refused(gmm, fitted, tmp_path):
     fitted["grid"].save_pretrained(tmp_path)
     config = saved_config(tmp_path)
     for content, message in [({**config, "grid": [100.0, 10.0, 20.0, 1.0]}, "grid this scheduler cannot use"),
+                             ("{not json", "corrupt"), ("[1, 2]", "corrupt.*JSON list"),
                              ({**config, "lambdas": "many"}, "corrupt"),
-                             ({**config, "num_inference_steps": 5}, "makes 5 model evaluations, but 4")]:
-        (tmp_path / CONFIG_FILE).write_text(json.dumps(content))
+                             ({**config, "spacing": ["lu"]}, "corrupt.*spacing"),
+                             ({**config, "lambdas": [0.0] * 3}, "3 lambdas for nfe=4"),
+                             ({**config, "num_inference_steps": 5}, "makes 5 model evaluations, but 4"),
+                             ({**config, "base_scheduler": "NoSuchScheduler"}, "unknown scheduler 'NoSuchScheduler'")]:
+        (tmp_path / CONFIG_FILE).write_text(content if isinstance(content, str) else json.dumps(content))
         with pytest.raises(ValueError, match=message):
             dode.DODEScheduler.from_pretrained(tmp_path)
     DDIMScheduler().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="DDIMScheduler's config, not a saved DODEScheduler"):
         dode.DODEScheduler.from_pretrained(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no scheduler_config.json.*not a saved DODEScheduler"):
+        dode.DODEScheduler.from_pretrained(tmp_path / "empty")
 
 
+def test_a_folder_of_the_previous_format_is_not_a_saved_dode_scheduler(fitted, tmp_path):
+    """The layout before one scheduler_config.json (the base scheduler's own config plus a dode_lambdas.json) is
+    no longer read: loading it says what the folder is."""
+    scheduler = fitted["plain"]
+    scheduler.base_scheduler.save_pretrained(tmp_path)
+    (tmp_path / "dode_lambdas.json").write_text(json.dumps(
+        {"base_scheduler": type(scheduler.base_scheduler).__name__, "num_inference_steps": 4, "nfe": 4,
+         "lambdas": scheduler.lambdas, "grid": None, "fit": {}}))
+    for load in (dode.DODEScheduler.from_pretrained, dode.DODEScheduler.load_config, dode.DODEScheduler.from_config):
+        with pytest.raises(ValueError, match=r"DPMSolverMultistepScheduler's config, not a saved DODEScheduler \(its "
+                                             r"_class_name would be 'DODEScheduler'\)"):
+            load(tmp_path)
 def test_a_base_class_loading_the_folder_is_told_the_lambdas_are_ignored(fitted, tmp_path):
     fitted["plain"].save_pretrained(tmp_path)
     records = []
@@ -284,3 +257,71 @@ def test_push_to_hub_saves_and_uploads_the_config(fitted, tmp_path, monkeypatch)
     assert json.loads(files[CONFIG_FILE]) == json.loads(saved[CONFIG_FILE]) == saved_config(tmp_path)
     assert json.loads(files[CONFIG_FILE])["lambdas"] == scheduler.lambdas
     assert second == "someone/d-dpm-2" and options["commit_message"] == "lambdas"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the committed folders: loading and saving again writes the same bytes
+@pytest.mark.parametrize("folder", [
+    "gmm-digits/schedulers/ddim-nfe4-dode",  # no fit record: the spacing its base config selects
+    "gmm-digits/schedulers/dpm_solver_pp_2m-nfe4-dode-auto",
+    "gmm-digits/schedulers/ddim-nfe5-dode-learned",  # DDIM's grid form with a learned grid
+    "unet-digits/schedulers/dpm_solver_pp_2m-nfe5-dode-learned",  # a grid, and the spacing it started from
+    "gmm-digits/schedulers/heun-nfe5-learned-grid",
+])
+def test_a_committed_folder_saves_again_byte_for_byte(folder, tmp_path):
+    source = RESULTS / folder / CONFIG_FILE
+    dode.DODEScheduler.from_pretrained(source.parent).save_pretrained(tmp_path)
+    assert filecmp.cmp(source, tmp_path / CONFIG_FILE, shallow=False), folder
+    again = dode.DODEScheduler.from_config(dode.DODEScheduler.load_config(source.parent))
+    assert again.to_json_string() == source.read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_the_spacing_is_given_or_follows_the_grid_and_the_base_config(gmm):
+    base = dode.make_scheduler("dpm_solver_pp_2m", gmm, "karras")
+    scheduler = dode.DODEScheduler(base, [0.0] * 4, 4, {"spacing": "lu"})
+    assert scheduler.spacing == "karras" and scheduler.config["spacing"] == "karras"  # fit_info is a record only
+    scheduler.grid = list(GRID)
+    assert scheduler.spacing == "explicit"
+    given = dode.DODEScheduler(base, [0.0] * 4, 4, grid=GRID, spacing="lu")
+    assert given.spacing == "lu" and given.config["spacing"] == "lu" and "spacing='lu'" in repr(given)
+    given.spacing = None  # back to what it follows
+    assert given.spacing == "explicit" and "spacing=" not in repr(given)
+    with pytest.raises(TypeError, match="spacing"):
+        dode.DODEScheduler(base, [0.0] * 4, 4, spacing=["lu"])
+    assert dode.DODEScheduler(DDPMScheduler(), [0.0] * 4, 4).spacing is None  # the scheduler of no dode solver
+    # from_config, from_pretrained and to_grid_form keep a given spacing
+    assert dode.DODEScheduler.from_config(dict(given.config, spacing="lu")).spacing == "lu"
+    ddim = dode.DODEScheduler(dode.make_scheduler("ddim", gmm, "trailing"), [0.0, 0.5, 0.5, 0.5], 4, spacing="fitted")
+    form = to_grid_form(ddim)
+    assert form.spacing == "fitted" and form.grid is not None
+    assert to_grid_form(dode.DODEScheduler(ddim.base_scheduler, ddim.lambdas, 4)).spacing == "explicit"
+
+
+def test_make_scheduler_gives_diffusers_schedulers_and_grid_scheduler_zero_lambda_dode_schedulers(gmm):
+    for solver in ("ddim", "dpm_solver_pp_2m", "heun"):
+        assert not isinstance(dode.make_scheduler(solver, gmm), dode.DODEScheduler)
+    with pytest.raises(ValueError, match=r"spacing name.*dode\.grid_scheduler\('ddim', model, levels\)"):
+        dode.make_scheduler("ddim", gmm, [120.0, 9.0, 1.7, 0.4])
+    with pytest.raises(ValueError, match="cannot take an explicit grid"):
+        dode.make_scheduler("pndm", gmm, [120.0, 9.0, 1.7])
+    for levels in (None, "karras"):
+        with pytest.raises(ValueError, match="list of noise levels.*dode.make_scheduler"):
+            grid_scheduler("ddim", gmm, levels)
+    with pytest.raises(ValueError, match="cannot take an explicit grid"):
+        grid_scheduler("pndm", gmm, [120.0, 9.0, 1.7])
+    with pytest.raises(ValueError, match="strictly descending"):
+        grid_scheduler("ddim", gmm, [1.0, 9.0])
+    # DDIM on a grid: its grid form (iPNDM of order 1); the others their own scheduler; every lambda 0
+    ddim = grid_scheduler("ddim", gmm, [120.0, 9.0, 1.7, 0.4])
+    assert isinstance(ddim.base_scheduler, dode.IPNDMDiscreteScheduler) and ddim.base_scheduler.config.max_order == 1
+    assert ddim.lambdas == [0.0] * 4 and ddim.num_inference_steps == 4 and ddim.spacing == "explicit"
+    heun = grid_scheduler("heun", gmm, [80.0, 5.0, 0.5], use_karras_sigmas=False)
+    assert heun.nfe == 5 and heun.grid == [80.0, 5.0, 0.5] and heun.base_scheduler.config.use_karras_sigmas is False
+    # a list of levels in dode.sample is that scheduler
+    for solver, levels in (("ddim", [120.0, 9.0, 1.7, 0.4]), ("dpm_solver_pp_2m", GRID)):
+        scheduler = grid_scheduler(solver, gmm, levels)
+        by_list = dode.sample(gmm, solver, 4, 6, seed=7, spacing=levels, progress=False)
+        assert torch.equal(by_list, samples(gmm, scheduler))
+    with pytest.raises(ValueError, match="makes 4 model evaluations with ddim, not 5"):
+        dode.sample(gmm, "ddim", 5, 2, spacing=[120.0, 9.0, 1.7, 0.4], progress=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dode
-from dode.solvers import get_solver
+from dode.core.solvers import get_solver
 
 
 def valid_nfes(solver, nfes=range(1, 11)):
@@ -66,7 +66,7 @@ def test_state_noise_levels_match_the_exact_gaussian_ode(gaussian, solver):
     nfe = 41 if solver == "heun" else 40
     samples, traj = dode.sample(gaussian.model, solver, nfe, 16, seed=3, return_trajectory=True, progress=False)
     assert traj.states.shape == (nfe + 1, 16, *gaussian.shape) and len(traj.sigmas) == nfe + 1
-    sigma_min = float(dode.models.training_sigmas(gaussian.model.scheduler_config)[0])
+    sigma_min = float(dode.models.registry.training_sigmas(gaussian.model.scheduler_config)[0])
     assert float(traj.sigmas[-1]) == (pytest.approx(sigma_min, rel=1e-6) if solver == "deis" else 0)
     assert torch.equal(traj.states[-1], samples)
     assert np.all(np.diff(traj.sigmas.numpy()) <= 0)

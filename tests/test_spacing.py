@@ -9,14 +9,15 @@ import pytest
 import torch
 
 import dode
-from dode.fit import VALIDATION_SEED
-from dode.grids import TimeGrid
-from dode.models import training_sigmas
-from dode.sampling import integrate, seeded_noise
-from dode.scheduler import make_scheduler
-from dode.solvers import GRID_SOLVERS, set_grid, spacing_of
+from dode.core.distill import VALIDATION_SEED
+from dode.core.timegrid import TimeGrid
+from dode.models.registry import training_sigmas
+from dode.core.sampling import integrate, seeded_noise
+from dode.core.scheduler import grid_scheduler, make_scheduler
+from dode.core.solvers import GRID_SOLVERS, set_grid, spacing_of
 
-# What diffusers 0.42 lets each scheduler choose (DESIGN.md, section 7), written out here rather than read back.
+# What diffusers 0.42 lets each scheduler choose (docs/design.md, "What diffusers does that the code relies on"),
+# written out here rather than read back.
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SIGMA_FLAGS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas",
                "lu": "use_lu_lambdas"}
@@ -205,7 +206,7 @@ def test_state_noise_levels_match_the_exact_gaussian_ode_on_every_spacing(gaussi
 def test_teacher_targets_lie_on_the_exact_ode_at_the_students_levels_on_every_spacing(gaussian, solver, spacing):
     """The fine teacher's target k is close to the exact ODE state at the student's k-th level (from the student's
     own start and initial scale), much closer than the exact states at the neighbouring levels are to it."""
-    teacher = dode.Teacher(gaussian.model, batch_size=16, seed=1, grid="fine")
+    teacher = dode.Teacher(gaussian.model, batch_size=16, seed=1, substeps="fine")
     scheduler, grid = grid_of(solver, gaussian.model, spacing, NFE)
     targets = teacher.targets(grid)
     # the start written out: the first sigma of the schedulers that hold them, else the first timestep's level
@@ -259,7 +260,7 @@ def custom_levels(steps):
 def test_an_explicit_grid_is_set_grid_on_the_same_levels(gmm, solver):
     steps = dode.get_solver(solver).steps_for(NFE)
     levels = custom_levels(steps)
-    scheduler = make_scheduler(solver, gmm, levels)
+    scheduler = grid_scheduler(solver, gmm, levels)
     assert isinstance(scheduler, dode.DODEScheduler)
     assert scheduler.nfe == NFE and scheduler.lambdas == [0.0] * NFE and scheduler.grid == levels
     noise = seeded_noise(gmm.sample_shape, 12, 5)
@@ -279,7 +280,7 @@ def test_distill_on_an_explicit_grid_is_the_sequential_least_squares_fit_on_set_
     every trial run from the start, and numpy's least squares against the teacher's states at the same levels."""
     steps = dode.get_solver(solver).steps_for(NFE)
     levels = custom_levels(steps)
-    teacher = dode.Teacher(gmm, batch_size=12, seed=3, grid=10)
+    teacher = dode.Teacher(gmm, batch_size=12, seed=3, substeps=10)
     fitted = dode.distill(gmm, solver, NFE, spacing=levels, teacher=teacher, guard=False)
     assert fitted.grid == levels
     assert fitted.fit_info["spacing"] == fitted.fit_info["spacing_requested"] == "explicit"
@@ -312,7 +313,7 @@ def test_distill_on_an_explicit_grid_is_the_sequential_least_squares_fit_on_set_
 def test_an_explicit_grid_at_a_named_spacings_levels_fits_that_spacings_lambdas(gmm):
     """Linspace levels sit on integer timesteps, which set_grid reaches as fractional ones within float32 rounding:
     the same fit, up to that rounding."""
-    teacher = dode.Teacher(gmm, batch_size=12, seed=3, grid=10)
+    teacher = dode.Teacher(gmm, batch_size=12, seed=3, substeps=10)
     levels = list(grid_of("unipc", gmm, "linspace", NFE)[1].steps)
     explicit = dode.distill(gmm, "unipc", NFE, spacing=levels, teacher=teacher, guard=False)
     named = dode.distill(gmm, "unipc", NFE, spacing="linspace", teacher=teacher, guard=False)
@@ -337,7 +338,7 @@ def test_bad_explicit_grids_are_clear_errors(gmm, bad, words):
             dode.sample(gmm, "unipc", NFE, 2, spacing=bad, progress=False)
     else:
         with pytest.raises(ValueError, match=words):
-            make_scheduler("unipc", gmm, bad)
+            grid_scheduler("unipc", gmm, bad)
 
 
 def test_plms_refuses_an_explicit_grid(gmm):
@@ -379,7 +380,7 @@ def test_auto_belongs_to_distill_and_spacing_to_a_solver_name(gmm):
 @pytest.fixture(scope="module")
 def fitting(gmm):
     """One fitting batch for the auto tests (C = 10: each fit runs its own refined teacher)."""
-    return dode.Teacher(gmm, batch_size=32, seed=0, grid=10)
+    return dode.Teacher(gmm, batch_size=32, seed=0, substeps=10)
 
 
 def score(model, scheduler, nfe, validation, criterion, **kwargs):
@@ -576,14 +577,14 @@ def test_the_teachers_solution_is_the_ode_solution_from_pure_noise_at_the_top_le
     (t = 800, where leading DDIM starts) on the mixture, where the start matters."""
     fixture = request.getfixturevalue(testbed)
     model = fixture.model if testbed == "gaussian" else fixture
-    teacher = dode.Teacher(model, batch_size=16, seed=3, grid=10)
+    teacher = dode.Teacher(model, batch_size=16, seed=3, substeps=10)
     solution = teacher.solution()
     assert solution.shape == (16, *model.sample_shape) and solution.dtype == torch.float32
     exact = dode.solve_ode(model, 16, seed=3, progress=False, device="cpu")
     error = dode.rmse(solution, exact)
     assert error < 2e-3
     if testbed == "gmm":
-        from_800 = dode.Teacher(model, batch_size=16, seed=3, grid="fine").targets(grid_of("ddim", model, None, 5)[1])
+        from_800 = dode.Teacher(model, batch_size=16, seed=3, substeps="fine").targets(grid_of("ddim", model, None, 5)[1])
         assert dode.rmse(from_800[-1], exact) > 3 * error
     # made once: a second call reuses the fine run
     spent = teacher.nfe

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import dode
-from dode import reproduce
-from dode.fit import VALIDATION_SEED
-from dode.experiments import (criterion_correlation, evaluate_spacings, evaluation_data,
-                              spacing_summary)
-from dode.tables import paper_table, spacing_table
+from dode.tools import report
+from dode.core.distill import VALIDATION_SEED
+from dode.experiments.evaluate import evaluate_spacings, evaluation_data
+from dode.experiments.summary import criterion_correlation, spacing_summary
+from dode.experiments.tables import paper_table, spacing_table
 
 
 def toy_results():
@@ -39,24 +39,11 @@ def test_spacing_summary_compares_with_the_best_base_and_the_gap_to_the_floor():
 
 def test_headline_counts_wins_and_names_every_loss_with_its_numbers():
     summary = spacing_summary(toy_results(), floor=0.1)
-    text = reproduce.headline(summary, "fd_pixel", 0.1)
+    text = report.headline(summary, "fd_pixel", 0.1)
     assert "better in 3 of 4" in text and "worse in 1" in text
     assert "heun NFE 5: 0.600 (linspace) against 0.500 (trailing)" in text
     ratios = [0.8 / 4.0, 0.2 / 1.5, 2.0 / 3.0, 0.6 / 0.5]
     assert f"median ratio {np.median(ratios):.3f}" in text
-
-
-def test_update_readme_replaces_only_the_marked_block(tmp_path):
-    start, end = reproduce.README_BLOCK
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nbefore\n{start}\nold claims\n{end}\nafter\n")
-    assert reproduce.update_readme(readme, "new claims")
-    assert readme.read_text() == f"# title\n\nbefore\n{start}\nnew claims\n{end}\nafter\n"
-    assert reproduce.update_readme(readme, "newer")  # idempotent on its own output
-    assert "new claims" not in readme.read_text() and "newer" in readme.read_text()
-    (tmp_path / "plain.md").write_text("no markers")
-    assert not reproduce.update_readme(tmp_path / "plain.md", "x")
-    assert (tmp_path / "plain.md").read_text() == "no markers"
 
 
 def test_tables_put_the_best_base_and_auto_rows_under_their_solver_with_their_spacings():
@@ -94,8 +81,8 @@ def test_the_spacing_grid_rows_are_what_their_schedulers_score(gmm, one_thread):
     """A tiny grid: every spacing is in the sweep; the table rows are the paper's spacing, the best base by the true
     metric, and auto's pick; re-scoring a saved fit and a base spacing independently gives the same numbers."""
     data = evaluation_data(gmm, 200, seed=1000, reference_samples=2000, progress=False)
-    teacher = dode.Teacher(gmm, batch_size=40, seed=0, grid=10)
-    validation = dode.Teacher(gmm, batch_size=40, seed=VALIDATION_SEED, grid="fine")
+    teacher = dode.Teacher(gmm, batch_size=40, seed=0, substeps=10)
+    validation = dode.Teacher(gmm, batch_size=40, seed=VALIDATION_SEED, substeps="fine")
     results, sweep = evaluate_spacings(gmm, data, solvers=["ddim", "deis"], nfes=[4], fit_teacher=teacher,
                                        validation=validation, criteria=("rmse",), progress=False)
     assert set(sweep[sweep.solver == "deis"].spacing) == set(dode.get_solver("deis").spacings)
@@ -124,8 +111,8 @@ def test_the_spacing_grid_rows_are_what_their_schedulers_score(gmm, one_thread):
     assert torch.isfinite(torch.tensor(results.fd_pixel.values)).all()
 
 
-def test_the_readme_solver_table_lists_each_solvers_spacings_paper_first():
-    readme = (reproduce.ROOT / "README.md").read_text()
+def test_the_api_docs_solver_table_lists_each_solvers_spacings_paper_first():
+    readme = (report.ROOT / "docs" / "api.md").read_text()
     for name in dode.SOLVERS:
         solver = dode.get_solver(name)
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` |"))

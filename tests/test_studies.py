@@ -1,4 +1,4 @@
-"""The ablation studies (dode.studies, notebooks/05_ablations) and evaluate_grid's FID mode (notebooks/06_pretrained),
+"""The ablation studies (dode.experiments.studies, notebooks/05_ablations) and evaluate_grid's FID mode (notebooks/06_pretrained),
 each row checked against the calls it stands for, made here directly."""
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import dode
-from dode import studies
-from dode.experiments import evaluate_grid, evaluate_scheduler, evaluation_data, fitting_rmse, teacher_distances
-from dode.fit import refine_fit
-from dode.metrics import frechet_distance
-from dode.scheduler import DODEScheduler, make_scheduler
+from dode.experiments import studies
+from dode.experiments.evaluate import evaluate_grid, evaluate_scheduler, evaluation_data, fitting_rmse, teacher_distances
+from dode.core.distill import distillation, refine_fit
+from dode.evaluation.metrics import frechet_distance
+from dode.core.scheduler import DODEScheduler, make_scheduler
 
 NFE = 3
 TIMING = ("sample_seconds", "refine_seconds", "fit_seconds")
@@ -62,7 +62,7 @@ def test_index_matching_drops_impossible_solvers_and_ends_with_the_bases(gmm, da
     assert not isinstance(table.at[2, "lambdas"], list)  # NaN: the base has no lambdas
     assert scores(table.iloc[2].drop("lambdas")) == {"solver": "ddim", "targets": "none (base)",
                                                      **direct(gmm, data, "ddim", 4)}
-    index = dode.distill(gmm, "ddim", 4, teacher=dode.Teacher(gmm, grid=10, match="index"), guard=False)
+    index = dode.distill(gmm, "ddim", 4, teacher=dode.Teacher(gmm, substeps=10, match="index"), guard=False)
     assert table.at[1, "lambdas"] == [round(v, 3) for v in index.lambdas]
 
 
@@ -70,7 +70,7 @@ def test_generalisation_is_teacher_distances_on_both_batches(gmm):
     table = studies.generalisation(gmm, "ddim", NFE, seed=1000)
     assert list(table.columns) == ["evaluation", "sigma", "rmse_teacher", "seeds", "variant"]
     assert len(table) == 4 * NFE
-    heldout = dode.Teacher(gmm, batch_size=100, seed=1000, grid=10)
+    heldout = dode.Teacher(gmm, batch_size=100, seed=1000, substeps=10)
     expected = teacher_distances(gmm, "ddim", NFE, heldout)
     got = table[(table.seeds == "held out (1000-1099)") & (table.variant == "base")]
     np.testing.assert_array_equal(got["rmse_teacher"].to_numpy(), expected["rmse_teacher"].to_numpy())
@@ -84,12 +84,13 @@ def test_refinement_rows_modes_and_fit_errors(gmm, data):
     assert list(ddim["fit"]) == ["greedy", "joint", "timesteps", "joint+timesteps", "none (base)"]
     assert list(pndm["fit"]) == ["greedy", "joint", "none (base)"]  # pndm takes no grid
     assert set(fits) == {("ddim", f) for f in ddim["fit"][:-1]} | {("pndm", f) for f in pndm["fit"][:-1]}
-    teacher = dode.Teacher(gmm, batch_size=100, seed=0, grid=10)
+    teacher = dode.Teacher(gmm, batch_size=100, seed=0, substeps=10)
     greedy = dode.distill(gmm, "ddim", NFE, teacher=teacher, guard=False)
     row = ddim.set_index("fit").loc["greedy"]
     assert row["lambdas"] == [round(v, 3) for v in greedy.lambdas] and row["iterations"] == 0
     assert row["fit_rmse_teacher"] == fitting_rmse(gmm, greedy, teacher)
-    joint = refine_fit(gmm, greedy, teacher, "joint")  # unguarded, from the same greedy fit
+    joint = refine_fit(gmm, distillation(gmm, "ddim", NFE, teacher=teacher, guard=False), teacher,
+                       "joint").scheduler  # unguarded, from the same greedy fit
     assert ddim.set_index("fit").loc["joint", "lambdas"] == [round(v, 3) for v in joint.lambdas]
     errors = ddim.set_index("fit")["fit_rmse_teacher"]
     assert errors["joint+timesteps"] <= errors["greedy"]  # it fits the teacher's final samples
@@ -106,7 +107,7 @@ def test_seed_spread_refits_on_each_batch_and_its_summary(gmm, data, validation)
     assert list(table[["solver", "fit_seed", "variant"]].itertuples(index=False, name=None)) == [
         ("ddim", 0, "dode-auto"), ("ddim", 0, "dode-learned"), ("ddim", 100, "dode-auto"),
         ("ddim", 100, "dode-learned")]
-    auto = dode.distill(gmm, "ddim", NFE, spacing="auto", teacher=dode.Teacher(gmm, batch_size=100, seed=100, grid=10),
+    auto = dode.distill(gmm, "ddim", NFE, spacing="auto", teacher=dode.Teacher(gmm, batch_size=100, seed=100, substeps=10),
                         validation=validation, progress=False)
     assert scores(table.iloc[2].drop(["kept"])) == {"solver": "ddim", "fit_seed": 100, "variant": "dode-auto",
                                                     **direct(gmm, data, auto)}
@@ -123,7 +124,7 @@ def test_evaluate_grid_with_data_matches_the_direct_calls(gmm, data):
     assert list(table[["solver", "nfe", "variant"]].itertuples(index=False, name=None)) == [
         ("ddim", 3, "base"), ("ddim", 3, "dode"), ("ddim", 4, "base"), ("ddim", 4, "dode"), ("heun", 3, "base"),
         ("heun", 3, "dode")]
-    teacher = dode.Teacher(gmm, batch_size=100, seed=0, grid=10)
+    teacher = dode.Teacher(gmm, batch_size=100, seed=0, substeps=10)
     fitted = dode.distill(gmm, "heun", NFE, teacher=teacher, guard=False)
     row = table.iloc[5]
     assert row["lambdas"] == json.dumps([round(v, 6) for v in fitted.lambdas])

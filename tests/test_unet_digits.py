@@ -9,9 +9,9 @@ import scipy.linalg
 import torch
 
 import dode
-from dode.features import CLASSIFIER_DIR, DigitsClassifier
-from dode.models import WEIGHTS_DIR, load_unet_digits
-from dode.training import alphas_cumprod, digits_split, noised
+from dode.evaluation.features import CLASSIFIER_DIR, DigitsClassifier
+from dode.models.registry import WEIGHTS_DIR, load_unet_digits
+from dode.tools.training import alphas_cumprod, digits_split, noised
 
 #: Held-out eps-MSE of the shipped EMA UNet at these timesteps (360 test digits, fixed noise of seed 0),
 #: measured when the weights were trained; a retrained model may be at most 15 % worse.

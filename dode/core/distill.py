@@ -1,0 +1,435 @@
+"""``distill``: the greedy fit (``dode.core.fit``) with everything a user needs around it.
+
+- The time grid is a choice: a spacing diffusers supports for the solver, an explicit list of noise levels, or
+  ``"auto"``: every supported spacing is fitted, and the best on the validation seeds is kept.
+- The result is never worse than its base (``dode.core.guard``): on validation seeds, disjoint from the fitting
+  batch, the fitted lambdas are compared with lambda = 0 on the same grid (with ``"auto"``, with every spacing's
+  base); where they do not help, all of them are shrunk by one common factor in [0, 1].
+- ``refine`` (beyond the paper, ``dode.core.refine``) then moves all lambdas together, and optionally the time
+  grid, from several starting spacings, kept only where it validates better.
+
+Each stage hands the next a value (``Candidate``, ``Distillation``, ``Refined``); ``fit_info``, the record a user
+reads on the returned scheduler, is written once from those values at the end (docs/design.md, "Conventions").
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import NamedTuple
+
+from tqdm.auto import tqdm
+
+from ..util.runtime import resolve_device
+from .fit import GreedyFit, greedy_fit
+from .guard import CRITERIA, MARGIN, Judge, best_factor, choose, decision
+from .refine import REFINEMENTS, Optimised, optimise
+from .sampling import check_batch_size
+from .scheduler import DODEScheduler, grid_scheduler, make_scheduler, to_grid_form
+from .solvers import GRID_SOLVERS, Solver, get_solver
+from .teacher import Teacher
+from .timegrid import TimeGrid
+
+#: the validation seeds start here (the fitting batch starts at ``seed``, evaluation in the notebooks at 1000)
+VALIDATION_SEED = 500_000
+#: starts of a refinement with the guard on (``refinement_starts``): the spacing ``auto`` chose, the paper's and
+#: the best other one; the best refinement on the validation seeds is kept
+STARTS = 3
+_SEARCHED = 3  # with spacing="auto", the line search runs on the best few candidates (and the best base's)
+
+
+def spacing_label(spacing) -> str:
+    """A spacing's name, or "explicit" for a list of noise levels."""
+    return spacing if isinstance(spacing, str) else "explicit"
+
+
+@dataclass
+class Candidate:
+    """One spacing's greedy fit, and its scores on the validation seeds."""
+
+    spacing: object  # as requested: a spacing name or a list of noise levels
+    fitted: DODEScheduler  # the greedy lambdas (common factor 1)
+    fit: GreedyFit
+    seconds: float
+    scores: dict = field(default_factory=dict)  # {common factor of the lambdas: score}; 0 is the base
+
+    @property
+    def label(self) -> str:
+        return spacing_label(self.spacing)
+
+    def at(self, factor: float) -> DODEScheduler:
+        """The fit with every lambda times ``factor``, on a scheduler of its own."""
+        scheduler = copy.deepcopy(self.fitted)
+        scheduler.lambdas = [factor * v for v in self.fit.lambdas]
+        return scheduler
+
+    def record(self) -> dict:
+        return {"spacing": self.label, "base": self.scores[0.0], "fitted": self.scores[1.0],
+                "best": min(self.scores.values()),
+                "scores": {f"{k:g}": v for k, v in sorted(self.scores.items())},
+                "greedy_lambdas": list(self.fit.lambdas), "fit_seconds": self.seconds}
+
+
+@dataclass
+class Distillation:
+    """What ``distill`` decided before any refinement: every candidate, the one kept and its factor."""
+
+    model_name: str
+    solver: Solver
+    nfe: int
+    auto: bool  # the spacing was "auto"
+    teacher: Teacher
+    candidates: list
+    chosen: int  # index of the kept candidate
+    factor: float  # the common factor its lambdas got (1: the fit; 0: the base)
+    judge: Judge | None  # None without the guard
+    margin: float
+    seconds: float
+    student_runs: int  # the judge's sampling runs, until the decision
+
+    @property
+    def kept(self) -> Candidate:
+        return self.candidates[self.chosen]
+
+    @property
+    def scheduler(self) -> DODEScheduler:
+        """The guarded result, its ``fit_info`` written."""
+        scheduler = self.kept.at(self.factor)
+        scheduler.fit_info = self.record()
+        return scheduler
+
+    @property
+    def score(self) -> float | None:
+        """The guarded result's score on the validation seeds (None without the guard)."""
+        return self.kept.scores[self.factor] if self.judge is not None else None
+
+    def record(self, spacing: str | None = None) -> dict:
+        """``fit_info``: how the fit was made (``spacing``: the spacing of a refinement start instead)."""
+        kept = self.kept
+        record = {
+            "solver": self.solver.name, "nfe": self.nfe, "num_inference_steps": kept.fitted.num_inference_steps,
+            "spacing": spacing or kept.label, "spacing_requested": "auto" if self.auto else kept.label,
+            "teacher": self.teacher.label, "batch_size": self.teacher.batch_size, "seed": self.teacher.seed,
+            "model": self.model_name, "teacher_nfe": kept.fit.teacher_nfe,
+            "rmse_to_teacher_base": kept.fit.rmse_base, "rmse_to_teacher_fitted": kept.fit.rmse_fitted,
+            "greedy_lambdas": list(kept.fit.lambdas), "seconds": self.seconds, "dode_version": _version(),
+        }
+        if self.judge is not None:
+            scores, validation = kept.scores, self.judge.validation
+            record["validation"] = {
+                "criterion": self.judge.criterion,
+                "features": self.judge.features if self.judge.criterion == "fd" else None,
+                "seeds": [validation.seed, validation.seed + validation.batch_size - 1], "margin": self.margin,
+                "base": scores[0.0], "fitted": scores[1.0], "shrink": self.factor, "guarded": scores[self.factor],
+                "decision": decision(self.factor), "candidates": [c.record() for c in self.candidates],
+                "student_runs": self.student_runs,
+            }
+        return record
+
+
+def _version() -> str | None:
+    try:
+        return metadata.version("dode")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _teacher(model, teacher, batch_size, seed, device, what: str) -> Teacher:
+    """``teacher`` itself where it is a Teacher (checked against the other arguments), else a new one with C = it."""
+    if isinstance(teacher, Teacher):
+        if batch_size not in (None, teacher.batch_size) or seed not in (None, teacher.seed):
+            raise ValueError(f"the given {what} Teacher fixes batch_size={teacher.batch_size}, seed={teacher.seed}; "
+                             f"got batch_size={batch_size}, seed={seed}")
+        if teacher.model is not model:
+            raise ValueError(f"the given {what} Teacher was built for another model")
+        return teacher
+    return Teacher(model, batch_size=check_batch_size(100 if batch_size is None else batch_size),
+                   seed=0 if seed is None else seed, substeps=teacher, device=device)
+
+
+def _judge(model, teacher: Teacher, validation, criterion: str, features: str, device) -> Judge:
+    """The judge on the validation seeds (``validation``, a Teacher; default 100 seeds from VALIDATION_SEED)."""
+    if validation is None:
+        validation = Teacher(model, batch_size=100, seed=VALIDATION_SEED, substeps="fine", device=device)
+    elif not isinstance(validation, Teacher):
+        raise ValueError(f"validation must be a dode.Teacher on the validation seeds, got {validation!r}")
+    validation = _teacher(model, validation, None, None, device, "validation")
+    fitting = range(teacher.seed, teacher.seed + teacher.batch_size)
+    held_out = range(validation.seed, validation.seed + validation.batch_size)
+    if set(fitting) & set(held_out):
+        raise ValueError(f"the validation seeds {held_out.start}-{held_out.stop - 1} overlap the fitting batch "
+                         f"{fitting.start}-{fitting.stop - 1}")
+    return Judge(model, validation, criterion, device, features)
+
+
+def _check(solver: Solver, nfe: int, spacing, guard: bool, criterion: str, margin: float, refine) -> list:
+    """The spacings to fit, after every argument check ``distill`` makes before any work."""
+    if refine is not None and refine not in REFINEMENTS:
+        raise ValueError(f"refine must be one of {(None, *REFINEMENTS)}, got {refine!r}")
+    if refine is not None and REFINEMENTS[refine].timesteps and solver.name not in GRID_SOLVERS:
+        raise ValueError(
+            f"refine={refine!r} cannot learn a time grid for {solver.name}: its diffusers scheduler steps on "
+            f"integer timesteps and no scheduler makes exactly its update on other levels. Use refine='joint', "
+            f"or one of: {', '.join(GRID_SOLVERS)}"
+        )
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+    auto = isinstance(spacing, str) and spacing == "auto"
+    if auto and not guard:
+        raise ValueError("spacing='auto' chooses on the validation seeds, which is the guard: it cannot go with "
+                         "guard=False (name a spacing for the paper's plain greedy fit)")
+    spacings = list(solver.spacings) if auto else [solver.check_spacing(spacing)]
+    solver.steps_for(nfe)
+    if nfe < 2:
+        raise ValueError(f"D-ODE corrects each model output with the one before it, so it needs at least 2 model "
+                         f"evaluations; got nfe={nfe} (sample with the base solver, dode.sample(model, "
+                         f"{solver.name!r}, {nfe}, ...), for a single evaluation)")
+    return spacings
+
+
+def _candidate(model, solver: Solver, nfe: int, spacing, teacher: Teacher) -> Candidate:
+    """The greedy fit of ``solver`` at ``nfe`` on ``spacing`` (a name or a list of noise levels)."""
+    began = time.perf_counter()
+    if isinstance(spacing, str):
+        student = DODEScheduler(make_scheduler(solver.name, model, spacing), [0.0] * nfe, solver.steps_for(nfe),
+                                spacing=spacing)
+    else:
+        student = grid_scheduler(solver.name, model, spacing)
+        if student.nfe != nfe:
+            raise ValueError(f"an explicit grid for {solver.name} at NFE {nfe} needs {solver.steps_for(nfe)} noise "
+                             f"levels (one per step), got {student.num_inference_steps}")
+    fit = greedy_fit(model, student, teacher)
+    fitted = DODEScheduler(student.base_scheduler, fit.lambdas, student.num_inference_steps, grid=student.grid,
+                           spacing=spacing_label(spacing))
+    return Candidate(spacing, fitted, fit, time.perf_counter() - began)
+
+
+def _decide(candidates: list, judge: Judge, solver: Solver, auto: bool, margin: float) -> tuple[int, float]:
+    """(the kept candidate, its factor): with ``auto`` the line search first runs on the best few candidates, the
+    best base's and the paper's spacing's (the others keep their scores at 0 and 1)."""
+    if auto:
+        ranked = sorted(range(len(candidates)), key=lambda i: min(candidates[i].scores.values()))
+        bases = sorted(range(len(candidates)), key=lambda i: candidates[i].scores[0.0])
+        paper = [i for i, c in enumerate(candidates) if c.spacing == solver.default_spacing]
+        for i in {*ranked[:_SEARCHED], bases[0], *paper}:
+            candidates[i].scores = judge.scores(candidates[i].fitted, candidates[i].scores)
+    paper = [i for i, c in enumerate(candidates) if isinstance(c.spacing, str) and c.spacing == solver.default_spacing]
+    return choose([c.scores for c in candidates], margin, paper[0] if paper else None)
+
+
+def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
+                 teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
+                 margin: float = MARGIN, device="auto", progress: bool = True) -> Distillation:
+    """``distill`` without refinement, as a value: every candidate spacing's fit and scores, and the decision
+    (``Distillation.scheduler`` is what ``distill`` returns). The arguments are ``distill``'s."""
+    solver = get_solver(solver)
+    spacings = _check(solver, nfe, spacing, guard, criterion, margin, None)
+    auto = isinstance(spacing, str) and spacing == "auto"
+    device = resolve_device(device)
+    model.to(device)
+    teacher = _teacher(model, teacher, batch_size, seed, device, "fitting")
+    began = time.perf_counter()
+    judge = _judge(model, teacher, validation, criterion, features, device) if guard or auto else None
+    candidates = []
+    for spacing_k in tqdm(spacings, desc=f"{solver.name} at NFE {nfe}: spacings", disable=not (progress and auto)):
+        candidate = _candidate(model, solver, nfe, spacing_k, teacher)
+        if judge is not None:  # a named spacing gets its line search now; auto's best few in _decide
+            candidate.scores = judge.scores(candidate.fitted, search=not auto)
+        candidates.append(candidate)
+    chosen, factor = _decide(candidates, judge, solver, auto, margin) if judge is not None else (0, 1.0)
+    return Distillation(getattr(model, "name", type(model).__name__), solver, nfe, auto, teacher, candidates, chosen,
+                        factor, judge, margin, time.perf_counter() - began, judge.runs if judge is not None else 0)
+
+
+def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
+            teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
+            margin: float = MARGIN, device="auto",
+            refine: str | None = None, refine_iterations: int = 50, refine_starts: int = STARTS,
+            progress: bool = True) -> DODEScheduler:
+    """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
+
+    ``spacing``: the time grid. None (the paper's, ``Solver.default_spacing``), one of the solver's spacings
+    (``dode.get_solver(solver).spacings``), an explicit list of noise levels (one per step, for the solvers in
+    ``dode.core.solvers.GRID_SOLVERS``), or ``"auto"``: every supported spacing is fitted and the one that scores
+    best on the validation seeds (after the guard) is returned.
+
+    The fitting batch is ``batch_size`` samples (default 100) from seeds ``seed``, ``seed + 1``, ... (default 0).
+    ``teacher``: an integer C (DDIM with each student step split into C steps, the paper's choice, default 10),
+    ``"fine"`` (every training timestep), or a ``dode.Teacher`` to share one teacher run between fits (its
+    noise batch is then the fitting batch).
+
+    ``guard`` (default on): never hand back something worse than the base on validation seeds. The fitted
+    lambdas are scaled by the common factor in [0, 1] that validates best (a line search; 0 is the base itself),
+    and D-ODE is kept only where it validates more than ``margin`` (relative) better than the best base among the
+    candidates (the spacing's own, or with ``"auto"`` every spacing's): else the best base comes back, with every
+    lambda 0. ``validation``: a ``dode.Teacher`` whose noise batch is the validation set (share one between fits:
+    its fine run is made once), default 100 seeds from ``VALIDATION_SEED``; ``criterion``: ``"fd"`` (pixel Frechet
+    distance between the final samples and the reference solution of the same seeds, the default) or ``"rmse"``
+    (of the final samples to that solution); ``features``: the feature space of ``"fd"`` (``"pixel"``, or
+    ``"digits"`` / ``"inception"`` to validate in the space of the metric you report). ``guard=False`` and a named
+    spacing give the paper's plain greedy fit, with no validation.
+
+    ``refine``: None (the paper's greedy fit), ``"joint"`` (then all lambdas together, against the teacher's
+    state after every step, at most ``refine_iterations`` L-BFGS iterations), ``"joint+timesteps"`` (lambdas
+    and the noise level of every step, the first only downwards, against the teacher's final samples; only for
+    ``GRID_SOLVERS``) or ``"timesteps"`` (the grid alone, every lambda 0: the base solver on a learned grid, the
+    ablation without D-ODE). With ``spacing="auto"`` a refinement runs from ``refine_starts`` starting points
+    (``refinement_starts``) and the best on the validation seeds is kept; with the guard on, a refinement that
+    validates worse than what it would replace is dropped (``fit_info["refine"]["kept"]``).
+
+    ``fit_info`` records the spacing, every candidate's validation scores and the decision.
+    """
+    _check(get_solver(solver), nfe, spacing, guard, criterion, margin, refine)
+    found = distillation(model, solver, nfe, spacing=spacing, batch_size=batch_size, seed=seed, teacher=teacher,
+                         guard=guard, validation=validation, criterion=criterion, features=features, margin=margin,
+                         device=device, progress=progress)
+    if refine is None:
+        return found.scheduler
+    return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
+                      max_iterations=refine_iterations, starts=refine_starts if found.auto else 1,
+                      progress=progress).scheduler
+
+
+@dataclass
+class Refined:
+    """What ``refine_fit`` kept, and its record."""
+
+    scheduler: DODEScheduler  # ``fit_info`` written, with its "refine" record
+    kept: bool  # False: the refinement validated worse than what it would replace, which came back instead
+    spacing: str  # the spacing of the start it came from
+    score: float | None  # the refinement's score on the validation seeds (None without a judge)
+    seconds: float  # the whole refinement's, every start included
+    iterations: int  # L-BFGS iterations, every start included
+    record: dict  # ``fit_info["refine"]``
+
+
+class _Start(NamedTuple):
+    scheduler: DODEScheduler
+    spacing: str
+    score: float | None  # its score on the validation seeds, where known
+    kept: bool = False  # it is the distillation's own result (whose teacher targets ``distill`` already has)
+
+
+def refinement_starts(model, found: Distillation, mode: str, count: int = STARTS) -> list:
+    """Up to ``count`` starting points of a ``mode`` refinement of ``found`` (a ``distillation``), each a
+    (scheduler, spacing, score) with its score on the validation seeds where known.
+
+    From the candidates the guard judged: for "joint" and "joint+timesteps", the kept fit itself, then the paper's
+    spacing and the best other spacing, each with its greedy lambdas at the common factor that validated best; for
+    "timesteps" (lambdas held at 0) the bases: the best-validating spacing, the paper's, the next best. Without
+    judged candidates: the kept fit alone (with every lambda 0 for "timesteps")."""
+    if mode not in REFINEMENTS:
+        raise ValueError(f"mode must be one of {tuple(REFINEMENTS)}, got {mode!r}")
+    zero = not REFINEMENTS[mode].lambdas
+    kept = found.kept
+    candidates = [c for c in found.candidates if c.label != "explicit"] if found.judge is not None else []
+    if not candidates:
+        start = kept.at(found.factor)
+        if zero:
+            start.lambdas = [0.0] * start.nfe
+        return [_Start(start, kept.label, None)]
+
+    def key(c):  # each candidate's validation score: at lambda 0, or at its best factor
+        return c.scores[0.0] if zero else min(c.scores.values())
+
+    paper = [c for c in candidates if c.spacing == found.solver.default_spacing]
+    own = [c for c in candidates if c.label == kept.label] if not zero else []
+    chosen, seen = [], set()
+    for c in [*own, *sorted(candidates, key=key)[:1], *paper, *sorted(candidates, key=key)]:
+        if c.label not in seen and len(chosen) < count:
+            seen.add(c.label)
+            chosen.append(c)
+    return [_Start(kept.at(found.factor), c.label, found.score, True) if not zero and c.label == kept.label else
+            _Start(c.at(0.0 if zero else best_factor(c.scores)), c.label, key(c)) for c in chosen]
+
+
+class _Attempt(NamedTuple):
+    start: _Start
+    found: Optimised
+    score: float | None  # the refinement's score on the validation seeds
+
+    def record(self) -> dict:
+        return {**self.found.record(), **({} if self.score is None else {"validation": self.score}),
+                "start": {"spacing": self.start.spacing, "validation": self.start.score}}
+
+    def step(self, **extra) -> dict:
+        """This attempt as one step of ``fit_info["refine"]["steps"]``."""
+        f = self.found
+        return {"mse_start": f.mse_start, "mse_refined": f.mse_refined, "validation": self.score,
+                "iterations": f.iterations, "evaluations": f.evaluations, "seconds": f.seconds,
+                "spacing": self.start.spacing, "start_validation": self.start.score, **extra}
+
+
+def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | None, iterations: int,
+             targets=None, progress: bool = True) -> _Attempt:
+    """One refinement from ``start`` against ``teacher`` (``targets``: its states at the start's levels, where
+    known), scored by ``judge``."""
+    options = REFINEMENTS[mode]._asdict()
+    if targets is None:
+        probe = copy.deepcopy(to_grid_form(start.scheduler) if options["timesteps"] else start.scheduler)
+        probe.set_timesteps(probe.num_inference_steps, device=teacher.noise.device)
+        targets = teacher.targets(TimeGrid.of(probe))
+    found = optimise(model, start.scheduler, teacher.noise, targets, **options, max_iterations=iterations,
+                     progress=progress)
+    return _Attempt(start, found, None if judge is None else judge(found.scheduler))
+
+
+def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge: Judge | None = None,
+               targets=None, max_iterations: int = 50, starts: int = 1, probe_iterations: int = 5,
+               progress: bool = True) -> Refined:
+    """``distill(refine=mode)`` from a ``distillation``, against ``teacher`` (its noise batch is the fitting batch).
+
+    ``mode``: "joint", "timesteps" (a learned grid, every lambda 0: the base solver on it) or "joint+timesteps".
+    ``starts``: how many starting points (``refinement_starts``; they need ``judge``). With several, each is refined
+    for ``probe_iterations``, the one that then validates best goes on for the rest of ``max_iterations``, and the
+    best-validating of all is the result. With ``judge``, the never-worse guard: the refinement comes back only where
+    it validates better than what it would replace (the distillation's result, or for "timesteps" the best-validating
+    base among the starts); else that comes back (``Refined.kept`` False). ``targets``: the teacher's states at the
+    distillation's own levels, where the caller has them."""
+    if mode not in REFINEMENTS:
+        raise ValueError(f"mode must be one of {tuple(REFINEMENTS)}, got {mode!r}")
+    began = time.perf_counter()
+    points = refinement_starts(model, found, mode, starts if judge is not None else 1)
+    probing = len(points) > 1 and probe_iterations < max_iterations
+    own = targets if not REFINEMENTS[mode].timesteps else None
+    attempts = [_attempt(model, p, teacher, mode, judge, probe_iterations if probing else max_iterations,
+                         own if p.kept else None, progress) for p in points]
+    if judge is None:
+        best = attempts[0]
+        record = {**best.record(), "seconds_total": time.perf_counter() - began}
+        return _refined(found, best.found.scheduler, best.start.spacing, True, best.score, record)
+    steps = [a.step() for a in attempts]
+    best = min(attempts, key=lambda a: a.score)
+    if probing:  # the best probe goes on
+        more = _attempt(model, _Start(best.found.scheduler, best.start.spacing, best.score), teacher, mode, judge,
+                        max_iterations - probe_iterations, None, progress)
+        steps.append(more.step(continued=True))
+        more = more._replace(start=best.start)
+        runs = more.found.student_runs
+        if more.score <= best.score:
+            best = more
+    # what the refinement would replace: the fit itself, or for a learned grid alone the best base among the starts
+    if REFINEMENTS[mode].lambdas:
+        baseline = _Start(found.scheduler, found.kept.label, found.score)
+    else:
+        baseline = min(points, key=lambda p: float("inf") if p.score is None else p.score)
+    before = baseline.score if baseline.score is not None else judge(baseline.scheduler)
+    kept = best.score <= before
+    record = {**best.record(), "validation_before": before, "kept": kept, "steps": steps,
+              "iterations": sum(step["iterations"] for step in steps),
+              "evaluations": sum(step["evaluations"] for step in steps),
+              "student_runs": sum(a.found.student_runs for a in attempts) + (runs if probing else 0),
+              "seconds_total": time.perf_counter() - began}
+    if kept:
+        return _refined(found, best.found.scheduler, best.start.spacing, True, best.score, record)
+    return _refined(found, copy.deepcopy(baseline.scheduler), baseline.spacing, False, best.score, record)
+
+
+def _refined(found: Distillation, scheduler: DODEScheduler, spacing: str, kept: bool, score, record: dict) -> Refined:
+    """The value ``refine_fit`` returns, ``fit_info`` written: the distillation's record on the start's spacing, and
+    the refinement's."""
+    scheduler.fit_info = {**found.record(spacing), "refine": record}
+    return Refined(scheduler, kept, spacing, score, record["seconds_total"], record["iterations"], record)

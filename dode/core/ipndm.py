@@ -1,0 +1,153 @@
+"""iPNDM for DDPM-style discrete schedules: the paper's "PNDM" rows, as a diffusers scheduler.
+
+iPNDM (the improved pseudo-numerical method of the DEIS paper, Zhang & Chen 2022) is a linear multistep method
+on the noise prediction with the DDIM transfer. With e~ the Adams-Bashforth combination of the latest noise
+predictions, of the highest order the history allows (up to ``max_order``)::
+
+    e~     = [1] | [3/2, -1/2] | [23, -16, 5] / 12 | [55, -59, 37, -9] / 24   applied to (eps_i, eps_{i-1}, ...)
+    x_next = sqrt(abar_next / abar) x + (sqrt(1 - abar_next) - sqrt(abar_next / abar) sqrt(1 - abar)) e~
+
+One model evaluation per step (NFE = steps). With ``max_order=1`` it is DDIM (eta 0), bit for bit on the same
+timesteps. In sigma = sqrt((1 - abar) / abar) the update is x / sqrt(abar) += (sigma_next - sigma) e~: Adams-
+Bashforth steps of the probability-flow ODE dy/dsigma = eps, y = x / sqrt(abar), on the grid's own step sizes
+(the coefficients are those for equal steps, as in iPNDM).
+
+diffusers' own ``IPNDMScheduler`` is written for the continuous cosine (v-diffusion) parametrisation, so this is
+a separate class for discrete beta schedules. Its time grid comes from diffusers' ``EulerDiscreteScheduler`` on
+the same config, so every spacing option means what it means there (``timestep_spacing``, ``use_karras_sigmas``,
+``use_exponential_sigmas``, ``use_beta_sigmas``); the last step always goes to the clean sample (sigma 0). Like
+the other sigma-array schedulers, its steps read every noise level from ``scheduler.sigmas``, so
+``dode.core.solvers.set_grid`` (learned grids) can move them.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import EulerDiscreteScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
+
+from .schedule import PREDICTION_TYPES, convert_prediction
+
+#: Adams-Bashforth coefficients for equal steps, newest prediction first, by order
+ADAMS_BASHFORTH = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+class IPNDMDiscreteScheduler(SchedulerMixin, ConfigMixin):
+    """iPNDM on a discrete DDPM noise schedule (eps-, x0- or v-models), one model evaluation per step.
+
+    ``max_order``: the highest Adams-Bashforth order (1-4; 4 is iPNDM, 1 is DDIM). Spacing options as in
+    ``EulerDiscreteScheduler``; the default, ``"leading"``, is uniform in t, evaluated at t = 0, T/N, ..., T - T/N:
+    the grid of the paper's DDIM (``"trailing"``, uniform from T - 1 down, is the other time-uniform choice).
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        max_order: int = 4,
+    ):
+        if isinstance(max_order, bool) or max_order not in ADAMS_BASHFORTH:
+            raise ValueError(f"max_order must be one of {', '.join(map(str, ADAMS_BASHFORTH))}, got {max_order!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+        # diffusers computes the schedule and every spacing; this scheduler only steps on them
+        self._spacing = EulerDiscreteScheduler(
+            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+            beta_schedule=beta_schedule, trained_betas=trained_betas, timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset, use_karras_sigmas=use_karras_sigmas,
+            use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas, final_sigmas_type="zero")
+        self.alphas_cumprod = self._spacing.alphas_cumprod
+        self.init_noise_sigma = 1.0  # states are DDPM states sqrt(abar) x0 + sqrt(1 - abar) noise
+        self.num_inference_steps = None
+        self.timesteps = None
+        #: the noise level of each state, (steps + 1,), the last 0; ``set_grid`` may replace it after set_timesteps
+        self.sigmas = None
+        self._reset()
+
+    def _reset(self):
+        self._step_index = 0
+        self._history = []  # noise predictions, newest first
+
+    def __len__(self):
+        return self.config.num_train_timesteps
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        self._spacing.set_timesteps(num_inference_steps)
+        sigmas = self._spacing.sigmas.to(torch.float32).cpu()
+        timesteps = self._spacing.timesteps.cpu()
+        if torch.equal(timesteps, timesteps.round()):
+            # integer timesteps: the model gets integers and the steps use alphas_cumprod itself, as DDIM does
+            timesteps = timesteps.round().long()
+            alphas = torch.cat([self.alphas_cumprod[timesteps], torch.ones(1)])
+        else:
+            alphas = self._alphas_of(sigmas)
+        self.num_inference_steps = int(num_inference_steps)
+        self.timesteps = timesteps.to(device)
+        self.sigmas = sigmas
+        self._alphas, self._alphas_for = alphas, sigmas.clone()
+        self._reset()
+
+    @staticmethod
+    def _alphas_of(sigmas: torch.Tensor) -> torch.Tensor:
+        return (1.0 / (1.0 + sigmas.double() ** 2)).to(torch.float32)
+
+    def _step_alphas(self) -> torch.Tensor:
+        """abar of every state; from ``sigmas`` when they were moved since ``set_timesteps`` (a custom grid)."""
+        if not torch.equal(self.sigmas, self._alphas_for):
+            self._alphas, self._alphas_for = self._alphas_of(self.sigmas), self.sigmas.clone()
+        return self._alphas
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+             **kwargs):
+        """One iPNDM step from the current state to the next noise level; ``kwargs`` (a pipeline's
+        ``generator``, ...) are accepted and unused: the method is deterministic."""
+        if self.timesteps is None:
+            raise ValueError("call set_timesteps before step")
+        i = self._step_index
+        if i >= len(self.sigmas) - 1:
+            raise RuntimeError(f"step() called {i + 1} times after set_timesteps({self.num_inference_steps}); "
+                               "call set_timesteps() before every sampling run")
+        alphas = self._step_alphas()
+        alpha_prod_t, alpha_prod_t_prev = alphas[i], alphas[i + 1]
+        eps = convert_prediction(model_output, sample, alpha_prod_t, self.config.prediction_type, "epsilon")
+        self._history = [eps, *self._history][: self.config.max_order]
+        coefficients = ADAMS_BASHFORTH[len(self._history)]
+        if len(self._history) == 1:
+            pred_epsilon = self._history[0]
+        else:
+            pred_epsilon = sum(c * e for c, e in zip(coefficients, self._history))
+        # the DDIM transfer, in DDIMScheduler's own arithmetic (so that order 1 is DDIM bit for bit)
+        beta_prod_t = 1 - alpha_prod_t
+        pred_original_sample = (sample - beta_prod_t ** 0.5 * pred_epsilon) / alpha_prod_t ** 0.5
+        prev_sample = alpha_prod_t_prev ** 0.5 * pred_original_sample + (1 - alpha_prod_t_prev) ** 0.5 * pred_epsilon
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """The forward process at integer training ``timesteps`` (image-to-image pipelines)."""
+        alphas = self.alphas_cumprod.to(original_samples.device, original_samples.dtype)[torch.as_tensor(timesteps).long()]
+        alphas = alphas.reshape(-1, *([1] * (original_samples.ndim - 1)))
+        return alphas ** 0.5 * original_samples + (1 - alphas) ** 0.5 * noise

@@ -1,0 +1,238 @@
+"""Refinement (beyond the paper): all lambdas together, the time grid alone, or both, through the whole run.
+
+The paper fits each lambda greedily against the teacher's state after its own step. Here the greedy lambdas
+are only the start (``REFINEMENTS``): "joint" moves every lambda to minimise the mean squared distance of the
+student's states to the teacher's; "timesteps" moves only the noise levels of the grid, every lambda held at 0
+(the base solver on a learned grid: the learned-grid methods without D-ODE); "joint+timesteps" moves both. With
+a grid the objective is the final samples' distance (the moving states have no fixed targets). The optimiser is
+L-BFGS over the distillation batch. The network is frozen but differentiated through: the gradient with respect
+to the lambdas comes from autograd through every model evaluation and scheduler step. The grid enters the
+scheduler's coefficients and the model's time input, which diffusers computes outside autograd, so its gradient
+is a finite difference (one extra student run per grid parameter). DDIM's grid is learned on its exact grid form
+(``dode.core.scheduler.to_grid_form``: iPNDM of order 1).
+
+Every level of the grid moves. The first may only come down (``u = log(first / start) <= 0``: above it the
+noise is the schedule's own); the rest are parametrised so that the grid stays strictly descending between the
+first level and the smallest training noise level: the gaps between consecutive log-levels are ``softmax([z, 0])``
+of that span, so any ``z`` is a valid grid (``z`` is kept in a box so that no two levels merge in float32).
+Several starts and the never-worse guard on validation seeds are ``dode.core.distill.refine_fit``'s.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import NamedTuple
+
+import numpy as np
+import scipy.optimize
+import torch
+from tqdm.auto import tqdm
+
+from .schedule import training_sigmas
+from .scheduler import DODEScheduler, to_grid_form
+from .timegrid import TimeGrid
+from .sampling import integrate
+from .solvers import GRID_SOLVERS, solver_of
+
+_FD_STEP = 1e-4  # finite-difference step in the grid parameters z
+_MIN_GAP = 0.02  # smallest share of the log-sigma span between two grid levels at the start
+#: the first level may come down from its start (never up: noise above it is the schedule's own) by at most this
+#: share of the log-span to the smallest training level
+_FIRST_SPAN = 0.75
+_Z_BOUND = 8.0  # |z| bound: no gap is below about e^-16 of another, so the levels stay distinct in float32
+
+
+class Refinement(NamedTuple):
+    """What a refinement (``distill(refine=mode)``) moves, and which teacher states it fits."""
+
+    timesteps: bool  # it learns the time grid (solvers in ``dode.core.solvers.GRID_SOLVERS`` only)
+    lambdas: bool  # it moves the lambdas (False: every lambda held at 0, the base solver on the learned grid)
+    objective: str  # "all" (every state against its target, the greedy fit's sum) or "final" (the final samples)
+
+
+#: each refinement of ``distill(refine=...)``. "timesteps" is a learned grid alone, every lambda held at 0: the base
+#: solver on a learned grid (the idea of GITS, LD3, AYS)
+REFINEMENTS: dict[str, Refinement] = {
+    "joint": Refinement(timesteps=False, lambdas=True, objective="all"),
+    "timesteps": Refinement(timesteps=True, lambdas=False, objective="final"),
+    "joint+timesteps": Refinement(timesteps=True, lambdas=True, objective="final"),
+}
+
+
+def grid_from_params(z: np.ndarray, first: float, lowest: float) -> np.ndarray:
+    """The descending grid [first, ...] whose log-level gaps are softmax([z, 0]) of log(first / lowest)."""
+    gaps = np.exp(np.append(z, 0.0) - np.max(np.append(z, 0.0)))
+    gaps /= gaps.sum()
+    return np.exp(np.log(first) - np.cumsum(np.concatenate([[0.0], gaps[:-1]])) * np.log(first / lowest))
+
+
+def params_from_grid(grid: np.ndarray, lowest: float) -> np.ndarray:
+    """The ``z`` of ``grid_from_params``; gaps under ``_MIN_GAP`` of the span are widened to it."""
+    positions = np.log(grid[0] / np.append(grid, lowest)) / np.log(grid[0] / lowest)
+    gaps = np.maximum(np.diff(positions), _MIN_GAP)
+    return np.clip(np.log(gaps[:-1] / gaps[-1]), -_Z_BOUND, _Z_BOUND)
+
+
+def _student_states(model, student: DODEScheduler, noise: torch.Tensor, lambdas, grid) -> list[torch.Tensor]:
+    """The student's state after every model evaluation (DDPM convention) from ``noise``, with the given lambdas
+    (floats or tensors, lambda_0 included) and grid (None: its base scheduler's own); differentiable where autograd
+    is on. The student itself is not changed: its base scheduler runs on the grid."""
+    run = DODEScheduler(student.base_scheduler, student.lambdas, student.num_inference_steps,
+                        grid=None if grid is None else [float(s) for s in grid])
+    _, states = integrate(model, run, run.num_inference_steps, noise, record=True, lambdas=lambdas,
+                          grad=torch.is_grad_enabled())
+    return states[1:]
+
+
+def _loss(states, targets, objective: str) -> torch.Tensor:
+    """Mean squared distance to the teacher: of the final samples, or averaged over every state."""
+    pairs = list(zip(states, targets))[-1:] if objective == "final" else list(zip(states, targets))
+    return sum(torch.mean((x.double() - y.double().to(x.device)) ** 2) for x, y in pairs) / len(pairs)
+
+
+class Optimised(NamedTuple):
+    """What ``optimise`` found: the best point L-BFGS visited, and how it got there."""
+
+    scheduler: DODEScheduler
+    mode: str  # the ``REFINEMENTS`` name of what moved
+    objective: str  # "all" or "final" states
+    mse_start: float
+    mse_refined: float
+    iterations: int  # L-BFGS iterations
+    evaluations: int  # objective evaluations (line searches included)
+    student_runs: int  # sampling runs of the student on the fitting batch (finite differences included)
+    seconds: float
+    message: str  # the optimiser's
+    history: list  # the objective at every evaluation, in order
+
+    def record(self) -> dict:
+        """The refinement as ``fit_info["refine"]`` reports it."""
+        return {"mode": self.mode, "objective": f"mean squared distance to the teacher, {self.objective} states",
+                "mse_start": self.mse_start, "mse_refined": self.mse_refined, "iterations": self.iterations,
+                "evaluations": self.evaluations, "student_runs": self.student_runs, "seconds": self.seconds,
+                "optimizer_message": self.message, "history": self.history}
+
+
+class _Objective:
+    """theta -> (the mean squared distance to the teacher, its gradient) for L-BFGS, with theta the moving lambdas
+    (lambda_1 on) and, with ``timesteps``, u and z of the grid; remembers every value and the best point."""
+
+    def __init__(self, model, student: DODEScheduler, noise, targets, objective: str, lambdas: bool,
+                 timesteps: bool, start_grid: np.ndarray, lowest: float):
+        self.model, self.student, self.noise, self.targets, self.objective = model, student, noise, targets, objective
+        self.lambdas, self.timesteps, self.top, self.lowest = lambdas, timesteps, start_grid[0], lowest
+        self.n_lam = student.nfe - 1 if lambdas else 0
+        self.history, self.best, self.best_theta, self.bar = [], math.inf, None, None
+
+    def unpack(self, theta):
+        """(every lambda, lambda_0 = 0 included; the grid) at ``theta``."""
+        n = self.n_lam
+        grid = (grid_from_params(theta[n + 1:], self.top * np.exp(theta[n]), self.lowest) if self.timesteps
+                else self.student.grid)
+        return ([0.0, *theta[:n]] if self.lambdas else list(self.student.lambdas)), grid
+
+    def loss(self, lambdas, grid) -> torch.Tensor:
+        return _loss(_student_states(self.model, self.student, self.noise, lambdas, grid), self.targets,
+                     self.objective)
+
+    def __call__(self, theta):
+        try:
+            value, gradient = self._value_and_gradient(theta)
+        except FloatingPointError:  # the student blew up (NaN or inf) at a shifted point
+            value, gradient = math.inf, None
+        if not math.isfinite(value):  # a line-search trial too far out: L-BFGS backs off from an infinite value
+            value, gradient = math.inf, np.zeros(len(theta))
+        self.history.append(value)
+        if value < self.best:
+            self.best, self.best_theta = value, theta.copy()
+        self.bar.set_postfix(mse=f"{value:.3g}", refresh=False)
+        self.bar.update()
+        return value, gradient
+
+    def _value_and_gradient(self, theta):
+        lambdas, grid = self.unpack(theta)
+        gradient = []
+        if self.lambdas:  # d loss / d lambda by autograd through the whole run
+            lam = torch.tensor(lambdas[1:], dtype=torch.float64, requires_grad=True)
+            with torch.enable_grad():
+                loss = self.loss([0.0, *lam], grid)
+                loss.backward()
+            gradient.append(lam.grad.numpy().copy())
+        else:
+            with torch.no_grad():
+                loss = self.loss(lambdas, grid)
+        value = loss.item()
+        with torch.no_grad():  # d loss / d grid parameter by a forward difference, one student run each
+            for i in range(self.n_lam, len(theta)):
+                # the first level's u is bounded above by 0 (its start): a backward difference stays inside
+                step = -_FD_STEP if i == self.n_lam else _FD_STEP
+                shifted = theta.copy()
+                shifted[i] += step
+                gradient.append([(self.loss(*self.unpack(shifted)).item() - value) / step])
+        gradient = np.concatenate(gradient)
+        return (value, gradient) if np.isfinite(gradient).all() else (math.inf, None)
+
+
+def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torch.Tensor, *, timesteps: bool = False,
+             lambdas: bool = True, objective: str = "final", max_iterations: int = 50,
+             progress: bool = True) -> Optimised:
+    """The lambdas (``lambdas``) and grid (``timesteps``) of ``scheduler`` that minimise the mean squared distance of
+    the student's states from ``noise`` to the teacher's ``targets`` (nfe, batch, ...; DDPM convention), starting
+    from ``scheduler``'s. ``objective``: "all" (every state against its target, the sum the greedy fit minimises one
+    step at a time) or "final" (the final samples only; the one choice with ``timesteps``, whose moving states
+    have no fixed targets). At most ``max_iterations`` L-BFGS iterations and twice as many objective evaluations
+    (line searches included). ``lambdas=False`` holds the lambdas at their start (with a zero start: a learned grid
+    alone, the base solver's). DDIM's grid is learned on its grid form (``dode.core.scheduler.to_grid_form``). Never
+    returns a worse fit than its start: the best point L-BFGS visits is kept (``Optimised.scheduler``)."""
+    solver = solver_of(scheduler)
+    if timesteps and not solver.takes_grid:
+        raise ValueError(f"{solver.name} cannot take a custom time grid; solvers that can: {', '.join(GRID_SOLVERS)}")
+    if objective not in ("all", "final") or (timesteps and objective != "final"):
+        raise ValueError(f"objective must be 'all' or 'final' ('final' with timesteps), got {objective!r}")
+    if not (lambdas or timesteps):
+        raise ValueError("nothing to refine: lambdas=False needs timesteps=True")
+    began = time.perf_counter()
+    form = to_grid_form(scheduler) if timesteps else scheduler
+    student = copy.deepcopy(form)
+    student.set_timesteps(student.num_inference_steps, device=noise.device)
+    start_grid = np.asarray(student.grid if student.grid is not None else TimeGrid.of(student).steps,
+                            dtype=np.float64)
+    lowest = float(training_sigmas(model.scheduler_config)[0])
+    f = _Objective(model, student, noise, targets, objective, lambdas, timesteps, start_grid, lowest)
+    x0 = np.array(student.lambdas[1:] if lambdas else [], dtype=np.float64)
+    bounds = [(None, None)] * f.n_lam
+    if timesteps:  # u = log(first level / its start) <= 0, then the gaps below it
+        z = params_from_grid(start_grid, lowest)
+        x0 = np.concatenate([x0, [0.0], z])
+        bounds += [(-_FIRST_SPAN * np.log(f.top / lowest), 0.0)] + [(-_Z_BOUND, _Z_BOUND)] * len(z)
+    with torch.no_grad():  # the start as given (with timesteps, x0's grid has its smallest gaps widened)
+        f.best = start = f.loss(student.lambdas, student.grid).item()
+    result = _minimise(model, f, x0, bounds, max_iterations, progress, f"refining {solver.name}")
+    found, grid = (student.lambdas, student.grid) if f.best_theta is None else f.unpack(f.best_theta)
+    # its own base (set_grid changes it): the grid form's, where the grid was learned on it
+    refined = DODEScheduler(copy.deepcopy(form.base_scheduler), found, scheduler.num_inference_steps,
+                            grid=None if grid is None else list(grid), spacing=scheduler.spacing)
+    return Optimised(refined, mode_of(timesteps=timesteps, lambdas=lambdas), objective, start, f.best,
+                     int(result.nit), len(f.history), len(f.history) * (1 + len(x0) - f.n_lam),
+                     time.perf_counter() - began, str(result.message), f.history)
+
+
+def _minimise(model, f: _Objective, x0, bounds, max_iterations: int, progress: bool, desc: str):
+    """scipy's L-BFGS-B on ``f`` from ``x0``, with the network's parameters frozen meanwhile (the gradient flows
+    through the network to the lambdas, never into its weights) and a progress bar of objective evaluations."""
+    frozen = [p for p in model.parameters() if p.requires_grad] if hasattr(model, "parameters") else []
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with tqdm(desc=desc, disable=not progress, unit="eval") as f.bar:
+            return scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+                                           options={"maxiter": max_iterations, "maxfun": 2 * max_iterations})
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def mode_of(*, timesteps: bool, lambdas: bool) -> str:
+    """The ``REFINEMENTS`` name of what a refinement moves."""
+    return next(name for name, o in REFINEMENTS.items() if o.timesteps == timesteps and o.lambdas == lambdas)

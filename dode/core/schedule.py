@@ -1,0 +1,137 @@
+"""The noise schedule and the model's output: the maths every layer above builds on.
+
+Every model is ``model(x_t, t) -> output`` on a DDPM-style discrete noise schedule, described by a diffusers
+scheduler config (``SCHEDULE_KEYS``, ``prediction_type``). Here: the schedule's noise levels sigma_t and their map
+to (fractional) timesteps, and the exact conversion between prediction types (``as_prediction_type``). Imports
+nothing from dode.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch import nn
+
+#: The DDPM schedule of the paper's models (linear betas, 1000 steps).
+DDPM_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",
+}
+
+#: What a model's output can be (``scheduler_config["prediction_type"]``), as diffusers' schedulers name it.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: The scheduler-config keys that belong to the model (its noise schedule and output); the rest (clipping, spacing,
+#: solver order, ...) belongs to the solver, which ``dode.core.solvers`` configures.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+
+def check_prediction_type(prediction_type) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {prediction_type!r}; dode handles {', '.join(PREDICTION_TYPES)}")
+    return prediction_type
+
+
+def schedule_config(config) -> dict:
+    """The noise schedule and prediction type in a diffusers scheduler config (``SCHEDULE_KEYS``), DDPM defaults
+    for missing keys; ValueError for what dode cannot handle."""
+    config = dict(config)
+    if config.get("rescale_betas_zero_snr"):
+        raise ValueError("zero-terminal-SNR schedules (rescale_betas_zero_snr=True) are not supported: their last "
+                         "noise level is infinite")
+    schedule = {**DDPM_SCHEDULE, **{key: config[key] for key in SCHEDULE_KEYS if config.get(key) is not None}}
+    check_prediction_type(schedule["prediction_type"])
+    return schedule
+
+
+def training_sigmas(scheduler_config: dict) -> np.ndarray:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) at every training timestep t, in float64 (a new array each call)."""
+    schedule = tuple((key, _hashable(scheduler_config[key])) for key in SCHEDULE_KEYS if key in scheduler_config)
+    return _training_sigmas(schedule).copy()
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, (list, np.ndarray)) else value
+
+
+@functools.lru_cache(maxsize=32)
+def _training_sigmas(schedule: tuple) -> np.ndarray:
+    # cached: the refinement moves a grid (and so asks for these) thousands of times per fit
+    from diffusers import DDPMScheduler
+
+    alphas_cumprod = DDPMScheduler.from_config(dict(schedule)).alphas_cumprod.double().numpy()
+    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
+def sigma_to_timestep(sigma, log_sigmas: np.ndarray):
+    """The (fractional) training timestep of noise level sigma: log-sigma is linear between timesteps, the map
+    diffusers' sigma-space schedulers use (``_sigma_to_t``)."""
+    return np.interp(np.log(sigma), log_sigmas, np.arange(len(log_sigmas)))
+
+
+def timestep_to_sigma(t, log_sigmas: np.ndarray):
+    """The inverse of ``sigma_to_timestep``."""
+    return np.exp(np.interp(t, np.arange(len(log_sigmas)), log_sigmas))
+
+
+def interpolated_sigma(t, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """sigma at (fractional) timesteps t, log-sigma linear between training timesteps: ``timestep_to_sigma`` on
+    tensors, on the device of ``log_sigmas`` (float64)."""
+    t = torch.as_tensor(t, dtype=torch.float64, device=log_sigmas.device).clamp(0, len(log_sigmas) - 1)
+    low = t.floor().long().clamp(max=len(log_sigmas) - 2)
+    w = t - low
+    return torch.exp((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1])
+
+
+def convert_prediction(output: torch.Tensor, x_t: torch.Tensor, alpha_bar, source: str, target: str) -> torch.Tensor:
+    """A model output of prediction type ``source`` as type ``target``, at the state x_t (DDPM convention) whose
+    cumulative alpha is ``alpha_bar``. With x_t = a x0 + s eps (a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar)) and
+    v = a eps - s x0, each type is affine in each other one, so the conversion is exact."""
+    for name in (source, target):
+        check_prediction_type(name)
+    a, s = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    if source == "epsilon":
+        eps, x0 = output, (x_t - s * output) / a
+    elif source == "sample":
+        eps, x0 = (x_t - a * output) / s, output
+    else:
+        eps, x0 = a * output + s * x_t, a * x_t - s * output
+    return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[target]
+
+
+class PredictionConverter(nn.Module):
+    """``model`` with its output converted to another prediction type, in float64 (``as_prediction_type``)."""
+
+    def __init__(self, model, prediction_type: str):
+        super().__init__()
+        self.model = model
+        self.source = model.scheduler_config["prediction_type"]
+        self.scheduler_config = {**model.scheduler_config, "prediction_type": prediction_type}
+        self.sample_shape = model.sample_shape
+        self.name = getattr(model, "name", type(model).__name__)
+        log_sigmas = np.log(training_sigmas(model.scheduler_config))
+        self.register_buffer("log_sigmas", torch.from_numpy(log_sigmas), persistent=False)
+
+    def forward(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        sigma = interpolated_sigma(t, self.log_sigmas).reshape(-1, *[1] * (x_t.dim() - 1))
+        output = self.model(x_t, t).double()
+        target = self.scheduler_config["prediction_type"]
+        return convert_prediction(output, x_t.double(), 1 / (1 + sigma**2), self.source, target).to(x_t.dtype)
+
+
+def as_prediction_type(model, prediction_type: str = "epsilon") -> nn.Module:
+    """``model`` seen as predicting ``prediction_type`` (``epsilon``, ``v_prediction`` or ``sample``): the same
+    ODE, so base solvers give the same samples, but D-ODE then corrects that parametrisation of the output.
+
+    The model itself when it already predicts that. Fractional timesteps use the log-sigma interpolation of
+    diffusers' sigma-space schedulers. Uses: ``dode.solve_ode`` (needs epsilon), PNDM (takes no ``sample``
+    models), and D-ODE on epsilon for a v-prediction model (often better than on v itself).
+    """
+    check_prediction_type(prediction_type)
+    if isinstance(model, PredictionConverter):
+        model = model.model
+    if model.scheduler_config["prediction_type"] == prediction_type:
+        return model
+    return PredictionConverter(model, prediction_type)

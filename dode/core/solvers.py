@@ -1,0 +1,243 @@
+"""The base solvers: diffusers schedulers configured as in the paper, counted in NFE, on any supported spacing.
+
+A new solver is one entry in ``_SOLVERS``: the scheduler class, its settings, the time-grid spacings diffusers
+supports for it (and the paper's), how many model evaluations (NFE) one ``set_timesteps(n)`` costs, and whether
+its steps read their noise levels from ``scheduler.sigmas`` (then ``set_grid`` can give it any time grid).
+Nothing else in the package is solver-specific.
+
+Spacings (``SPACINGS``) are diffusers' own options: ``"leading"``, ``"trailing"``, ``"linspace"``
+(``timestep_spacing``), ``"karras"``, ``"exponential"``, ``"beta"`` (``use_*_sigmas``) and ``"lu"`` (logSNR-uniform,
+``use_lu_lambdas``), each where the scheduler has it; Heun, whose sigma spacings span the range of its timestep
+spacing, also has ``"karras+leading"`` and the like (both options set). A spacing can also be an explicit list of noise levels, one
+per step, for the solvers whose steps read ``scheduler.sigmas``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+from .timegrid import TimeGrid
+from .ipndm import IPNDMDiscreteScheduler
+
+#: every spacing name, in the order tables list them
+SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "lu", "karras+leading",
+            "karras+trailing", "exponential+leading", "exponential+trailing", "beta+leading", "beta+trailing")
+_SIGMA_FLAGS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas",
+                "lu": "use_lu_lambdas"}
+_TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+_SIGMA_SPACINGS = ("karras", "exponential", "beta")
+
+
+def _spacing_options(names, timestep_spacing: bool = True) -> dict:
+    """The scheduler settings of each spacing: one flag on and every other off, on a full-range linspace grid.
+    ``"karras+leading"`` (Heun, which derives its sigma range from its timesteps): Karras sigmas over the range of
+    the leading timesteps, as diffusers gives them for ``use_karras_sigmas=True, timestep_spacing="leading"``."""
+    flags = sorted({_SIGMA_FLAGS[n.split("+")[0]] for n in names if n.split("+")[0] in _SIGMA_FLAGS})
+    options = {}
+    for name in names:
+        sigmas, _, timesteps = name.partition("+")
+        settings = {flag: flag == _SIGMA_FLAGS.get(sigmas) for flag in flags}
+        if timestep_spacing:
+            settings["timestep_spacing"] = timesteps or (name if name in _TIMESTEP_SPACINGS else "linspace")
+        options[name] = settings
+    return options
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A base solver: a diffusers scheduler class with fixed settings, its spacings and its NFE <-> steps map."""
+
+    name: str
+    scheduler_class: type
+    settings: dict = field(default_factory=dict)
+    #: spacing name -> the scheduler settings that select it (``_spacing_options``)
+    spacings: dict = field(default_factory=dict)
+    #: the paper's spacing, the default of ``make_scheduler`` and ``distill``
+    default_spacing: str = "leading"
+    #: model evaluations made by ``set_timesteps(steps)``
+    nfe_of_steps: Callable[[int], int] = lambda steps: steps
+    min_steps: int = 1
+    paper: str = ""
+    #: its ``step`` reads every noise level from ``scheduler.sigmas``, so ``set_grid`` can move them
+    custom_grid: bool = False
+    #: for a solver whose scheduler steps on integer timesteps: (scheduler class, settings) of a scheduler that
+    #: makes exactly its update on any grid of noise levels (``grid_form``); explicit and learned grids use it
+    grid_form: tuple | None = None
+
+    @property
+    def takes_grid(self) -> bool:
+        """An explicit or learned time grid is possible: on its own scheduler, or on its ``grid_form``."""
+        return self.custom_grid or self.grid_form is not None
+
+    def steps_for(self, nfe: int) -> int:
+        """The ``num_inference_steps`` that costs exactly ``nfe`` model evaluations (ValueError if none)."""
+        if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)):
+            raise TypeError(f"nfe must be an integer, got {nfe!r}")
+        possible = [s for s in range(self.min_steps, nfe + 1) if self.nfe_of_steps(s) == nfe]
+        if not possible:
+            smallest = self.nfe_of_steps(self.min_steps)
+            valid = sorted({self.nfe_of_steps(s) for s in range(self.min_steps, self.min_steps + 6)})
+            hint = f"NFE must be at least {smallest}" if nfe < smallest else f"possible NFE: {', '.join(map(str, valid))}, ..."
+            raise ValueError(f"solver {self.name!r} cannot make exactly {nfe} model evaluations ({hint})")
+        return possible[0]
+
+    def check_spacing(self, spacing):
+        """A spacing name this solver supports, or an explicit grid as a float64 array; ValueError otherwise."""
+        supported = (", ".join(map(repr, self.spacings)) + (", a list of noise levels" if self.takes_grid else "")
+                     + ", or 'auto' (dode.distill: the best on validation seeds)")
+        if spacing is None:
+            return self.default_spacing
+        if isinstance(spacing, str):
+            if spacing not in self.spacings:
+                raise ValueError(f"solver {self.name!r} does not support spacing {spacing!r}; supported: {supported}")
+            return spacing
+        if not self.takes_grid:
+            raise ValueError(f"solver {self.name!r} cannot take an explicit grid of noise levels (its diffusers "
+                             f"scheduler steps on integer timesteps, and no scheduler makes exactly its update on "
+                             f"other levels); supported: {supported}")
+        try:
+            grid = np.asarray(spacing, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"spacing must be a name or a list of noise levels, got {spacing!r}") from None
+        if grid.ndim != 1 or len(grid) == 0:
+            raise ValueError(f"an explicit grid is a flat list of noise levels, one per step, got {spacing!r}")
+        check_levels(grid)
+        return grid
+
+
+def check_levels(grid: np.ndarray) -> None:
+    if not (np.all(np.isfinite(grid)) and np.all(grid > 0) and np.all(np.diff(grid) < 0)):
+        raise ValueError(f"a time grid must be positive and strictly descending, got {np.asarray(grid).tolist()}")
+
+
+_ALL = _TIMESTEP_SPACINGS + _SIGMA_SPACINGS
+_SOLVERS = [
+    # the paper's DDIM: uniform timesteps linspace(0, T, N + 1)[:N], i.e. leading. On other noise levels its update
+    # is iPNDM's of order 1 (the DDIM transfer with the newest eps), which steps on scheduler.sigmas
+    Solver("ddim", DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=True),
+           _spacing_options(_TIMESTEP_SPACINGS), "leading", paper="DDIM",
+           grid_form=(IPNDMDiscreteScheduler, dict(max_order=1))),
+    # PLMS: the warm-up evaluates the first timestep twice, so n steps cost n + 1 NFE. No grid form: its warm-up
+    # and its multistep combination are tied to PNDMScheduler's integer timesteps.
+    Solver("pndm", PNDMScheduler, dict(skip_prk_steps=True, set_alpha_to_one=True),
+           _spacing_options(_TIMESTEP_SPACINGS), "leading",
+           nfe_of_steps=lambda steps: steps + 1, min_steps=2, paper="PLMS"),
+    # the paper's "PNDM" is iPNDM (dode.core.ipndm): Adams-Bashforth on eps with the DDIM transfer, one NFE per step;
+    # its grid is EulerDiscreteScheduler's, so it has every spacing; uniform in t as the paper's DDIM ("leading")
+    Solver("ipndm", IPNDMDiscreteScheduler, dict(max_order=4), _spacing_options(_ALL), "leading",
+           paper="iPNDM", custom_grid=True),
+    # the paper's DPM-Solver: uniform in logSNR, which is exponential (log-uniform) sigmas
+    Solver("dpm_solver_2", DPMSolverSinglestepScheduler,
+           dict(solver_order=2, algorithm_type="dpmsolver++", lower_order_final=True, final_sigmas_type="zero"),
+           _spacing_options(("linspace", *_SIGMA_SPACINGS), timestep_spacing=False), "exponential",
+           paper="DPM-Solver", custom_grid=True),
+    Solver("dpm_solver_pp_2m", DPMSolverMultistepScheduler,
+           dict(solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero"),
+           _spacing_options((*_ALL, "lu")), "lu", paper="DPM-Solver++", custom_grid=True),
+    Solver("deis", DEISMultistepScheduler, dict(solver_order=3), _spacing_options(_ALL), "linspace",
+           paper="DEIS", custom_grid=True),
+    # EDM: Karras rho = 7. Heun: two evaluations per step except the last (an Euler step to sigma = 0), 2n - 1 NFE.
+    # Its sigma spacings span the range of its timestep spacing, so each comes over leading and trailing too.
+    Solver("heun", HeunDiscreteScheduler, {},
+           _spacing_options((*_ALL, *(f"{s}+{t}" for s in _SIGMA_SPACINGS for t in ("leading", "trailing")))),
+           "karras",
+           nfe_of_steps=lambda steps: 2 * steps - 1, paper="EDM", custom_grid=True),
+    Solver("unipc", UniPCMultistepScheduler, dict(solver_order=2, solver_type="bh2", final_sigmas_type="zero"),
+           _spacing_options(_ALL), "trailing", paper="UniPC", custom_grid=True),
+]
+
+#: the solver names, in the order of the paper's tables
+SOLVERS: tuple[str, ...] = tuple(s.name for s in _SOLVERS)
+_BY_NAME = {s.name: s for s in _SOLVERS}
+#: the solvers that take any time grid (explicit grids, learned grids): their own scheduler's ``set_grid``, or
+#: their ``grid_form`` (DDIM)
+GRID_SOLVERS: tuple[str, ...] = tuple(s.name for s in _SOLVERS if s.takes_grid)
+
+
+def get_solver(name: str) -> Solver:
+    if isinstance(name, Solver):
+        return name
+    try:
+        return _BY_NAME[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(SOLVERS)}") from None
+
+
+def solver_of(scheduler) -> Solver:
+    """The solver a (possibly D-ODE wrapped) scheduler instance belongs to, found by its class."""
+    base = getattr(scheduler, "base_scheduler", scheduler)
+    for solver in _SOLVERS:
+        if type(base) is solver.scheduler_class:
+            return solver
+    raise ValueError(
+        f"no NFE rule for {type(base).__name__}; supported schedulers: "
+        + ", ".join(s.scheduler_class.__name__ for s in _SOLVERS)
+    )
+
+
+def scheduler_class_named(name: str):
+    """A scheduler class by its name: one of the solvers' (dode's own iPNDM included) or any of diffusers'."""
+    for solver in _SOLVERS:
+        if solver.scheduler_class.__name__ == name:
+            return solver.scheduler_class
+    return getattr(diffusers, name, None) if isinstance(name, str) else None
+
+
+def spacing_of(scheduler) -> str | None:
+    """The spacing name a scheduler's config selects (None when it matches none of its solver's)."""
+    solver, config = solver_of(scheduler), getattr(scheduler, "base_scheduler", scheduler).config
+    for name, settings in solver.spacings.items():
+        if all(config.get(key) == value for key, value in settings.items()):
+            return name
+    return None
+
+
+def grid_form_scheduler(solver: Solver, config):
+    """The scheduler that makes ``solver``'s update on any grid (``Solver.grid_form``), from a config."""
+    cls, settings = solver.grid_form
+    return cls.from_config({**dict(config), **settings})
+
+
+def set_grid(scheduler, grid) -> None:
+    """Move the noise levels of a scheduler's steps, after its ``set_timesteps``, to ``grid``.
+
+    ``grid``: one positive noise level per step, strictly descending, as ``TimeGrid.steps`` returns them; the
+    final (clean) level stays the scheduler's own. The model is then called at the fractional training
+    timesteps of these levels. Only for solvers with ``custom_grid`` (their steps read ``scheduler.sigmas``).
+    """
+    from .schedule import sigma_to_timestep, training_sigmas
+
+    solver = solver_of(scheduler)
+    if not solver.custom_grid:
+        form = f"; for {solver.name}, use dode.core.scheduler.to_grid_form first" if solver.grid_form else ""
+        raise ValueError(
+            f"{type(scheduler).__name__} ({solver.name}) cannot take a custom time grid: its steps use integer "
+            f"timesteps{form}; solvers that can: {', '.join(GRID_SOLVERS)}"
+        )
+    grid = np.asarray(grid, dtype=np.float64)
+    current = TimeGrid.of(scheduler).steps
+    if grid.shape != current.shape:
+        raise ValueError(f"this schedule has {len(current)} steps, so the grid needs {len(current)} noise levels, "
+                         f"got {len(grid) if grid.ndim == 1 else grid.shape}")
+    check_levels(grid)
+    timesteps = sigma_to_timestep(grid, np.log(training_sigmas(scheduler.config)))
+    final = float(scheduler.sigmas[-1])
+    if solver.name == "heun":  # every level after the first is visited by both stages of a step
+        grid, timesteps = np.repeat(grid, 2)[1:], np.repeat(timesteps, 2)[1:]
+    device = scheduler.timesteps.device
+    scheduler.sigmas = torch.tensor([*grid, final], dtype=torch.float32)
+    scheduler.timesteps = torch.tensor(timesteps, dtype=torch.float32, device=device)
