@@ -10,8 +10,9 @@ import dode
 from dode.core.distill import distillation, refine_fit, refinement_starts
 from dode.core.timegrid import TimeGrid
 from dode.models.registry import training_sigmas
-from dode.core.refine import optimise as refine
+from dode.core import refine as refine_module
 from dode.core.refine import REFINEMENTS
+from dode.core.refine import optimise as refine
 from dode.core.sampling import integrate, seeded_noise
 from dode.core.scheduler import grid_scheduler, make_scheduler, to_grid_form
 from dode.core.solvers import GRID_SOLVERS
@@ -93,6 +94,29 @@ def test_a_learned_grid_alone_keeps_every_lambda_at_zero_and_improves_the_fit(gm
     assert info["mse_refined"] == pytest.approx(float(torch.mean((x.double() - final) ** 2)), rel=1e-4)
     with pytest.raises(ValueError, match="nothing to refine"):
         refine(gmm, base, teacher.noise, teacher.targets(probe), timesteps=False, lambdas=False)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "deis"])
+def test_a_grid_that_never_improves_comes_back_as_its_start(gmm, monkeypatch, solver):
+    """Where no point L-BFGS visits beats the start, the start comes back: its own lambdas and grid (DDIM: the grid
+    form on DDIM's levels; DEIS: none, its base scheduler's own), not the grid of the last trial run."""
+    teacher = dode.Teacher(gmm, batch_size=8, seed=5, substeps="fine")
+    base = dode.DODEScheduler(make_scheduler(solver, gmm), [0.0] * 4, dode.get_solver(solver).steps_for(4))
+    probe = copy.deepcopy(to_grid_form(base))
+    probe.set_timesteps(probe.num_inference_steps)
+    real, calls = refine_module._loss, []
+
+    def worse_after_the_start(*args):  # every trial scores worse than the start
+        calls.append(1)
+        loss = real(*args)
+        return loss if len(calls) == 1 else loss + 1.0
+
+    monkeypatch.setattr(refine_module, "_loss", worse_after_the_start)
+    found = refine(gmm, base, teacher.noise, teacher.targets(probe), timesteps=True, lambdas=False,
+                   objective="final", max_iterations=3, progress=False)
+    assert len(calls) > 2 and found.mse_refined == found.mse_start  # trials ran, none was kept
+    assert found.scheduler.lambdas == [0.0] * 4
+    assert found.scheduler.grid == to_grid_form(base).grid  # DDIM: its own levels; DEIS: None
 
 
 def test_joint_refinement_from_zero_lambdas_has_a_gradient(gmm):

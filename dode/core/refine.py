@@ -124,7 +124,6 @@ class _Objective:
         self.lambdas, self.timesteps, self.top, self.lowest = lambdas, timesteps, start_grid[0], lowest
         self.n_lam = student.nfe - 1 if lambdas else 0
         self.history, self.best, self.best_theta, self.bar = [], math.inf, None, None
-        self.last_grid = student.grid  # the grid of the last run (what the previous code handed back unimproved)
 
     def unpack(self, theta):
         """(every lambda, lambda_0 = 0 included; the grid) at ``theta``."""
@@ -134,7 +133,6 @@ class _Objective:
         return ([0.0, *theta[:n]] if self.lambdas else list(self.student.lambdas)), grid
 
     def loss(self, lambdas, grid) -> torch.Tensor:
-        self.last_grid = None if grid is None else [float(s) for s in grid]
         return _loss(_student_states(self.model, self.student, self.noise, lambdas, grid), self.targets,
                      self.objective)
 
@@ -211,7 +209,7 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     with torch.no_grad():  # the start as given (with timesteps, x0's grid has its smallest gaps widened)
         f.best = start = f.loss(student.lambdas, student.grid).item()
     result = _minimise(model, f, x0, bounds, max_iterations, progress, f"refining {solver.name}")
-    found, grid = (student.lambdas, f.last_grid) if f.best_theta is None else f.unpack(f.best_theta)
+    found, grid = (student.lambdas, student.grid) if f.best_theta is None else f.unpack(f.best_theta)
     # its own base (set_grid changes it): the grid form's, where the grid was learned on it
     refined = DODEScheduler(copy.deepcopy(form.base_scheduler), found, scheduler.num_inference_steps,
                             grid=None if grid is None else list(grid), spacing=scheduler.spacing)
