@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..util.runtime import resolve_device
 from .fit import GreedyFit, greedy_fit
-from .guard import CRITERIA, MARGIN, Judge, best_factor, choose, decision
+from .guard import CRITERIA, MARGIN, Judge, best_factor, choose, decision, scaled
 from .refine import REFINEMENTS, Optimised, optimise
 from .sampling import check_batch_size
 from .scheduler import DODEScheduler, grid_scheduler, make_scheduler, to_grid_form
@@ -60,9 +60,7 @@ class Candidate:
 
     def at(self, factor: float) -> DODEScheduler:
         """The fit with every lambda times ``factor``, on a scheduler of its own."""
-        scheduler = copy.deepcopy(self.fitted)
-        scheduler.lambdas = [factor * v for v in self.fit.lambdas]
-        return scheduler
+        return scaled(self.fitted, factor)
 
     def record(self) -> dict:
         return {"spacing": self.label, "base": self.scores[0.0], "fitted": self.scores[1.0],
@@ -163,8 +161,8 @@ def _judge(model, teacher: Teacher, validation, criterion: str, features: str, d
     return Judge(model, validation, criterion, device, features)
 
 
-def _check(solver: Solver, nfe: int, spacing, guard: bool, criterion: str, margin: float, refine) -> list:
-    """The spacings to fit, after every argument check ``distill`` makes before any work."""
+def _check_refine(solver: Solver, refine) -> None:
+    """``distill``'s check of ``refine``, before any work."""
     if refine is not None and refine not in REFINEMENTS:
         raise ValueError(f"refine must be one of {(None, *REFINEMENTS)}, got {refine!r}")
     if refine is not None and REFINEMENTS[refine].timesteps and solver.name not in GRID_SOLVERS:
@@ -173,6 +171,10 @@ def _check(solver: Solver, nfe: int, spacing, guard: bool, criterion: str, margi
             f"integer timesteps and no scheduler makes exactly its update on other levels. Use refine='joint', "
             f"or one of: {', '.join(GRID_SOLVERS)}"
         )
+
+
+def _check(solver: Solver, nfe: int, spacing, guard: bool, criterion: str, margin: float) -> list:
+    """The spacings to fit, after every other argument check, before any work."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if not 0 <= margin < 1:
@@ -226,7 +228,7 @@ def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | Non
     """``distill`` without refinement, as a value: every candidate spacing's fit and scores, and the decision
     (``Distillation.scheduler`` is what ``distill`` returns). The arguments are ``distill``'s."""
     solver = get_solver(solver)
-    spacings = _check(solver, nfe, spacing, guard, criterion, margin, None)
+    spacings = _check(solver, nfe, spacing, guard, criterion, margin)
     auto = isinstance(spacing, str) and spacing == "auto"
     device = resolve_device(device)
     model.to(device)
@@ -282,7 +284,7 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
 
     ``fit_info`` records the spacing, every candidate's validation scores and the decision.
     """
-    _check(get_solver(solver), nfe, spacing, guard, criterion, margin, refine)
+    _check_refine(get_solver(solver), refine)
     found = distillation(model, solver, nfe, spacing=spacing, batch_size=batch_size, seed=seed, teacher=teacher,
                          guard=guard, validation=validation, criterion=criterion, features=features, margin=margin,
                          device=device, progress=progress)
@@ -338,7 +340,8 @@ def refinement_starts(model, found: Distillation, mode: str, count: int = STARTS
     paper = [c for c in candidates if c.spacing == found.solver.default_spacing]
     own = [c for c in candidates if c.label == kept.label] if not zero else []
     chosen, seen = [], set()
-    for c in [*own, *sorted(candidates, key=key)[:1], *paper, *sorted(candidates, key=key)]:
+    ranked = sorted(candidates, key=key)
+    for c in [*own, *ranked[:1], *paper, *ranked]:
         if c.label not in seen and len(chosen) < count:
             seen.add(c.label)
             chosen.append(c)
@@ -425,7 +428,8 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
               "seconds_total": time.perf_counter() - began}
     if kept:
         return _refined(found, best.found.scheduler, best.start.spacing, True, best.score, record)
-    return _refined(found, copy.deepcopy(baseline.scheduler), baseline.spacing, False, best.score, record)
+    # the baseline's scheduler is a copy of its own (Candidate.at), returned to nobody else
+    return _refined(found, baseline.scheduler, baseline.spacing, False, best.score, record)
 
 
 def _refined(found: Distillation, scheduler: DODEScheduler, spacing: str, kept: bool, score, record: dict) -> Refined:

@@ -26,6 +26,13 @@ MARGIN = 0.02
 SHRINK_FACTORS = (0.75, 0.5, 0.25)
 
 
+def scaled(scheduler: DODEScheduler, factor: float) -> DODEScheduler:
+    """A copy of ``scheduler`` with every lambda times ``factor`` (0: the base solver on its grid)."""
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.lambdas = [factor * v for v in scheduler.lambdas]
+    return scheduler
+
+
 class Judge:
     """Scores of a student's final samples on the validation seeds (``validation``'s noise batch) against their
     ODE solution, by ``criterion``: "rmse", or "fd" (the Frechet distance in ``features``)."""
@@ -47,8 +54,7 @@ class Judge:
         """The score of ``scheduler``: a DODEScheduler with its lambdas times ``scale``, or a base solver (name or
         scheduler) at ``nfe``. A student that blows up scores infinity."""
         if isinstance(scheduler, DODEScheduler):
-            scheduler = copy.deepcopy(scheduler)  # sampling steps it, and its lambdas are scaled here
-            scheduler.lambdas = [scale * v for v in scheduler.lambdas]
+            scheduler = scaled(scheduler, scale)  # a copy: sampling steps it
             nfe = scheduler.nfe
         x = sample(self.model, scheduler, nfe, self.validation.batch_size, seed=self.validation.seed,
                    device=self.device, progress=False)
