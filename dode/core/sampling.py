@@ -14,6 +14,36 @@ from .solvers import Solver, get_solver, solver_of
 from .timegrid import TimeGrid
 
 
+class Meter:
+    """Model evaluations counted while ``count_evaluations`` is open: ``calls`` (forward passes) and
+    ``sample_evaluations`` (samples through the network, the machine-independent cost: a call on a batch of 100 is
+    100)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.sample_evaluations = 0
+
+    def __repr__(self):
+        return f"Meter(calls={self.calls}, sample_evaluations={self.sample_evaluations})"
+
+
+@contextlib.contextmanager
+def count_evaluations(model):
+    """Count ``model``'s forward passes inside the block (a forward pre-hook, removed on exit); yields a ``Meter``.
+    Every path counts alike (sampling, the teacher, the fit, the reference, the refinement); meters nest."""
+    meter = Meter()
+
+    def hook(module, args):
+        meter.calls += 1
+        meter.sample_evaluations += int(args[0].shape[0]) if args and torch.is_tensor(args[0]) else 1
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield meter
+    finally:
+        handle.remove()
+
+
 class Trajectory(NamedTuple):
     """States in the DDPM convention: the initial one, then one after each model evaluation."""
 
@@ -102,6 +132,7 @@ def integrate(
     autocast: str | None = None,
     lambdas=None,
     grad: bool = False,
+    progress: str | None = None,
 ):
     """Solve from ``noise`` (the state ``noise * init_noise_sigma``) with ``scheduler``; returns (final sample,
     states or None). The one integration loop of the package: sampling, the teacher, the fit and the refinement.
@@ -112,7 +143,8 @@ def integrate(
     first, at the levels of ``TimeGrid.of(scheduler)``. ``lambdas`` (a DODEScheduler's, floats or tensors)
     replace its own for this run; ``grad`` keeps autograd on (the refinement differentiates through the run).
     ``autocast`` (``"float16"``, ``"bfloat16"``) runs the model calls under ``torch.autocast``; their outputs are
-    cast back to the state's dtype before the scheduler sees them.
+    cast back to the state's dtype before the scheduler sees them. ``progress``: a progress bar over the model
+    evaluations, with this description (long runs: the fine teacher, the validation reference).
     """
     precision = model_precision(noise.device, autocast)
     if num_inference_steps is not None:
@@ -121,7 +153,8 @@ def integrate(
     x = noise * scheduler.init_noise_sigma
     states = [times.to_ddpm(x, times.start).cpu()] if record else None
     with torch.set_grad_enabled(grad):
-        for k, t in enumerate(scheduler.timesteps):
+        steps = scheduler.timesteps
+        for k, t in enumerate(steps if progress is None else tqdm(steps, desc=progress, leave=False)):
             output = model_output(model, scheduler, x, t, k, precision, check=not grad)
             if before_step is not None:
                 before_step(k, output, t, x)
