@@ -7,6 +7,7 @@ tools; docs/design.md says what goes where)::
     dode.SOLVERS, dode.get_solver("ddim")                       # core/solvers.py (+ core/ipndm.py, the paper's PNDM)
     dode.make_scheduler("ddim", model), dode.grid_scheduler("ddim", model, levels)  # core/scheduler.py
     scheduler = dode.distill(model, "ddim", nfe=5)              # core/distill.py (core/fit.py, guard.py, teacher.py)
+    dode.Reference("ipndm", "linspace", 30)                     # core/reference.py: what the guard validates against
     x = dode.sample(model, scheduler, nfe=5, num_samples=64)    # core/sampling.py
     dode.frechet_distance(x, reference), dode.rmse(x, exact)    # evaluation/metrics.py (+ features.py, Inception FID)
     scheduler = dode.distill(model, "unipc", nfe=5, refine="joint+timesteps")  # core/refine.py: beyond the paper
@@ -26,6 +27,7 @@ from .core.fit import least_squares_lambda
 from .core.ipndm import IPNDMDiscreteScheduler
 from .models.registry import MODELS, ModelNotFoundError, load_model
 from .core.ode import solve_ode
+from .core.reference import REFERENCE, Reference
 from .core.sampling import Trajectory, sample, seeded_noise
 from .core.schedule import PREDICTION_TYPES, as_prediction_type
 from .core.scheduler import DODEScheduler, grid_scheduler, make_scheduler
@@ -49,7 +51,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    "DODEScheduler", "IPNDMDiscreteScheduler", "MODELS", "ModelNotFoundError", "PREDICTION_TYPES", "SOLVERS", "Teacher", "Trajectory",
+    "DODEScheduler", "IPNDMDiscreteScheduler", "MODELS", "ModelNotFoundError", "PREDICTION_TYPES", "REFERENCE",
+    "Reference", "SOLVERS", "Teacher", "Trajectory",
     "as_prediction_type", "distill", "feature_statistics", "frechet_distance", "get_solver", "grid_scheduler", "least_squares_lambda",
     "load_model", "load_pipeline", "load_statistics", "make_scheduler", "pipeline_model", "rmse", "sample",
     "save_statistics", "seeded_noise", "solve_ode", "use_dode",

@@ -23,9 +23,9 @@ def gmm():
 
 @pytest.fixture(scope="session")
 def validation(gmm):
-    """``distill``'s default validation set on gmm-digits (100 seeds from VALIDATION_SEED, fine grid), shared so
-    that its fine run is made once for the whole session: ``distill(gmm, ..., validation=validation)`` gives
-    exactly what ``distill(gmm, ...)`` gives."""
+    """``distill``'s default validation set on gmm-digits (100 seeds from VALIDATION_SEED):
+    ``distill(gmm, ..., validation=validation)`` gives exactly what ``distill(gmm, ...)`` gives (the reference of
+    those seeds is computed once per process either way, ``dode.core.reference``)."""
     from dode.core.distill import VALIDATION_SEED
 
     return dode.Teacher(gmm, batch_size=100, seed=VALIDATION_SEED, substeps="fine")

@@ -15,6 +15,7 @@ from dode.models.registry import training_sigmas
 from dode.core.sampling import integrate, seeded_noise
 from dode.core.scheduler import grid_scheduler, make_scheduler
 from dode.core.solvers import GRID_SOLVERS, set_grid, spacing_of
+from dode.core.reference import reference_solution
 
 # What diffusers 0.42 lets each scheduler choose (docs/design.md, "What diffusers does that the code relies on"),
 # written out here rather than read back.
@@ -385,11 +386,12 @@ def fitting(gmm):
 
 def score(model, scheduler, nfe, validation, criterion, **kwargs):
     """The validation criterion recomputed through the public API: dode.sample on the validation seeds against
-    the fine ODE solution of the same seeds."""
+    the reference ODE solution of the same seeds."""
     x = dode.sample(model, scheduler, nfe, validation.batch_size, seed=validation.seed, progress=False, **kwargs)
+    reference = reference_solution(model, validation.seed, validation.batch_size).samples
     if criterion == "rmse":
-        return dode.rmse(x, validation.solution())
-    return dode.frechet_distance(x, validation.solution(), features="pixel")
+        return dode.rmse(x, reference)
+    return dode.frechet_distance(x, reference, features="pixel")
 
 
 def expected_choice(info, paper_spacing):
@@ -550,9 +552,10 @@ def test_the_fd_criterion_scores_in_the_feature_space_asked_for(gmm, validation,
     record = fitted.fit_info["validation"]
     assert record["features"] == "digits"
     x = dode.sample(gmm, "ddim", NFE, validation.batch_size, seed=validation.seed, progress=False)
-    expected = dode.frechet_distance(x, validation.solution(), features="digits")
+    reference = reference_solution(gmm, validation.seed, validation.batch_size).samples
+    expected = dode.frechet_distance(x, reference, features="digits")
     assert record["base"] == pytest.approx(expected, rel=1e-9)
-    assert record["base"] != pytest.approx(dode.frechet_distance(x, validation.solution()), rel=1e-3)
+    assert record["base"] != pytest.approx(dode.frechet_distance(x, reference), rel=1e-3)
 
 
 def test_a_saved_guarded_auto_fit_keeps_its_validation_record_and_spacing(gmm, validation, fitting, tmp_path):

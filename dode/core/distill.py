@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import NamedTuple
@@ -23,9 +24,10 @@ from tqdm.auto import tqdm
 
 from ..util.runtime import resolve_device
 from .fit import GreedyFit, greedy_fit
-from .guard import CRITERIA, MARGIN, Judge, best_factor, choose, decision, scaled
+from .guard import CRITERIA, MARGIN, FitWarning, Judge, best_factor, choose, decision, insanity, scaled
+from .reference import REFERENCE, Reference
 from .refine import REFINEMENTS, Optimised, optimise
-from .sampling import check_batch_size
+from .sampling import check_batch_size, count_evaluations
 from .scheduler import DODEScheduler, grid_scheduler, make_scheduler, to_grid_form
 from .solvers import GRID_SOLVERS, Solver, get_solver
 from .teacher import Teacher
@@ -52,6 +54,7 @@ class Candidate:
     fitted: DODEScheduler  # the greedy lambdas (common factor 1)
     fit: GreedyFit
     seconds: float
+    sample_evaluations: int  # the fit's model evaluations (teacher and student), times the samples of each
     scores: dict = field(default_factory=dict)  # {common factor of the lambdas: score}; 0 is the base
 
     @property
@@ -85,6 +88,8 @@ class Distillation:
     margin: float
     seconds: float
     student_runs: int  # the judge's sampling runs, until the decision
+    validation_cost: tuple = (0, 0.0)  # ... their sample-evaluations and seconds
+    warning: str | None = None  # ``insanity`` of the kept candidate's greedy fit
 
     @property
     def kept(self) -> Candidate:
@@ -102,8 +107,9 @@ class Distillation:
         """The guarded result's score on the validation seeds (None without the guard)."""
         return self.kept.scores[self.factor] if self.judge is not None else None
 
-    def record(self, spacing: str | None = None) -> dict:
-        """``fit_info``: how the fit was made (``spacing``: the spacing of a refinement start instead)."""
+    def record(self, spacing: str | None = None, refine: tuple | None = None) -> dict:
+        """``fit_info``: how the fit was made (``spacing``: the spacing of a refinement start instead; ``refine``: the
+        sample-evaluations and seconds of a refinement, for the cost)."""
         kept = self.kept
         record = {
             "solver": self.solver.name, "nfe": self.nfe, "num_inference_steps": kept.fitted.num_inference_steps,
@@ -112,6 +118,7 @@ class Distillation:
             "model": self.model_name, "teacher_nfe": kept.fit.teacher_nfe,
             "rmse_to_teacher_base": kept.fit.rmse_base, "rmse_to_teacher_fitted": kept.fit.rmse_fitted,
             "greedy_lambdas": list(kept.fit.lambdas), "seconds": self.seconds, "dode_version": _version(),
+            "cost": self.cost(refine), "warning": self.warning,
         }
         if self.judge is not None:
             scores, validation = kept.scores, self.judge.validation
@@ -120,10 +127,29 @@ class Distillation:
                 "features": self.judge.features if self.judge.criterion == "fd" else None,
                 "seeds": [validation.seed, validation.seed + validation.batch_size - 1], "margin": self.margin,
                 "base": scores[0.0], "fitted": scores[1.0], "shrink": self.factor, "guarded": scores[self.factor],
-                "decision": decision(self.factor), "candidates": [c.record() for c in self.candidates],
-                "student_runs": self.student_runs,
+                "decision": decision(self.factor, self.warning), "candidates": [c.record() for c in self.candidates],
+                "student_runs": self.student_runs, "reference": self.judge.solution.reference.record(self.judge.model),
             }
         return record
+
+    def cost(self, refine: tuple | None = None) -> dict:
+        """Model evaluations (times the samples of each: machine-independent) and seconds, by part: the greedy fits
+        (teacher and student, every candidate), the validation reference (0 where the process had it), the judge's
+        sampling runs and ``refine`` ((evaluations, seconds) of a refinement); ``relative_to_fit``: the total over
+        the fits'."""
+        fit = sum(c.sample_evaluations for c in self.candidates)
+        judge = self.judge
+        evaluations = {"fit": fit, "reference": judge.solution.sample_evaluations if judge else 0,
+                       "validation": self.validation_cost[0]}
+        seconds = {"fit": sum(c.seconds for c in self.candidates), "reference": judge.solution.seconds if judge else 0.0,
+                   "validation": self.validation_cost[1]}
+        if refine is not None:
+            evaluations["refine"], seconds["refine"] = refine
+        evaluations["total"] = sum(evaluations.values())
+        seconds["total"] = self.seconds + (refine[1] if refine is not None else 0.0)
+        return {"sample_evaluations": evaluations, "seconds": seconds,
+                "relative_to_fit": evaluations["total"] / fit if fit else None,
+                "reference_shared": bool(judge and judge.solution.shared)}
 
 
 def _version() -> str | None:
@@ -146,7 +172,8 @@ def _teacher(model, teacher, batch_size, seed, device, what: str) -> Teacher:
                    seed=0 if seed is None else seed, substeps=teacher, device=device)
 
 
-def _judge(model, teacher: Teacher, validation, criterion: str, features: str, device) -> Judge:
+def _judge(model, teacher: Teacher, validation, criterion: str, features: str, device, reference: Reference,
+           progress: bool) -> Judge:
     """The judge on the validation seeds (``validation``, a Teacher; default 100 seeds from VALIDATION_SEED)."""
     if validation is None:
         validation = Teacher(model, batch_size=100, seed=VALIDATION_SEED, substeps="fine", device=device)
@@ -158,7 +185,7 @@ def _judge(model, teacher: Teacher, validation, criterion: str, features: str, d
     if set(fitting) & set(held_out):
         raise ValueError(f"the validation seeds {held_out.start}-{held_out.stop - 1} overlap the fitting batch "
                          f"{fitting.start}-{fitting.stop - 1}")
-    return Judge(model, validation, criterion, device, features)
+    return Judge(model, validation, criterion, device, features, reference, progress)
 
 
 def _check_refine(solver: Solver, refine) -> None:
@@ -203,20 +230,23 @@ def _candidate(model, solver: Solver, nfe: int, spacing, teacher: Teacher) -> Ca
         if student.nfe != nfe:
             raise ValueError(f"an explicit grid for {solver.name} at NFE {nfe} needs {solver.steps_for(nfe)} noise "
                              f"levels (one per step), got {student.num_inference_steps}")
-    fit = greedy_fit(model, student, teacher)
+    with count_evaluations(model) as counted:
+        fit = greedy_fit(model, student, teacher)
     fitted = DODEScheduler(student.base_scheduler, fit.lambdas, student.num_inference_steps, grid=student.grid,
                            spacing=spacing_label(spacing))
-    return Candidate(spacing, fitted, fit, time.perf_counter() - began)
+    return Candidate(spacing, fitted, fit, time.perf_counter() - began, counted.sample_evaluations)
 
 
-def _decide(candidates: list, judge: Judge, solver: Solver, auto: bool, margin: float) -> tuple[int, float]:
+def _decide(candidates: list, judge: Judge, solver: Solver, auto: bool, margin: float,
+            progress: bool = True) -> tuple[int, float]:
     """(the kept candidate, its factor): with ``auto`` the line search first runs on the best few candidates, the
     best base's and the paper's spacing's (the others keep their scores at 0 and 1)."""
     if auto:
         ranked = sorted(range(len(candidates)), key=lambda i: min(candidates[i].scores.values()))
         bases = sorted(range(len(candidates)), key=lambda i: candidates[i].scores[0.0])
         paper = [i for i, c in enumerate(candidates) if c.spacing == solver.default_spacing]
-        for i in {*ranked[:_SEARCHED], bases[0], *paper}:
+        searched = sorted({*ranked[:_SEARCHED], bases[0], *paper})
+        for i in tqdm(searched, desc=f"{solver.name}: line search of the best spacings", disable=not progress):
             candidates[i].scores = judge.scores(candidates[i].fitted, candidates[i].scores)
     paper = [i for i, c in enumerate(candidates) if isinstance(c.spacing, str) and c.spacing == solver.default_spacing]
     return choose([c.scores for c in candidates], margin, paper[0] if paper else None)
@@ -224,7 +254,8 @@ def _decide(candidates: list, judge: Judge, solver: Solver, auto: bool, margin: 
 
 def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
                  teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
-                 margin: float = MARGIN, device="auto", progress: bool = True) -> Distillation:
+                 margin: float = MARGIN, reference: Reference = REFERENCE, device="auto",
+                 progress: bool = True) -> Distillation:
     """``distill`` without refinement, as a value: every candidate spacing's fit and scores, and the decision
     (``Distillation.scheduler`` is what ``distill`` returns). The arguments are ``distill``'s."""
     solver = get_solver(solver)
@@ -234,21 +265,27 @@ def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | Non
     model.to(device)
     teacher = _teacher(model, teacher, batch_size, seed, device, "fitting")
     began = time.perf_counter()
-    judge = _judge(model, teacher, validation, criterion, features, device) if guard or auto else None
+    judge = _judge(model, teacher, validation, criterion, features, device, reference, progress) if guard or auto else None
     candidates = []
     for spacing_k in tqdm(spacings, desc=f"{solver.name} at NFE {nfe}: spacings", disable=not (progress and auto)):
         candidate = _candidate(model, solver, nfe, spacing_k, teacher)
         if judge is not None:  # a named spacing gets its line search now; auto's best few in _decide
             candidate.scores = judge.scores(candidate.fitted, search=not auto)
         candidates.append(candidate)
-    chosen, factor = _decide(candidates, judge, solver, auto, margin) if judge is not None else (0, 1.0)
+    chosen, factor = _decide(candidates, judge, solver, auto, margin, progress) if judge is not None else (0, 1.0)
+    warning = insanity(candidates[chosen].fit)
+    if warning is not None:
+        guarded = f"; the guard: {decision(factor)}" if judge is not None else ""
+        warnings.warn(f"dode.distill({solver.name!r}, nfe={nfe}, spacing={candidates[chosen].label!r}): {warning}"
+                      f"{guarded}", FitWarning, stacklevel=3)
     return Distillation(getattr(model, "name", type(model).__name__), solver, nfe, auto, teacher, candidates, chosen,
-                        factor, judge, margin, time.perf_counter() - began, judge.runs if judge is not None else 0)
+                        factor, judge, margin, time.perf_counter() - began, judge.runs if judge is not None else 0,
+                        (judge.sample_evaluations, judge.seconds) if judge is not None else (0, 0.0), warning)
 
 
 def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
             teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
-            margin: float = MARGIN, device="auto",
+            margin: float = MARGIN, reference: Reference = REFERENCE, device="auto",
             refine: str | None = None, refine_iterations: int = 50, refine_starts: int = STARTS,
             progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
@@ -267,9 +304,12 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     lambdas are scaled by the common factor in [0, 1] that validates best (a line search; 0 is the base itself),
     and D-ODE is kept only where it validates more than ``margin`` (relative) better than the best base among the
     candidates (the spacing's own, or with ``"auto"`` every spacing's): else the best base comes back, with every
-    lambda 0. ``validation``: a ``dode.Teacher`` whose noise batch is the validation set (share one between fits:
-    its fine run is made once), default 100 seeds from ``VALIDATION_SEED``; ``criterion``: ``"fd"`` (pixel Frechet
-    distance between the final samples and the reference solution of the same seeds, the default) or ``"rmse"``
+    lambda 0. ``validation``: a ``dode.Teacher`` whose noise batch is the validation set, default 100 seeds from
+    ``VALIDATION_SEED``; ``reference``: how their ODE solution is solved (``dode.Reference``, default
+    ``dode.REFERENCE``: iPNDM on 30 linspace steps), once per process for the model, seeds and reference (keyed on
+    a hash of the model's parameters: a second call reuses it, ``fit_info["cost"]`` says so); ``criterion``:
+    ``"fd"`` (pixel Frechet distance between the final samples and the reference solution of the same seeds, the
+    default) or ``"rmse"``
     (of the final samples to that solution); ``features``: the feature space of ``"fd"`` (``"pixel"``, or
     ``"digits"`` / ``"inception"`` to validate in the space of the metric you report). ``guard=False`` and a named
     spacing give the paper's plain greedy fit, with no validation.
@@ -282,12 +322,15 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     (``refinement_starts``) and the best on the validation seeds is kept; with the guard on, a refinement that
     validates worse than what it would replace is dropped (``fit_info["refine"]["kept"]``).
 
-    ``fit_info`` records the spacing, every candidate's validation scores and the decision.
+    ``fit_info`` records the spacing, every candidate's validation scores, the decision and the reference, and
+    ``fit_info["cost"]``: model evaluations (times the samples of each) and seconds of the fit, the reference, the
+    validation runs and any refinement. A fit that looks wrong (``dode.core.guard.insanity``: a huge |lambda|, or
+    final samples far outside the teacher's) warns once (``FitWarning``); its decision text says so.
     """
     _check_refine(get_solver(solver), refine)
     found = distillation(model, solver, nfe, spacing=spacing, batch_size=batch_size, seed=seed, teacher=teacher,
                          guard=guard, validation=validation, criterion=criterion, features=features, margin=margin,
-                         device=device, progress=progress)
+                         reference=reference, device=device, progress=progress)
     if refine is None:
         return found.scheduler
     return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
@@ -392,6 +435,18 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     it validates better than what it would replace (the distillation's result, or for "timesteps" the best-validating
     base among the starts); else that comes back (``Refined.kept`` False). ``targets``: the teacher's states at the
     distillation's own levels, where the caller has them."""
+    with count_evaluations(model) as counted:
+        refined = _refine_fit(model, found, teacher, mode, judge, targets, max_iterations, starts, probe_iterations,
+                              progress)
+    refined.record["sample_evaluations"] = counted.sample_evaluations
+    # fit_info: the distillation's record on the start's spacing, its cost with the refinement's, and the refinement's
+    refined.scheduler.fit_info = {**found.record(refined.spacing, (counted.sample_evaluations, refined.seconds)),
+                                  "refine": refined.record}
+    return refined
+
+
+def _refine_fit(model, found: Distillation, teacher: Teacher, mode: str, judge: Judge | None, targets,
+                max_iterations: int, starts: int, probe_iterations: int, progress: bool) -> Refined:
     if mode not in REFINEMENTS:
         raise ValueError(f"mode must be one of {tuple(REFINEMENTS)}, got {mode!r}")
     began = time.perf_counter()
@@ -433,7 +488,5 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
 
 
 def _refined(found: Distillation, scheduler: DODEScheduler, spacing: str, kept: bool, score, record: dict) -> Refined:
-    """The value ``refine_fit`` returns, ``fit_info`` written: the distillation's record on the start's spacing, and
-    the refinement's."""
-    scheduler.fit_info = {**found.record(spacing), "refine": record}
+    """The value ``refine_fit`` returns (``refine_fit`` writes its ``fit_info``)."""
     return Refined(scheduler, kept, spacing, score, record["seconds_total"], record["iterations"], record)

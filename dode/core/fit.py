@@ -27,6 +27,8 @@ class GreedyFit(NamedTuple):
     rmse_fitted: list  # ... and with the fitted lambda
     targets: torch.Tensor  # the teacher's states at the student's levels (nfe, batch, ...; DDPM convention)
     teacher_nfe: int  # model evaluations the teacher spent on this fit (0 where its run was shared)
+    sample_range: float  # the largest |x| of the fitted student's final samples
+    teacher_range: float  # ... and of the teacher's (both DDPM convention)
 
 
 def least_squares_lambda(x_base: torch.Tensor, x_unit: torch.Tensor, target: torch.Tensor) -> float:
@@ -71,4 +73,6 @@ def greedy_fit(model, student: DODEScheduler, teacher: Teacher) -> GreedyFit:
             rmse_fitted.append(rmse(x_base + lam * (x_unit - x_base), targets[k]))
             # step with it, and go on from there
             x = student.step(output, t, x, lam=lam).prev_sample
-    return GreedyFit(lambdas, rmse_base, rmse_fitted, targets, teacher.nfe - teacher_nfe)
+    final = times.to_ddpm(x, times.after[-1])
+    return GreedyFit(lambdas, rmse_base, rmse_fitted, targets, teacher.nfe - teacher_nfe,
+                     float(final.abs().max()), float(targets[-1].abs().max()))

@@ -107,8 +107,8 @@ class Teacher:
 
     def solution(self) -> torch.Tensor:
         """The ODE solution of the teacher's noise batch from pure noise at the first training noise level, on a
-        fine run (every training timestep) whatever ``substeps`` is: the reference every spacing's samples are judged
-        against (``distill(spacing="auto")``, the never-worse check). (batch, *shape), on the CPU."""
+        fine run (every training timestep) whatever ``substeps`` is: ``dode.Reference("fine")``, the validation
+        reference before the cheaper default (``dode.core.reference``). (batch, *shape), on the CPU."""
         top = float(self._training_sigmas[-1])
         return self._fine_state(self.noise, top, 1.0, 0.0)
 
