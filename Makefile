@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # here; pyproject.toml keeps an open range for users who bring their own.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup notebook-filter test reproduce verify bench models lab clean test-inception
+.PHONY: setup notebook-filter test reproduce verify bench guard-reference models lab clean test-inception
 
 setup: $(STAMP) notebook-filter
 
@@ -56,6 +56,12 @@ verify: setup
 # ARGS passes more options (python -m dode.tools.benchmarks --help), e.g. ARGS="--only scaling" or ARGS="--quick --out /tmp/b".
 bench: setup
 	$(PY) -m dode.tools.benchmarks --out results $(ARGS)
+
+# The guard's decisions against a cheap validation reference and the 1000-step one, every solver x NFE of both
+# embedded models (results/guard_reference.md, results/guard_reference/); ~10 min on 2 CPU cores.
+# ARGS="--models gmm-digits" for one model, ARGS="--report-only" to rewrite the report from the saved table.
+guard-reference: setup
+	DODE_NUM_THREADS=1 $(PY) -m dode.tools.guard_reference --out results $(ARGS)
 
 # Retrain the shipped unet-digits and digits-classifier weights (dode/models/weights/), refit the gmm-digits mixture and
 # report how far the refit is from the shipped one (ARGS="-p replace_mixture True" replaces it); ~10 min on 2 CPU cores.
