@@ -165,3 +165,19 @@ def test_a_missed_target_fails_the_run_naming_the_target_and_the_value(tmp_path,
     assert "measured slope 1.150" in str(failed.value)
     assert "**missed**" in (tmp_path / "benchmarks.md").read_text()  # the report is written all the same
     assert (tmp_path / "benchmarks/scaling.json").is_file()
+
+
+def test_guard_cost_counts_the_fit_the_reference_and_the_targets():
+    """Counts against closed forms: DDIM at NFE 3 on leading is a 21-step teacher and 3 student evaluations on
+    100 samples; the first guarded call spends exactly the reference's evaluations more than the second."""
+    table = bench.guard_cost(replace(TINY, guard_nfes=(3,), random_unet=(8, (8, 16))), progress=False)
+    row = table.iloc[0]
+    assert (row["model"], row["solver"], row["nfe"], row["spacings"]) == ("gmm-digits", "ddim", 3, 3)
+    assert row["plain"] == (21 + 3) * 100
+    assert row["first"] - row["shared"] == 100 * dode.REFERENCE.steps
+    assert row["shared_x"] == row["shared"] / row["plain"] <= 2
+    unet = table.iloc[-1]
+    assert unet["model"].startswith("random UNet2DModel 8x8") and unet["first_x"] > 1
+    verdicts = bench.targets({"guard_cost": table})
+    assert list(verdicts["part"]) == ["guard_cost"] * 3
+    assert list(verdicts["enforced"]) == [True, False, True] and verdicts["met"].iloc[0]

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+import warnings
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
@@ -37,6 +38,8 @@ import dode
 from ..core import distill as distill_module
 from ..core import fit as fit_module
 from ..core.distill import distillation
+from ..core.reference import clear_cache
+from ..core.sampling import count_evaluations
 from ..core.teacher import Teacher
 from ..experiments.checks import possible
 from .provenance import provenance
@@ -64,12 +67,15 @@ class Sizes:
     scaling_samples: tuple = (1000, 5000, 25_000)
     scaling_batch: int = 1000
     scaling_batch_sizes: tuple = (100, 1000, 5000)
+    guard_nfes: tuple = (3, 5, 10)
+    random_unet: tuple = (16, (32, 64))  # sample size, block channels of the random-weight UNet2DModel
 
 
 FULL = Sizes()
 QUICK = Sizes(rounds=2, solvers=("ddim", "heun"), nfes=(3, 5), cost_scales=(2, 10), cost_batch_sizes=(25, 100),
               eval_samples=(("gmm-digits", 100), ("unet-digits", 100)), sample_nfe=5, overhead_samples=100,
-              overhead_rounds=3, scaling_samples=(500, 2000), scaling_batch=100, scaling_batch_sizes=(50, 100, 500))
+              overhead_rounds=3, scaling_samples=(500, 2000), scaling_batch=100, scaling_batch_sizes=(50, 100, 500),
+              guard_nfes=(3,), random_unet=(8, (8, 16)))
 
 
 def interleaved(cases: dict[str, Callable[[], dict | None]], rounds: int, *, clock=time.perf_counter,
@@ -317,7 +323,68 @@ def scaling(sizes: Sizes = FULL, progress: bool = True) -> pd.DataFrame:
     return table
 
 
-PARTS = {"distillation_cost": distillation_cost, "sampling_overhead": sampling_overhead, "scaling": scaling}
+def _counted(model, **options) -> dict:
+    """One ``distill`` call: its sample-evaluations (counted at the model) and wall time."""
+    began = time.perf_counter()
+    with count_evaluations(model) as meter:
+        dode.distill(model, progress=False, **options)
+    return {"evaluations": meter.sample_evaluations, "seconds": time.perf_counter() - began}
+
+
+def random_unet(size: int, channels: tuple):
+    """A diffusers UNet2DModel with random weights (seed 0) on the DDPM schedule: a new user's own network."""
+    from diffusers import UNet2DModel
+
+    from ..models.networks import DiffusersModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=size, in_channels=1, out_channels=1, block_out_channels=channels,
+                       layers_per_block=1, down_block_types=("DownBlock2D",) * len(channels),
+                       up_block_types=("UpBlock2D",) * len(channels), norm_num_groups=8).eval()
+    return DiffusersModel(unet, {}, f"random UNet2DModel {size}x{size}")
+
+
+def guard_cost(sizes: Sizes = FULL, progress: bool = True) -> pd.DataFrame:
+    """Model evaluations of one `distill` call (samples through the network, counted at the model: independent of
+    the machine) and its wall time, by model, solver and NFE: the paper's fit (`guard=False`), the default guarded
+    call first in its process (`first`: the validation reference included) and again (`shared`: the reference
+    reused), and `spacing="auto"` with the reference shared. `*_x`: evaluations as a multiple of the paper's fit;
+    targets 2 for the default and k + 1 for auto with k spacings (`spacings`). The random-weight UNet2DModel rows
+    (a new user's network, no D-ODE quality claimed) time the default first call against `guard=False` in the same
+    run (`seconds_x`, target 3)."""
+    rows = []
+    models = [dode.load_model(name) for name, _ in sizes.eval_samples]
+    cells = [(m, s, n) for m in models for s in sizes.solvers for n in sizes.guard_nfes if possible(s, n)]
+    for model, solver, nfe in tqdm(cells, desc="guard cost", disable=not progress):
+        plain = _counted(model, solver=solver, nfe=nfe, guard=False)
+        clear_cache()
+        first = _counted(model, solver=solver, nfe=nfe)
+        shared = _counted(model, solver=solver, nfe=nfe)
+        auto = _counted(model, solver=solver, nfe=nfe, spacing="auto")
+        k = len(dode.get_solver(solver).spacings)
+        rows.append({"model": model.name, "solver": solver, "nfe": nfe, "spacings": k,
+                     "plain": plain["evaluations"], "first": first["evaluations"], "shared": shared["evaluations"],
+                     "auto": auto["evaluations"], "first_x": first["evaluations"] / plain["evaluations"],
+                     "shared_x": shared["evaluations"] / plain["evaluations"],
+                     "auto_x": auto["evaluations"] / plain["evaluations"], "auto_target_x": k + 1,
+                     "plain_seconds": plain["seconds"], "first_seconds": first["seconds"],
+                     "shared_seconds": shared["seconds"], "auto_seconds": auto["seconds"]})
+    size, channels = sizes.random_unet
+    model = random_unet(size, channels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its fit is rightly called suspicious; the cost is what is measured
+        plain = _counted(model, solver="ddim", nfe=5, guard=False)
+        clear_cache()
+        first = _counted(model, solver="ddim", nfe=5)
+    rows.append({"model": f"{model.name}, {sum(p.numel() for p in model.parameters()):,} parameters",
+                 "solver": "ddim", "nfe": 5, "plain": plain["evaluations"], "first": first["evaluations"],
+                 "first_x": first["evaluations"] / plain["evaluations"], "plain_seconds": plain["seconds"],
+                 "first_seconds": first["seconds"], "seconds_x": first["seconds"] / plain["seconds"]})
+    return pd.DataFrame(rows)
+
+
+PARTS = {"distillation_cost": distillation_cost, "sampling_overhead": sampling_overhead, "scaling": scaling,
+         "guard_cost": guard_cost}
 
 
 def targets(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -348,7 +415,26 @@ def targets(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         batch = fixed["output_bytes"].iloc[0] / n.iloc[0] * fixed["batch_size"].iloc[0]
         rows.append(("scaling", "no memory growth past one batch (peak less the returned samples)", f"{growth:,.0f} "
                      f"B more at {n.max():,} than at {n.min():,} samples; one batch {batch:,.0f} B", growth <= batch))
-    return pd.DataFrame(rows, columns=["part", "target", "measured", "met"]).astype({"met": bool})
+    if (guard := tables.get("guard_cost")) is not None:
+        cells = guard[guard["shared"].notna()]
+        w = cells.loc[cells["shared_x"].idxmax()]
+        rows.append(("guard_cost", "the default distill costs at most 2x guard=False (model evaluations, reference "
+                     "shared)", f"at most {w['shared_x']:.2f}x ({w['model']}, {w['solver']}, NFE {w['nfe']}); first "
+                     f"call in a process at most {cells['first_x'].max():.2f}x", w["shared_x"] <= 2))
+        over = cells["auto_x"] / cells["auto_target_x"]
+        w = cells.loc[over.idxmax()]
+        rows.append(("guard_cost", "spacing='auto' costs at most (k + 1)x guard=False, k spacings (reference shared)",
+                     f"at most {over.max():.2f} of the target ({w['model']}, {w['solver']}, NFE {w['nfe']}: "
+                     f"{w['auto_x']:.2f}x for k = {int(w['spacings'])}); met in {(over <= 1).sum()} of {len(over)} "
+                     "cells; not enforced: the k greedy fits alone take most of it (docs/benchmarks.md)",
+                     bool((over <= 1).all()), False))
+        unet = guard[guard["shared"].isna()].iloc[0]
+        rows.append(("guard_cost", "random-weight UNet2DModel: default distill at most 3x the wall time of "
+                     "guard=False", f"{unet['seconds_x']:.2f}x ({unet['first_seconds']:.1f} s against "
+                     f"{unet['plain_seconds']:.1f} s; {unet['first_x']:.2f}x in evaluations)", unet["seconds_x"] <= 3))
+    rows = [row if len(row) == 5 else (*row, True) for row in rows]
+    return pd.DataFrame(rows, columns=["part", "target", "measured", "met", "enforced"]).astype(
+        {"met": bool, "enforced": bool})
 
 
 def run_part(part: str, sizes: Sizes, out: Path, command: str, progress: bool = True) -> pd.DataFrame:
@@ -377,8 +463,10 @@ def write_report(out: Path) -> tuple[Path, pd.DataFrame]:
              *(f"- {p}: {r['wall_seconds']} s, load average {r['load_average'][0]} -> {r['load_average'][1]}, "
                f"{r['torch_threads']} torch thread(s), finished {r['finished']}, commit `{(r['git_commit'] or '')[:10]}`"
                f"{' (dirty)' if r['git_dirty'] else ''}" for p, r in records.items()),
-             "", "## Targets", "", "Checked on the tables below; a missed target fails `make bench`.", "",
-             verdicts.assign(met=verdicts["met"].map({True: "met", False: "**missed**"})).to_markdown(index=False),
+             "", "## Targets", "", "Checked on the tables below; a missed target fails `make bench` unless it is marked as reported only.", "",
+             verdicts.assign(met=[("met" if m else "**missed**" if e else "missed (reported, not enforced)")
+                                  for m, e in zip(verdicts["met"], verdicts["enforced"])]).drop(columns="enforced")
+             .to_markdown(index=False),
              "", "## Quality and index matching", "", "Not measured here: `make reproduce` (notebooks 02 and 05).", "",
              *(f"- {what}: [{path}]({path})" for what, path in QUALITY_TABLES.items())]
     for part, table in tables.items():
@@ -409,7 +497,7 @@ def main(argv=None):
         run_part(part, QUICK if args.quick else FULL, args.out, command, progress=not args.no_progress)
     path, verdicts = write_report(args.out)
     print(f"wrote {path}")
-    missed = verdicts[~verdicts["met"] & verdicts["part"].isin(args.only)]
+    missed = verdicts[~verdicts["met"] & verdicts["enforced"] & verdicts["part"].isin(args.only)]
     if len(missed) and args.quick:  # tiny sizes time too little for the timing targets to be meaningful
         print(f"--quick: {len(missed)} target(s) missed, not enforced at these sizes", file=sys.stderr)
     elif len(missed):  # the targets are assertions: a missed one fails the run
