@@ -37,7 +37,8 @@ def headline(summary, metric: str, floor: float, tolerance: float = 0.01, costs:
                      f"{paper.median():.3f}; against the best base, {(cells['dode'] / cells['best-base']).median():.3f}.")
     if costs is not None:
         lines.append(f"Cost on this machine: `spacing=\"auto\"` took a median {costs['auto']:.2f} s per solver and "
-                     f"NFE (every spacing fitted and validated, the shared validation run included), against "
+                     f"NFE (every spacing fitted and validated; the validation reference is made once per process and "
+                     f"shared), against "
                      f"{costs['greedy']:.2f} s for one greedy fit.")
     return " ".join(lines)  # the learned grids: learned_claims
 
