@@ -124,8 +124,8 @@ def differences(decisions: pd.DataFrame, reference: str) -> pd.DataFrame:
     rows = decisions[decisions.reference == reference].set_index(keys)
     names = ["paper_factor", "auto_spacing", "auto_factor"]
     differ = (rows[names] != fine.loc[rows.index, names]).any(axis=1)
-    table = fine.loc[differ[differ].index, names].join(rows.loc[differ, names], lsuffix=" (fine)",
-                                                       rsuffix=" (cheap)")
+    table = pd.concat([fine.loc[differ[differ].index, names].add_suffix(" (fine)"),
+                       rows.loc[differ, names].add_suffix(" (cheap)")], axis=1)
     return table.reset_index()
 
 
