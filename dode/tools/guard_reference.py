@@ -1,7 +1,9 @@
 """``make guard-reference``: does a cheap validation reference make the guard decide as the 1000-step one does?
 
 For every embedded model, solver and NFE, every spacing's greedy fit is judged on the validation seeds against each
-reference in ``REFERENCES``, with ``distill``'s own decision code (``Judge.scores``, ``choose``, ``_decide``):
+reference in ``REFERENCES``, with ``distill``'s own decision code (``Judge.scores``, ``choose``, ``_decide``), by the
+FD criterion in the feature space of the model's metric (pixel on gmm-digits, digits on unet-digits), as the
+notebooks validate:
 
 - the paper's spacing: the shrink factor, and kept or dropped (factor > 0);
 - ``spacing="auto"``: the spacing chosen, and its factor;
@@ -32,6 +34,7 @@ from ..core.guard import MARGIN, Judge, choose, insanity
 from ..core.reference import REFERENCE, Reference, evaluations_per_sample
 from ..core.teacher import Teacher
 from ..experiments.checks import possible
+from ..models.registry import get_model
 from ..util.runtime import use_threads
 from .provenance import provenance
 
@@ -74,12 +77,19 @@ def _decisions(judge: Judge, candidates: list, solver) -> dict:
             "auto_factor": auto_factor, "auto_kept": auto_factor > 0}
 
 
-def study_cell(model, solver_name: str, nfe: int, teacher: Teacher, validation: Teacher, references) -> list:
-    """One row per reference (the fine one first) for ``solver_name`` at ``nfe``."""
+def features_of(name: str) -> str:
+    """The feature space a model's notebooks validate in: that of its registry metric (``fd_digits``: digits)."""
+    metric = get_model(name).metric
+    return metric.removeprefix("fd_") if metric.startswith("fd_") else "pixel"
+
+
+def study_cell(model, solver_name: str, nfe: int, teacher: Teacher, validation: Teacher, references,
+               features: str = "pixel") -> list:
+    """One row per reference (the fine one first) for ``solver_name`` at ``nfe``, judged by FD in ``features``."""
     solver = dode.get_solver(solver_name)
     candidates = [_candidate(model, solver, nfe, s, teacher) for s in solver.spacings]
     runs: dict = {}
-    judges = [_SharedRuns(model, validation, "fd", "cpu", "pixel", r, progress=False, runs=runs)
+    judges = [_SharedRuns(model, validation, "fd", "cpu", features, r, progress=False, runs=runs)
               for r in (FINE, *references)]
     grid = {j.solution.reference: [j.score(j.samples(c.fitted, f)) for c in candidates for f in FACTORS]
             for j in judges}
@@ -90,7 +100,8 @@ def study_cell(model, solver_name: str, nfe: int, teacher: Teacher, validation: 
     for judge in judges:
         reference = judge.solution.reference
         rho = spearmanr(grid[FINE], grid[reference]).statistic if reference != FINE else 1.0
-        rows.append({"model": model.name, "solver": solver_name, "nfe": nfe, "reference": reference.label,
+        rows.append({"model": model.name, "features": features, "solver": solver_name, "nfe": nfe,
+                     "reference": reference.label,
                      "reference_nfe": evaluations_per_sample(reference, model), **_decisions(judge, candidates, solver),
                      "spearman": float(rho), "largest_lambda": largest, "sample_reach": reach,
                      "insane_fits": sum(w is not None for w in sanity)})
@@ -144,7 +155,8 @@ def report(decisions: pd.DataFrame, meta: dict) -> str:
         "",
         "Written by `make guard-reference` (`python -m dode.tools.guard_reference`); do not edit by hand. "
         f"{meta['cells']} cells (model x solver x NFE {', '.join(map(str, meta['nfes']))}), each judged on "
-        f"{meta['validation']} validation seeds with the pixel-FD criterion against the fine reference (DDIM through "
+        f"{meta['validation']} validation seeds with the FD criterion in the model's metric space (as the notebooks: "
+        f"{', '.join(f'{m}: {f}' for m, f in meta['features'].items())}) against the fine reference (DDIM through "
         "every training timestep) and each cheap one, from the same sampling runs; the greedy fits use C = 10 on "
         f"{meta['fit_batch']} samples. Run in {meta['seconds'] / 60:.0f} min ({meta['machine']}).",
         "",
@@ -195,12 +207,12 @@ def main(argv=None) -> int:
         validation = Teacher(model, batch_size=args.validation, seed=VALIDATION_SEED, substeps="fine", device="cpu")
         cells = [(s, n) for s in args.solvers for n in args.nfes if possible(s, n)]
         for solver, nfe in tqdm(cells, desc=name):
-            rows += study_cell(model, solver, nfe, teacher, validation, REFERENCES)
+            rows += study_cell(model, solver, nfe, teacher, validation, REFERENCES, features_of(name))
     decisions = pd.DataFrame(rows)
     folder.mkdir(parents=True, exist_ok=True)
     decisions.to_csv(folder / "decisions.csv", index=False)
     seconds = time.perf_counter() - began
-    meta = {"models": args.models, "solvers": args.solvers, "nfes": args.nfes, "validation": args.validation,
+    meta = {"models": args.models, "features": {m: features_of(m) for m in args.models}, "solvers": args.solvers, "nfes": args.nfes, "validation": args.validation,
             "fit_batch": 100, "cells": int(decisions.groupby(["model", "solver", "nfe"]).ngroups),
             "references": [r.label for r in (FINE, *REFERENCES)], "seconds": seconds,
             "machine": f"{torch.get_num_threads()} torch thread(s)"}
