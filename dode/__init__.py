@@ -7,7 +7,7 @@ tools; docs/design.md says what goes where)::
     dode.SOLVERS, dode.get_solver("ddim")                       # core/solvers.py (+ core/ipndm.py, the paper's PNDM)
     dode.make_scheduler("ddim", model), dode.grid_scheduler("ddim", model, levels)  # core/scheduler.py
     scheduler = dode.distill(model, "ddim", nfe=5)              # core/distill.py (core/fit.py, guard.py, teacher.py)
-    dode.Reference("ipndm", "linspace", 30)                     # core/reference.py: what the guard validates against
+    dode.Reference("unipc", "karras", 30)                       # core/reference.py: what the guard validates against
     x = dode.sample(model, scheduler, nfe=5, num_samples=64)    # core/sampling.py
     dode.frechet_distance(x, reference), dode.rmse(x, exact)    # evaluation/metrics.py (+ features.py, Inception FID)
     scheduler = dode.distill(model, "unipc", nfe=5, refine="joint+timesteps")  # core/refine.py: beyond the paper

@@ -306,7 +306,7 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     candidates (the spacing's own, or with ``"auto"`` every spacing's): else the best base comes back, with every
     lambda 0. ``validation``: a ``dode.Teacher`` whose noise batch is the validation set, default 100 seeds from
     ``VALIDATION_SEED``; ``reference``: how their ODE solution is solved (``dode.Reference``, default
-    ``dode.REFERENCE``: iPNDM on 30 linspace steps), once per process for the model, seeds and reference (keyed on
+    ``dode.REFERENCE``), once per process for the model, seeds and reference (keyed on
     a hash of the model's parameters: a second call reuses it, ``fit_info["cost"]`` says so); ``criterion``:
     ``"fd"`` (pixel Frechet distance between the final samples and the reference solution of the same seeds, the
     default) or ``"rmse"``

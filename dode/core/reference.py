@@ -1,8 +1,8 @@
 """The validation reference: the ODE solution of the validation seeds, which the guard judges every student against.
 
 What any spacing's samples should be, known without data: the probability-flow ODE solved from pure noise at the
-first training noise level. By default a high-order solver on a fine-enough grid (``REFERENCE``: iPNDM, order 4,
-on 30 linspace steps): the cheapest of those compared whose guard decisions agree with the 1000-step DDIM run's
+first training noise level. By default a high-order solver on a fine-enough grid (``REFERENCE``: UniPC on 30 Karras
+steps): the cheapest of those compared whose guard decisions agree with the 1000-step DDIM run's
 (``Reference("fine")``) on at least 95 % of every solver x NFE cell of both embedded models, at a thirty-third of
 its cost (results/guard_reference.md; docs/grids-and-guard.md, "The validation reference").
 
@@ -34,8 +34,8 @@ class Reference:
     ``Reference("fine")``: DDIM through every training timestep (1000 evaluations on a DDPM schedule), the reference
     before this one, kept for comparison."""
 
-    solver: str = "ipndm"
-    spacing: str | None = "linspace"
+    solver: str = "unipc"
+    spacing: str | None = "karras"
     steps: int = 30
 
     def __post_init__(self):
