@@ -141,9 +141,9 @@ def test_the_fit_cost_on_the_first_screen_is_the_benchmarks():
     """The README's cost sentence (gmm-digits, DDIM at NFE 5) against results/benchmarks/guard_cost.csv."""
     cost = pd.read_csv(RESULTS / "benchmarks" / "guard_cost.csv")
     row = cost[(cost.model == "gmm-digits") & (cost.solver == "ddim") & (cost.nfe == 5)].iloc[0]
-    stated = re.search(r"the paper's fit is ([\d,]+) model evaluations.*?the default `distill` ([\d,]+) on its first "
-                       r"call in a process \(([\d.]+)x\) and ([\d,]+) after it \(([\d.]+)x\).*?`spacing=\"auto\"` "
-                       r"([\d,]+) \(([\d.]+)x\)", README, re.S)
+    pattern = (r"the paper's fit is ([\d,]+) model evaluations.*?the default `distill` ([\d,]+) on its first call in a "
+               r"process \(([\d.]+)x\) and ([\d,]+) after it \(([\d.]+)x\).*?`spacing=\"auto\"` ([\d,]+) \(([\d.]+)x")
+    stated = re.search(pattern.replace(" ", r"\s+"), README, re.S)
     assert stated, "the README's cost sentence moved: update this test"
     numbers = [float(g.replace(",", "")) for g in stated.groups()]
     assert numbers == [row.plain, row["first"], round(row.first_x, 2), row.shared, round(row.shared_x, 2),
