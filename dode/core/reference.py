@@ -15,7 +15,6 @@ import hashlib
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..util.runtime import resolve_device
@@ -48,7 +47,9 @@ class Reference:
 
     @property
     def label(self) -> str:
-        return "fine (every training timestep)" if self.solver == "fine" else f"{self.solver}, {self.spacing}, {self.steps}"
+        if self.solver == "fine":
+            return "fine (every training timestep)"
+        return f"{self.solver}, {self.spacing}, {self.steps}"
 
     def record(self, model) -> dict:
         """What ``fit_info`` keeps: solver, spacing, and model evaluations per sample."""
@@ -67,6 +68,11 @@ def evaluations_per_sample(reference: Reference, model) -> int:
     return reference.steps
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor's values, on the CPU (what the hashes here read)."""
+    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+
+
 def fingerprint(model) -> str:
     """A hash of everything that decides ``model``'s outputs here: its class, schedule, prediction type, and every
     parameter and buffer (names, dtypes, shapes, values). A change in place gives another hash."""
@@ -78,8 +84,7 @@ def fingerprint(model) -> str:
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                          if tensor.numel() else b"")
+            digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 
@@ -113,12 +118,11 @@ def reference_solution(model, seed: int, batch_size: int, reference: Reference =
     began = time.perf_counter()
     if key in _SOLUTIONS:
         return Solution(_SOLUTIONS[key], reference, 0, time.perf_counter() - began, True)
-    noise = seeded_noise(model.sample_shape, batch_size, seed).to(device)
     with count_evaluations(model) as meter:
         if reference.solver == "fine":
             samples = Teacher(model, batch_size=batch_size, seed=seed, substeps="fine", device=device).solution()
         else:
-            samples = _solve(model, noise, reference, progress)
+            samples = _solve(model, seeded_noise(model.sample_shape, batch_size, seed).to(device), reference, progress)
     _SOLUTIONS[key] = samples
     return Solution(samples, reference, meter.sample_evaluations, time.perf_counter() - began, False)
 
