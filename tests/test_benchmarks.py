@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dode
+from dode.core.distill import spacing_grids
 from dode.tools import benchmarks as bench
 
 MiB = 2**20
@@ -178,6 +179,12 @@ def test_guard_cost_counts_the_fit_the_reference_and_the_targets():
     assert row["shared_x"] == row["shared"] / row["plain"] <= 2
     unet = table.iloc[-1]
     assert unet["model"].startswith("random UNet2DModel 8x8") and unet["first_x"] > 1
+    # every spacing's own paper fit: its teacher grid (substep_levels, C = 10) and 3 student evaluations
+    gmm = dode.load_model("gmm-digits")
+    teacher = dode.Teacher(gmm, batch_size=1)
+    steps = [len(teacher.substep_levels(g.states)) - 1 for g in spacing_grids(gmm, "ddim", 3)]
+    assert steps[0] == 21 and row["own"] == sum(n + 3 for n in steps) * 100
+    assert row["auto_own_x"] == row["auto"] / (row["own"] + row["plain"]) <= 1
     verdicts = bench.targets({"guard_cost": table})
-    assert list(verdicts["part"]) == ["guard_cost"] * 3
-    assert list(verdicts["enforced"]) == [True, False, True] and verdicts["met"].iloc[0]
+    assert list(verdicts["part"]) == ["guard_cost"] * 4
+    assert list(verdicts["enforced"]) == [True, True, False, True] and verdicts["met"].iloc[:2].all()

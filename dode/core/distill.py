@@ -90,6 +90,7 @@ class Distillation:
     student_runs: int  # the judge's sampling runs, until the decision
     validation_cost: tuple = (0, 0.0)  # ... their sample-evaluations and seconds
     warning: str | None = None  # ``insanity`` of the kept candidate's greedy fit
+    shared: tuple = ()  # the TimeGrids whose teacher runs were shared (``Teacher.sharing``; auto's candidates)
 
     @property
     def kept(self) -> Candidate:
@@ -115,7 +116,7 @@ class Distillation:
             "solver": self.solver.name, "nfe": self.nfe, "num_inference_steps": kept.fitted.num_inference_steps,
             "spacing": spacing or kept.label, "spacing_requested": "auto" if self.auto else kept.label,
             "teacher": self.teacher.label, "batch_size": self.teacher.batch_size, "seed": self.teacher.seed,
-            "model": self.model_name, "teacher_nfe": kept.fit.teacher_nfe,
+            "model": self.model_name, "teacher_nfe": kept.fit.teacher_nfe, "teacher_shared_with": self.shared_with(),
             "rmse_to_teacher_base": kept.fit.rmse_base, "rmse_to_teacher_fitted": kept.fit.rmse_fitted,
             "greedy_lambdas": list(kept.fit.lambdas), "seconds": self.seconds, "dode_version": _version(),
             "cost": self.cost(refine), "warning": self.warning,
@@ -131,6 +132,16 @@ class Distillation:
                 "student_runs": self.student_runs, "reference": self.judge.solution.reference.record(self.judge.model),
             }
         return record
+
+    def shared_with(self) -> list:
+        """The other spacings whose fits shared the kept one's teacher run (``Teacher.sharing``; [] for none)."""
+        if not self.shared:
+            return []
+        start = [Teacher._start_key(g.start, g.initial_scale) for g in self.shared]
+        group = [i for i, k in enumerate(start) if k == start[self.chosen]]
+        if len({Teacher._grid_key(self.shared[i]) for i in group}) < 2:  # one grid alone keeps its own run
+            return []
+        return [self.candidates[i].label for i in group if i != self.chosen]
 
     def cost(self, refine: tuple | None = None) -> dict:
         """Model evaluations (times the samples of each: machine-independent) and seconds, by part: the greedy fits
@@ -219,9 +230,8 @@ def _check(solver: Solver, nfe: int, spacing, guard: bool, criterion: str, margi
     return spacings
 
 
-def _candidate(model, solver: Solver, nfe: int, spacing, teacher: Teacher) -> Candidate:
-    """The greedy fit of ``solver`` at ``nfe`` on ``spacing`` (a name or a list of noise levels)."""
-    began = time.perf_counter()
+def _student(model, solver: Solver, nfe: int, spacing) -> DODEScheduler:
+    """``solver`` at ``nfe`` on ``spacing`` (a name or a list of noise levels), every lambda 0."""
     if isinstance(spacing, str):
         student = DODEScheduler(make_scheduler(solver.name, model, spacing), [0.0] * nfe, solver.steps_for(nfe),
                                 spacing=spacing)
@@ -230,11 +240,45 @@ def _candidate(model, solver: Solver, nfe: int, spacing, teacher: Teacher) -> Ca
         if student.nfe != nfe:
             raise ValueError(f"an explicit grid for {solver.name} at NFE {nfe} needs {solver.steps_for(nfe)} noise "
                              f"levels (one per step), got {student.num_inference_steps}")
+    return student
+
+
+def _grid(student: DODEScheduler, device) -> TimeGrid:
+    """Where ``student`` evaluates the model and puts its states (on a copy: ``set_timesteps`` is not undone)."""
+    probe = copy.deepcopy(student)
+    probe.set_timesteps(probe.num_inference_steps, device=device)
+    return TimeGrid.of(probe)
+
+
+def _candidate(model, student: DODEScheduler, spacing, teacher: Teacher) -> Candidate:
+    """The greedy fit of ``student`` (on ``spacing``, a name or a list of noise levels)."""
+    began = time.perf_counter()
     with count_evaluations(model) as counted:
         fit = greedy_fit(model, student, teacher)
     fitted = DODEScheduler(student.base_scheduler, fit.lambdas, student.num_inference_steps, grid=student.grid,
                            spacing=spacing_label(spacing))
     return Candidate(spacing, fitted, fit, time.perf_counter() - began, counted.sample_evaluations)
+
+
+def spacing_grids(model, solver, nfe: int, spacings=None, device="cpu") -> list:
+    """The ``TimeGrid`` of ``solver`` at ``nfe`` on each of ``spacings`` (default: every one it supports, which is
+    what ``spacing="auto"`` fits and shares teacher runs between)."""
+    solver = get_solver(solver)
+    return [_grid(_student(model, solver, nfe, s), device) for s in (solver.spacings if spacings is None else spacings)]
+
+
+def fit_candidates(model, solver: Solver, nfe: int, spacings: list, teacher: Teacher,
+                   progress: bool = False) -> tuple[list, tuple]:
+    """(every spacing's greedy fit as a ``Candidate``, the grids that shared teacher runs). Spacings whose grids
+    start at the same noise level share one teacher run (``Teacher.sharing``): ``spacing="auto"`` costs about one
+    teacher run per start, not one per spacing. One spacing alone is the paper's fit."""
+    students = [_student(model, solver, nfe, spacing) for spacing in spacings]
+    shared = tuple(_grid(student, teacher.noise.device) for student in students) if len(students) > 1 else ()
+    # (a named spacing taught as auto teaches it: ``with teacher.sharing(spacing_grids(...)): distill(...)``)
+    with teacher.sharing(shared):
+        candidates = [_candidate(model, student, spacing, teacher) for spacing, student in
+                      tqdm(list(zip(spacings, students)), desc=f"{solver.name} at NFE {nfe}: fits", disable=not progress)]
+    return candidates, shared
 
 
 def _decide(candidates: list, judge: Judge, solver: Solver, auto: bool, margin: float,
@@ -266,12 +310,11 @@ def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | Non
     teacher = _teacher(model, teacher, batch_size, seed, device, "fitting")
     began = time.perf_counter()
     judge = _judge(model, teacher, validation, criterion, features, device, reference, progress) if guard or auto else None
-    candidates = []
-    for spacing_k in tqdm(spacings, desc=f"{solver.name} at NFE {nfe}: spacings", disable=not (progress and auto)):
-        candidate = _candidate(model, solver, nfe, spacing_k, teacher)
+    candidates, shared = fit_candidates(model, solver, nfe, spacings, teacher, progress and auto)
+    for candidate in tqdm(candidates, desc=f"{solver.name} at NFE {nfe}: base and fit of each spacing",
+                          disable=not (progress and auto and judge is not None)):
         if judge is not None:  # a named spacing gets its line search now; auto's best few in _decide
             candidate.scores = judge.scores(candidate.fitted, search=not auto)
-        candidates.append(candidate)
     chosen, factor = _decide(candidates, judge, solver, auto, margin, progress) if judge is not None else (0, 1.0)
     warning = insanity(candidates[chosen].fit)
     if warning is not None:
@@ -280,7 +323,8 @@ def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | Non
                       f"{guarded}", FitWarning, stacklevel=3)
     return Distillation(getattr(model, "name", type(model).__name__), solver, nfe, auto, teacher, candidates, chosen,
                         factor, judge, margin, time.perf_counter() - began, judge.runs if judge is not None else 0,
-                        (judge.sample_evaluations, judge.seconds) if judge is not None else (0, 0.0), warning)
+                        (judge.sample_evaluations, judge.seconds) if judge is not None else (0, 0.0), warning,
+                        shared)
 
 
 def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
@@ -293,7 +337,8 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     ``spacing``: the time grid. None (the paper's, ``Solver.default_spacing``), one of the solver's spacings
     (``dode.get_solver(solver).spacings``), an explicit list of noise levels (one per step, for the solvers in
     ``dode.core.solvers.GRID_SOLVERS``), or ``"auto"``: every supported spacing is fitted and the one that scores
-    best on the validation seeds (after the guard) is returned.
+    best on the validation seeds (after the guard) is returned; spacings that start at the same noise level share
+    one teacher run, at least as fine as each one's own (``Teacher.sharing``; ``fit_info["teacher_shared_with"]``).
 
     The fitting batch is ``batch_size`` samples (default 100) from seeds ``seed``, ``seed + 1``, ... (default 0).
     ``teacher``: an integer C (DDIM with each student step split into C steps, the paper's choice, default 10),
@@ -333,9 +378,10 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
                          reference=reference, device=device, progress=progress)
     if refine is None:
         return found.scheduler
-    return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
-                      max_iterations=refine_iterations, starts=refine_starts if found.auto else 1,
-                      progress=progress).scheduler
+    with found.teacher.sharing(found.shared):  # a start on a candidate's grid reads the targets its fit had
+        return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
+                          max_iterations=refine_iterations, starts=refine_starts if found.auto else 1,
+                          progress=progress).scheduler
 
 
 @dataclass

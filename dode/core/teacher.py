@@ -9,12 +9,19 @@ timesteps included. Two grids:
 - ``substeps="fine"``: every training timestep. Its trajectory is computed once per start and shared by every
   solver and NFE; a student time between two grid points is reached by one Euler step from the point above.
 
+``Teacher.sharing(grids)`` (``spacing="auto"``'s candidates): grids that start at the same noise level share one
+run, on their ``envelope``: every grid's levels, and between two of them steps no longer than any of those grids'
+own C-split steps there. Each grid's targets then come from a run at least as fine as its own, at the price of
+about one. A single grid's envelope is its own C-split grid, so a named spacing's fit does not change.
+
 ``match="index"`` (an ablation, with an integer C) instead does what the paper's public code does: a DDIM
 teacher with C x NFE steps on its own grid (DDIM's original ``range(0, T, T // (C NFE))``, which starts at
 t = T - T / (C NFE), not at the student's first time), from the same noise, and every C-th state as the
 target whether or not it lies at the student's time. Only the final (clean) state is then aligned.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -45,6 +52,8 @@ class Teacher:
         self._log_sigmas = np.log(sigmas)
         self._training_sigmas = sigmas
         self._fine_runs: dict = {}
+        self._plan: dict = {}  # while ``sharing``: a grid's key -> the envelope it reads its targets from
+        self._shared_runs: dict = {}  # (start key, envelope) -> its states: the same grid gives the same run
         self.nfe = 0  # model evaluations spent so far
 
     def __repr__(self):
@@ -73,6 +82,76 @@ class Teacher:
                 grid += [0.0]
         return np.asarray(grid)
 
+    def envelope(self, grids) -> np.ndarray:
+        """One teacher grid for several student grids (descending noise levels) that start at the same level: every
+        level of each, and between two consecutive levels of the union as many timestep-uniform steps as the grid
+        that splits that stretch finest (``substep_levels``: C per interval, and on an interval that ends at 0,
+        C - 1 down to t = 0 and the jump to 0). For one grid it is ``substep_levels`` of it, exactly."""
+        if self.substeps == "fine" or self.substeps < 2:
+            raise ValueError(f"an envelope needs an integer teacher with C >= 2 substeps, not {self.substeps!r}")
+        grids = [np.asarray([float(s) for i, s in enumerate(g) if i == 0 or s != g[i - 1]]) for g in grids]
+        if len({float(f"{g[0]:.6g}") for g in grids}) != 1:
+            raise ValueError("an envelope joins grids that start at the same noise level")
+        start = float(grids[0][0])
+        grids = [np.concatenate([[start], g[1:]]) for g in grids]  # the same start, up to rounding: the first's
+        knots = sorted({float(s) for g in grids for s in g[1:]} | {start}, reverse=True)
+        knots = [k for i, k in enumerate(knots) if i == 0 or k < knots[i - 1] * (1 - 1e-9)]
+
+        def t(sigma):
+            return float(sigma_to_timestep(sigma, self._log_sigmas)) if sigma > 0 else 0.0
+
+        def step(grid, high):  # the timestep length of ``grid``'s own teacher steps just below ``high``
+            j = int(np.nonzero(grid >= high * (1 - 1e-9))[0][-1])
+            top, bottom = grid[j], grid[j + 1]
+            return (t(top) - t(bottom)) / self.substeps if bottom > 0 else t(top) / (self.substeps - 1)
+
+        def count(length, h):  # steps of at most h (1 where the grid's own steps there have no length)
+            return int(np.ceil(length / h - 1e-9)) if h > 1e-12 else 1
+
+        levels = [start]
+        for high, low in zip(knots[:-1], knots[1:]):
+            t_high, t_low = t(high), t(low)
+            if low == 0.0 and t_high <= 1e-6:  # from t = 0 only the jump to clean is left
+                levels.append(0.0)
+                continue
+            covering = [g for g in grids if g[-1] <= low * (1 + 1e-9)]
+            n = max(count(t_high - t_low, step(g, high)) for g in covering)
+            inner = np.linspace(t_high, t_low, n + 1)[1:] if low == 0.0 else np.linspace(t_high, t_low, n + 1)[1:-1]
+            levels += [*timestep_to_sigma(inner, self._log_sigmas), low]
+        return np.asarray(levels)
+
+    @staticmethod
+    def _start_key(start: float, scale: float) -> tuple:
+        # One run per start, up to rounding: schedulers compute the same first sigma in float32 or float64
+        # (157.407269 or 157.407272), and Heun starts at sigma_max, not sqrt(sigma_max^2 + 1), 2e-5 smaller.
+        return float(f"{start:.6g}"), float(f"{scale:.4g}")
+
+    @staticmethod
+    def _grid_key(times: TimeGrid) -> tuple:
+        return (Teacher._start_key(times.start, times.initial_scale),
+                tuple(float(f"{s:.9g}") for s in times.states[1:]))
+
+    @contextmanager
+    def sharing(self, grids):
+        """While open, the grids given (``TimeGrid``s) that start at the same noise level share one teacher run on
+        their ``envelope`` (a grid alone keeps its own). With ``substeps="fine"`` (already shared), an index-matched
+        teacher or C < 2, nothing changes. Runs are made when first asked for, and kept on the teacher."""
+        previous = self._plan
+        plan = dict(previous)
+        if self.substeps != "fine" and self.match == "time" and self.substeps >= 2:
+            groups: dict = {}
+            for times in grids:
+                groups.setdefault(self._start_key(times.start, times.initial_scale), {})[self._grid_key(times)] = times
+            for start, members in groups.items():
+                if len(members) > 1:
+                    levels = self.envelope([m.states for m in members.values()])
+                    plan.update({key: (start, levels) for key in members})
+        self._plan = plan
+        try:
+            yield self
+        finally:
+            self._plan = previous
+
     def _euler(self, x_ddpm: torch.Tensor, grid: np.ndarray) -> torch.Tensor:
         """DDIM along ``grid`` (descending sigmas) from a DDPM-convention state; every state, DDPM convention."""
         euler = EulerDiscreteScheduler.from_config(self.model.scheduler_config)
@@ -99,8 +178,16 @@ class Teacher:
             levels = np.append(self._training_sigmas[leading], 0.0)
             return self._euler(x_start, levels)[self.substeps :: self.substeps]
         if self.substeps != "fine":
-            levels = self.substep_levels(times.states)
-            states = self._euler(x_start, levels)
+            shared = self._plan.get(self._grid_key(times))
+            if shared is not None:
+                levels = shared[1]
+                run = (shared[0], levels.tobytes())
+                if run not in self._shared_runs:
+                    self._shared_runs[run] = self._euler(x_start, levels)
+                states = self._shared_runs[run]
+            else:
+                levels = self.substep_levels(times.states)
+                states = self._euler(x_start, levels)
             index = [int(np.argmin(np.abs(levels - s))) for s in wanted]
             return states[index]
         return torch.stack([self._fine_state(x_start, start, scale, s) for s in wanted])
@@ -113,9 +200,7 @@ class Teacher:
         return self._fine_state(self.noise, top, 1.0, 0.0)
 
     def _fine_state(self, x_start, start: float, scale: float, sigma: float) -> torch.Tensor:
-        # One run per start, up to rounding: schedulers compute the same first sigma in float32 or float64
-        # (157.407269 or 157.407272), and Heun starts at sigma_max, not sqrt(sigma_max^2 + 1), 2e-5 smaller.
-        key = (float(f"{start:.6g}"), float(f"{scale:.4g}"))
+        key = self._start_key(start, scale)
         if key not in self._fine_runs:
             below = self._training_sigmas[self._training_sigmas < start * (1 - 1e-6)][::-1]
             grid = np.concatenate([[start], below, [0.0]])

@@ -29,7 +29,7 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 import dode
-from ..core.distill import VALIDATION_SEED, _candidate, _decide
+from ..core.distill import VALIDATION_SEED, _decide, fit_candidates
 from ..core.guard import MARGIN, Judge, choose, insanity
 from ..core.reference import REFERENCE, Reference, evaluations_per_sample
 from ..core.teacher import Teacher
@@ -90,7 +90,7 @@ def study_cell(model, solver_name: str, nfe: int, teacher: Teacher, validation: 
                features: str = "pixel") -> list:
     """One row per reference (the fine one first) for ``solver_name`` at ``nfe``, judged by FD in ``features``."""
     solver = dode.get_solver(solver_name)
-    candidates = [_candidate(model, solver, nfe, s, teacher) for s in solver.spacings]
+    candidates, _ = fit_candidates(model, solver, nfe, list(solver.spacings), teacher)
     runs: dict = {}
     judges = [_SharedRuns(model, validation, "fd", "cpu", features, r, progress=False, runs=runs)
               for r in (FINE, *references)]
