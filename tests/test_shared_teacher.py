@@ -128,6 +128,11 @@ def test_auto_fits_pay_one_teacher_run_per_start(gmm, wrap):
     runs = sum(len(teacher.envelope([g.states for g in group])) - 1 for group in by_start.values())
     assert meter.sample_evaluations == 10 * (runs + 5 * len(candidates))
     assert sum(c.fit.teacher_nfe for c in candidates) == runs
+    # docs/grids-and-guard.md: six spacings share a 91-step run where their own would take 41-50 steps each
+    top = max(by_start.values(), key=len)
+    own = [len(teacher.substep_levels(g.states)) - 1 for g in top]
+    assert (len(top), len(teacher.envelope([g.states for g in top])) - 1) == (6, 91)
+    assert (min(own), max(own), sum(own)) == (41, 50, 264)
 
 
 def test_the_paper_spacing_alone_at_its_start_fits_as_the_named_call(gmm):
