@@ -115,32 +115,37 @@ def test_shared_targets_are_no_further_from_the_exact_ode_than_each_grids_own(gm
 
 
 def test_auto_fits_pay_one_teacher_run_per_start(gmm, wrap):
-    """The model calls of auto's fits: one teacher run per start (each grid alone: its own; grids that share a start:
-    their envelope) and one student run per spacing, counted at the model."""
+    """The model calls of auto's fits: the paper spacing's own teacher run, one run per start for the others (a grid
+    alone: its own; grids that share a start: their envelope), and one student run per spacing, counted at the
+    model."""
     model = wrap(gmm)
     solver = get_solver("dpm_solver_pp_2m")
     teacher = dode.Teacher(model, batch_size=10)
     with count_evaluations(model) as meter:
         candidates, shared = fit_candidates(model, solver, 5, list(solver.spacings), teacher)
+    assert solver.default_spacing not in shared and len(shared) == len(candidates) - 1
     by_start = {}
-    for times in shared:
+    for times in shared.values():
         by_start.setdefault(round(times.start, 4), []).append(times)
-    runs = sum(len(teacher.envelope([g.states for g in group])) - 1 for group in by_start.values())
+    paper = grids_of(gmm, solver.name, 5)[solver.default_spacing]
+    runs = (len(teacher.substep_levels(paper.states)) - 1
+            + sum(len(teacher.envelope([g.states for g in group])) - 1 for group in by_start.values()))
     assert meter.sample_evaluations == 10 * (runs + 5 * len(candidates))
     assert sum(c.fit.teacher_nfe for c in candidates) == runs
-    # docs/grids-and-guard.md: six spacings share a 91-step run where their own would take 41-50 steps each
+    # docs/grids-and-guard.md: five spacings share an 89-step run where their own would take 41-50 steps each
     top = max(by_start.values(), key=len)
     own = [len(teacher.substep_levels(g.states)) - 1 for g in top]
-    assert (len(top), len(teacher.envelope([g.states for g in top])) - 1) == (6, 91)
-    assert (min(own), max(own), sum(own)) == (41, 50, 264)
+    assert (len(top), len(teacher.envelope([g.states for g in top])) - 1) == (5, 89)
+    assert (min(own), max(own), sum(own)) == (41, 50, 223)
 
 
-def test_the_paper_spacing_alone_at_its_start_fits_as_the_named_call(gmm):
-    """DDIM's leading grid starts below the others: auto's leading fit is the named fit, lambda for lambda."""
-    solver = get_solver("ddim")
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_auto_fits_the_paper_spacing_as_the_named_call(gmm, solver):
+    """The paper's spacing keeps its own teacher in auto: its fit is the named call's, lambda for lambda."""
+    solver = get_solver(solver)
     candidates, _ = fit_candidates(gmm, solver, 5, list(solver.spacings), dode.Teacher(gmm, batch_size=20))
-    named = dode.distill(gmm, "ddim", 5, batch_size=20, guard=False, progress=False)
-    assert candidates[list(solver.spacings).index("leading")].fit.lambdas == named.lambdas
+    named = dode.distill(gmm, solver.name, 5, batch_size=20, guard=False, progress=False)
+    assert candidates[list(solver.spacings).index(solver.default_spacing)].fit.lambdas == named.lambdas
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpm_solver_2", "unipc"])
@@ -165,3 +170,16 @@ def test_fit_info_names_the_spacings_that_shared_the_teacher(gmm, validation):
         assert found.record()["teacher_shared_with"] == expected
     named = dode.distill(gmm, "ddim", 5, validation=validation, progress=False)
     assert named.fit_info["teacher_shared_with"] == []
+
+
+def test_a_joint_refinement_after_auto_reads_the_shared_targets(gmm, validation):
+    """refine="joint" from auto's three starts (each on a candidate's grid) runs no teacher of its own: the teacher
+    spends exactly one run per start of the spacings (leading alone; trailing and linspace on their envelope)."""
+    teacher = dode.Teacher(gmm, batch_size=16, substeps=4)
+    grids = grids_of(gmm, "ddim", 4)
+    runs = (len(teacher.substep_levels(grids["leading"].states)) - 1
+            + len(teacher.envelope([grids["trailing"].states, grids["linspace"].states])) - 1)
+    fitted = dode.distill(gmm, "ddim", 4, spacing="auto", teacher=teacher, validation=validation, refine="joint",
+                          refine_iterations=3, refine_starts=3, progress=False)
+    assert len(fitted.fit_info["refine"]["steps"]) >= 3  # three starts were refined
+    assert teacher.nfe == runs

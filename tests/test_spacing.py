@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dode
-from dode.core.distill import VALIDATION_SEED, spacing_grids
+from dode.core.distill import VALIDATION_SEED, shared_grids
 from dode.core.timegrid import TimeGrid
 from dode.models.registry import training_sigmas
 from dode.core.sampling import integrate, seeded_noise
@@ -437,16 +437,16 @@ def check_the_guard(model, fitted, solver, validation):
 @pytest.mark.parametrize("solver", ["ddim", "unipc"])
 def test_auto_and_the_named_spacing_it_picks_give_the_same_fit(gmm, validation, fitting, solver):
     """Where auto keeps D-ODE on a spacing, a user who names that spacing, taught as auto taught it (auto's spacings
-    share one teacher run per start, Teacher.sharing), gets the same lambdas and scores: its best fit beats the best
-    base of all spacings, so it beats its own. (Where auto falls back to the best base, a named spacing may still
-    keep its own D-ODE, which beats only its own base.)"""
+    but the paper's share one teacher run per start, shared_grids), gets the same lambdas and scores: its best fit
+    beats the best base of all spacings, so it beats its own. (Where auto falls back to the best base, a named
+    spacing may still keep its own D-ODE, which beats only its own base.)"""
     auto = dode.distill(gmm, solver, NFE, spacing="auto", teacher=fitting, validation=validation, progress=False)
     info = check_the_guard(gmm, auto, solver, validation)
     assert [c["spacing"] for c in info["candidates"]] == list(SUPPORTED[solver])
     chosen = auto.fit_info["spacing"]
     assert auto.fit_info["spacing_requested"] == "auto" and spacing_of(auto) == chosen
     assert info["shrink"] > 0  # measured: D-ODE wins here (on trailing/linspace for DDIM, on karras for UniPC)
-    with fitting.sharing(spacing_grids(gmm, solver, NFE)):
+    with fitting.sharing(shared_grids(gmm, solver, NFE).values()):
         named = dode.distill(gmm, solver, NFE, spacing=chosen, teacher=fitting, validation=validation, progress=False)
     assert named.fit_info["spacing"] == named.fit_info["spacing_requested"] == chosen
     assert named.lambdas == auto.lambdas

@@ -9,7 +9,7 @@ import torch
 
 import dode
 from dode.tools import report
-from dode.core.distill import VALIDATION_SEED, spacing_grids
+from dode.core.distill import VALIDATION_SEED, shared_grids
 from dode.experiments.evaluate import evaluate_spacings, evaluation_data
 from dode.experiments.summary import criterion_correlation, spacing_summary
 from dode.experiments.tables import paper_table, spacing_table
@@ -105,7 +105,7 @@ def test_the_spacing_grid_rows_are_what_their_schedulers_score(gmm, one_thread):
     x = dode.sample(gmm, "deis", 4, 40, seed=VALIDATION_SEED, spacing="karras", progress=False)
     assert row.val_rmse == pytest.approx(dode.rmse(x, reference), rel=1e-9)
     greedy = sweep[(sweep.solver == "ddim") & (sweep.spacing == "trailing") & (sweep.variant == "dode")].iloc[0]
-    with teacher.sharing(spacing_grids(gmm, "ddim", 4)):  # taught as auto taught it (Teacher.sharing)
+    with teacher.sharing(shared_grids(gmm, "ddim", 4).values()):  # taught as auto taught it
         refit = dode.distill(gmm, "ddim", 4, spacing="trailing", teacher=teacher, guard=False)
     assert json.loads(greedy.lambdas) == pytest.approx(refit.lambdas, abs=1e-6)
     x = dode.sample(gmm, refit, 4, 200, seed=1000, progress=False)

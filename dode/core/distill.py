@@ -90,7 +90,7 @@ class Distillation:
     student_runs: int  # the judge's sampling runs, until the decision
     validation_cost: tuple = (0, 0.0)  # ... their sample-evaluations and seconds
     warning: str | None = None  # ``insanity`` of the kept candidate's greedy fit
-    shared: tuple = ()  # the TimeGrids whose teacher runs were shared (``Teacher.sharing``; auto's candidates)
+    shared: dict = field(default_factory=dict)  # {spacing: TimeGrid} taught by shared runs (``shared_grids``)
 
     @property
     def kept(self) -> Candidate:
@@ -135,13 +135,17 @@ class Distillation:
 
     def shared_with(self) -> list:
         """The other spacings whose fits shared the kept one's teacher run (``Teacher.sharing``; [] for none)."""
-        if not self.shared:
+        kept = self.kept.label
+        if kept not in self.shared:
             return []
-        start = [Teacher._start_key(g.start, g.initial_scale) for g in self.shared]
-        group = [i for i, k in enumerate(start) if k == start[self.chosen]]
-        if len({Teacher._grid_key(self.shared[i]) for i in group}) < 2:  # one grid alone keeps its own run
+
+        def start(times):
+            return Teacher._start_key(times.start, times.initial_scale)
+
+        group = {label: g for label, g in self.shared.items() if start(g) == start(self.shared[kept])}
+        if len({Teacher._grid_key(g) for g in group.values()}) < 2:  # one grid alone keeps its own run
             return []
-        return [self.candidates[i].label for i in group if i != self.chosen]
+        return [label for label in group if label != kept]
 
     def cost(self, refine: tuple | None = None) -> dict:
         """Model evaluations (times the samples of each: machine-independent) and seconds, by part: the greedy fits
@@ -261,21 +265,30 @@ def _candidate(model, student: DODEScheduler, spacing, teacher: Teacher) -> Cand
 
 
 def spacing_grids(model, solver, nfe: int, spacings=None, device="cpu") -> list:
-    """The ``TimeGrid`` of ``solver`` at ``nfe`` on each of ``spacings`` (default: every one it supports, which is
-    what ``spacing="auto"`` fits and shares teacher runs between)."""
+    """The ``TimeGrid`` of ``solver`` at ``nfe`` on each of ``spacings`` (default: every one it supports)."""
     solver = get_solver(solver)
     return [_grid(_student(model, solver, nfe, s), device) for s in (solver.spacings if spacings is None else spacings)]
 
 
+def shared_grids(model, solver, nfe: int, spacings=None, device="cpu") -> dict:
+    """{spacing: TimeGrid} of the spacings whose fits ``spacing="auto"`` teaches by shared runs (``Teacher.sharing``):
+    every one of ``spacings`` (default: all the solver supports) but the paper's, which keeps its own teacher, so
+    that auto's fit on it is the paper's. A named spacing taught as auto teaches it:
+    ``with teacher.sharing(shared_grids(model, solver, nfe).values()): distill(..., teacher=teacher)``."""
+    solver = get_solver(solver)
+    names = [s for s in (solver.spacings if spacings is None else spacings) if s != solver.default_spacing]
+    return dict(zip(names, spacing_grids(model, solver, nfe, names, device)))
+
+
 def fit_candidates(model, solver: Solver, nfe: int, spacings: list, teacher: Teacher,
-                   progress: bool = False) -> tuple[list, tuple]:
-    """(every spacing's greedy fit as a ``Candidate``, the grids that shared teacher runs). Spacings whose grids
-    start at the same noise level share one teacher run (``Teacher.sharing``): ``spacing="auto"`` costs about one
-    teacher run per start, not one per spacing. One spacing alone is the paper's fit."""
+                   progress: bool = False) -> tuple[list, dict]:
+    """(every spacing's greedy fit as a ``Candidate``, {spacing: TimeGrid} of those taught by shared runs). With
+    several spacings, all but the paper's share teacher runs where their grids start at the same noise level
+    (``shared_grids``, ``Teacher.sharing``): ``spacing="auto"`` costs about one teacher run per start, not one per
+    spacing. The paper's spacing, and one spacing alone, get the paper's fit on their own teacher."""
     students = [_student(model, solver, nfe, spacing) for spacing in spacings]
-    shared = tuple(_grid(student, teacher.noise.device) for student in students) if len(students) > 1 else ()
-    # (a named spacing taught as auto teaches it: ``with teacher.sharing(spacing_grids(...)): distill(...)``)
-    with teacher.sharing(shared):
+    shared = shared_grids(model, solver, nfe, spacings, teacher.noise.device) if len(spacings) > 1 else {}
+    with teacher.sharing(shared.values()):
         candidates = [_candidate(model, student, spacing, teacher) for spacing, student in
                       tqdm(list(zip(spacings, students)), desc=f"{solver.name} at NFE {nfe}: fits", disable=not progress)]
     return candidates, shared
@@ -337,8 +350,9 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     ``spacing``: the time grid. None (the paper's, ``Solver.default_spacing``), one of the solver's spacings
     (``dode.get_solver(solver).spacings``), an explicit list of noise levels (one per step, for the solvers in
     ``dode.core.solvers.GRID_SOLVERS``), or ``"auto"``: every supported spacing is fitted and the one that scores
-    best on the validation seeds (after the guard) is returned; spacings that start at the same noise level share
-    one teacher run, at least as fine as each one's own (``Teacher.sharing``; ``fit_info["teacher_shared_with"]``).
+    best on the validation seeds (after the guard) is returned; the spacings other than the paper's that start at
+    the same noise level share one teacher run, at least as fine as each one's own (``Teacher.sharing``,
+    ``shared_grids``; ``fit_info["teacher_shared_with"]``), and the paper's spacing gets the paper's fit.
 
     The fitting batch is ``batch_size`` samples (default 100) from seeds ``seed``, ``seed + 1``, ... (default 0).
     ``teacher``: an integer C (DDIM with each student step split into C steps, the paper's choice, default 10),
@@ -378,7 +392,7 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
                          reference=reference, device=device, progress=progress)
     if refine is None:
         return found.scheduler
-    with found.teacher.sharing(found.shared):  # a start on a candidate's grid reads the targets its fit had
+    with found.teacher.sharing(found.shared.values()):  # a start on a candidate's grid reads the targets its fit had
         return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
                           max_iterations=refine_iterations, starts=refine_starts if found.auto else 1,
                           progress=progress).scheduler

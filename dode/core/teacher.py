@@ -9,10 +9,11 @@ timesteps included. Two grids:
 - ``substeps="fine"``: every training timestep. Its trajectory is computed once per start and shared by every
   solver and NFE; a student time between two grid points is reached by one Euler step from the point above.
 
-``Teacher.sharing(grids)`` (``spacing="auto"``'s candidates): grids that start at the same noise level share one
-run, on their ``envelope``: every grid's levels, and between two of them steps no longer than any of those grids'
-own C-split steps there. Each grid's targets then come from a run at least as fine as its own, at the price of
-about one. A single grid's envelope is its own C-split grid, so a named spacing's fit does not change.
+``Teacher.sharing(grids)`` (``spacing="auto"``'s candidates other than the paper's spacing): grids that start at
+the same noise level share one run, on their ``envelope``: every grid's levels, and between two of them steps no
+longer than any of those grids' own C-split steps there. Each grid's targets then come from a run at least as fine
+as its own, at the price of about one. A single grid's envelope is its own C-split grid, and a grid outside the
+block gets its own run, so a named spacing's fit does not change.
 
 ``match="index"`` (an ablation, with an integer C) instead does what the paper's public code does: a DDIM
 teacher with C x NFE steps on its own grid (DDIM's original ``range(0, T, T // (C NFE))``, which starts at
