@@ -30,7 +30,7 @@ SHRINK_FACTORS = (0.75, 0.5, 0.25)
 #: sanity bounds of a greedy fit (``insanity``): the largest |lambda|, and how far the fitted student's final samples
 #: may reach beyond the teacher's (max |x|, as a multiple). Chosen on the embedded models, over every spacing's
 #: greedy fit of every solver at NFE 3-10, as ``spacing="auto"`` fits them (results/guard_reference.md, "Sanity"):
-#: |lambda| up to 441 (Heun at NFE 5 on gmm-digits, whose corrector outputs differ little) and samples up to 9.9x the
+#: |lambda| up to 440 (Heun at NFE 5 on gmm-digits, whose corrector outputs differ little) and samples up to 9.9x the
 #: teacher's (unet-digits at NFE 4). A UNet2DModel with random weights fits |lambda| above 1000
 #: (results/benchmarks.md, guard_cost)
 LAMBDA_BOUND = 1000.0
