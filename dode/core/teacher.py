@@ -54,7 +54,7 @@ class Teacher:
         self._training_sigmas = sigmas
         self._fine_runs: dict = {}
         self._plan: dict = {}  # while ``sharing``: a grid's key -> the envelope it reads its targets from
-        self._shared_runs: dict = {}  # (start key, envelope) -> its states: the same grid gives the same run
+        self._shared_runs: dict = {}  # (start key, envelope) -> (levels, states) at its grids' levels
         self.nfe = 0  # model evaluations spent so far
 
     def __repr__(self):
@@ -136,7 +136,8 @@ class Teacher:
     def sharing(self, grids):
         """While open, the grids given (``TimeGrid``s) that start at the same noise level share one teacher run on
         their ``envelope`` (a grid alone keeps its own). With ``substeps="fine"`` (already shared), an index-matched
-        teacher or C < 2, nothing changes. Runs are made when first asked for, and kept on the teacher."""
+        teacher or C < 2, nothing changes. Runs are made when first asked for, and their states at the grids' own
+        levels are kept on the teacher (as a fine teacher keeps its runs)."""
         previous = self._plan
         plan = dict(previous)
         if self.substeps != "fine" and self.match == "time" and self.substeps >= 2:
@@ -146,7 +147,9 @@ class Teacher:
             for start, members in groups.items():
                 if len(members) > 1:
                     levels = self.envelope([m.states for m in members.values()])
-                    plan.update({key: (start, levels) for key in members})
+                    # the states to keep: at the grids' own levels (the others only carry the run between them)
+                    kept = sorted({int(np.argmin(np.abs(levels - s))) for m in members.values() for s in m.after})
+                    plan.update({key: (start, levels, np.asarray(kept)) for key in members})
         self._plan = plan
         try:
             yield self
@@ -181,11 +184,11 @@ class Teacher:
         if self.substeps != "fine":
             shared = self._plan.get(self._grid_key(times))
             if shared is not None:
-                levels = shared[1]
-                run = (shared[0], levels.tobytes())
+                start_key, envelope, kept = shared
+                run = (start_key, envelope.tobytes())
                 if run not in self._shared_runs:
-                    self._shared_runs[run] = self._euler(x_start, levels)
-                states = self._shared_runs[run]
+                    self._shared_runs[run] = (envelope[kept], self._euler(x_start, envelope)[kept])
+                levels, states = self._shared_runs[run]
             else:
                 levels = self.substep_levels(times.states)
                 states = self._euler(x_start, levels)
