@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dode
-from dode.core.distill import VALIDATION_SEED, distillation, fit_candidates, spacing_grids
+from dode.core.distill import VALIDATION_SEED, distillation, fit_candidates, shared_grids, spacing_grids
 from dode.core.reference import reference_solution
 from dode.core.sampling import count_evaluations
 from dode.core.schedule import sigma_to_timestep
@@ -146,6 +146,19 @@ def test_auto_fits_the_paper_spacing_as_the_named_call(gmm, solver):
     candidates, _ = fit_candidates(gmm, solver, 5, list(solver.spacings), dode.Teacher(gmm, batch_size=20))
     named = dode.distill(gmm, solver.name, 5, batch_size=20, guard=False, progress=False)
     assert candidates[list(solver.spacings).index(solver.default_spacing)].fit.lambdas == named.lambdas
+
+
+def test_a_spacing_on_the_paper_grid_is_the_paper_fit(gmm):
+    """Heun at NFE 3: linspace, exponential and beta give karras's (the paper's) grid; they keep the paper's own
+    teacher, so auto's fits on them and on karras are the named karras fit, and none of them shares a run."""
+    solver = get_solver("heun")
+    shared = shared_grids(gmm, "heun", 3)
+    assert not {"karras", "linspace", "exponential", "beta"} & set(shared)
+    candidates, _ = fit_candidates(gmm, solver, 3, list(solver.spacings), dode.Teacher(gmm, batch_size=20))
+    named = dode.distill(gmm, "heun", 3, batch_size=20, guard=False, progress=False)
+    for c in candidates:
+        if c.label in ("karras", "linspace", "exponential", "beta"):
+            assert c.fit.lambdas == named.lambdas, c.label
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpm_solver_2", "unipc"])

@@ -273,11 +273,14 @@ def spacing_grids(model, solver, nfe: int, spacings=None, device="cpu") -> list:
 def shared_grids(model, solver, nfe: int, spacings=None, device="cpu") -> dict:
     """{spacing: TimeGrid} of the spacings whose fits ``spacing="auto"`` teaches by shared runs (``Teacher.sharing``):
     every one of ``spacings`` (default: all the solver supports) but the paper's, which keeps its own teacher, so
-    that auto's fit on it is the paper's. A named spacing taught as auto teaches it:
+    that auto's fit on it is the paper's; a spacing whose grid is the paper's grid (Heun at NFE 3: linspace,
+    exponential and beta are karras's) keeps it too. A named spacing taught as auto teaches it:
     ``with teacher.sharing(shared_grids(model, solver, nfe).values()): distill(..., teacher=teacher)``."""
     solver = get_solver(solver)
-    names = [s for s in (solver.spacings if spacings is None else spacings) if s != solver.default_spacing]
-    return dict(zip(names, spacing_grids(model, solver, nfe, names, device)))
+    names = list(solver.spacings if spacings is None else spacings)
+    paper = Teacher._grid_key(spacing_grids(model, solver, nfe, [solver.default_spacing], device)[0])
+    grids = dict(zip(names, spacing_grids(model, solver, nfe, names, device)))
+    return {name: g for name, g in grids.items() if name != solver.default_spacing and Teacher._grid_key(g) != paper}
 
 
 def fit_candidates(model, solver: Solver, nfe: int, spacings: list, teacher: Teacher,
