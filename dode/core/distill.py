@@ -135,17 +135,15 @@ class Distillation:
 
     def shared_with(self) -> list:
         """The other spacings whose fits shared the kept one's teacher run (``Teacher.sharing``; [] for none)."""
-        kept = self.kept.label
-        if kept not in self.shared:
+        kept = self.shared.get(self.kept.label)
+        if kept is None:
             return []
-
-        def start(times):
-            return Teacher._start_key(times.start, times.initial_scale)
-
-        group = {label: g for label, g in self.shared.items() if start(g) == start(self.shared[kept])}
-        if len({Teacher._grid_key(g) for g in group.values()}) < 2:  # one grid alone keeps its own run
-            return []
-        return [label for label in group if label != kept]
+        key = Teacher._grid_key(kept)
+        for members in self.teacher.share_groups(self.shared.values()):
+            if key in members:
+                return [label for label, g in self.shared.items()
+                        if label != self.kept.label and Teacher._grid_key(g) in members]
+        return []
 
     def cost(self, refine: tuple | None = None) -> dict:
         """Model evaluations (times the samples of each: machine-independent) and seconds, by part: the greedy fits
@@ -278,8 +276,15 @@ def shared_grids(model, solver, nfe: int, spacings=None, device="cpu") -> dict:
     ``with teacher.sharing(shared_grids(model, solver, nfe).values()): distill(..., teacher=teacher)``."""
     solver = get_solver(solver)
     names = list(solver.spacings if spacings is None else spacings)
-    paper = Teacher._grid_key(spacing_grids(model, solver, nfe, [solver.default_spacing], device)[0])
-    grids = dict(zip(names, spacing_grids(model, solver, nfe, names, device)))
+    return _shared(solver, dict(zip(names, spacing_grids(model, solver, nfe, names, device))), model, nfe, device)
+
+
+def _shared(solver: Solver, grids: dict, model, nfe: int, device) -> dict:
+    """``shared_grids`` of the grids at hand ({spacing: TimeGrid}); the paper's is made only where it is not one."""
+    paper = grids.get(solver.default_spacing)
+    if paper is None:
+        paper = spacing_grids(model, solver, nfe, [solver.default_spacing], device)[0]
+    paper = Teacher._grid_key(paper)
     return {name: g for name, g in grids.items() if name != solver.default_spacing and Teacher._grid_key(g) != paper}
 
 
@@ -290,7 +295,9 @@ def fit_candidates(model, solver: Solver, nfe: int, spacings: list, teacher: Tea
     (``shared_grids``, ``Teacher.sharing``): ``spacing="auto"`` costs about one teacher run per start, not one per
     spacing. The paper's spacing, and one spacing alone, get the paper's fit on their own teacher."""
     students = [_student(model, solver, nfe, spacing) for spacing in spacings]
-    shared = shared_grids(model, solver, nfe, spacings, teacher.noise.device) if len(spacings) > 1 else {}
+    device = teacher.noise.device
+    shared = (_shared(solver, {s: _grid(student, device) for s, student in zip(spacings, students)}, model, nfe, device)
+              if len(spacings) > 1 else {})
     with teacher.sharing(shared.values()):
         candidates = [_candidate(model, student, spacing, teacher) for spacing, student in
                       tqdm(list(zip(spacings, students)), desc=f"{solver.name} at NFE {nfe}: fits", disable=not progress)]

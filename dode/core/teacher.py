@@ -132,6 +132,16 @@ class Teacher:
         return (Teacher._start_key(times.start, times.initial_scale),
                 tuple(float(f"{s:.9g}") for s in times.states[1:]))
 
+    def share_groups(self, grids) -> list:
+        """The grids (``TimeGrid``s) that ``sharing`` teaches by one run each: per start, the distinct grids there
+        when more than one ({grid key: TimeGrid}); none with ``substeps="fine"``, an index-matched teacher or C < 2."""
+        if self.substeps == "fine" or self.match != "time" or self.substeps < 2:
+            return []
+        groups: dict = {}
+        for times in grids:
+            groups.setdefault(self._start_key(times.start, times.initial_scale), {})[self._grid_key(times)] = times
+        return [members for members in groups.values() if len(members) > 1]
+
     @contextmanager
     def sharing(self, grids):
         """While open, the grids given (``TimeGrid``s) that start at the same noise level share one teacher run on
@@ -140,16 +150,12 @@ class Teacher:
         levels are kept on the teacher (as a fine teacher keeps its runs)."""
         previous = self._plan
         plan = dict(previous)
-        if self.substeps != "fine" and self.match == "time" and self.substeps >= 2:
-            groups: dict = {}
-            for times in grids:
-                groups.setdefault(self._start_key(times.start, times.initial_scale), {})[self._grid_key(times)] = times
-            for start, members in groups.items():
-                if len(members) > 1:
-                    levels = self.envelope([m.states for m in members.values()])
-                    # the states to keep: at the grids' own levels (the others only carry the run between them)
-                    kept = sorted({int(np.argmin(np.abs(levels - s))) for m in members.values() for s in m.after})
-                    plan.update({key: (start, levels, np.asarray(kept)) for key in members})
+        for members in self.share_groups(grids):
+            start = next(iter(members))[0]  # the grid key's start key
+            levels = self.envelope([m.states for m in members.values()])
+            # the states to keep: at the grids' own levels (the others only carry the run between them)
+            kept = sorted({int(np.argmin(np.abs(levels - s))) for m in members.values() for s in m.after})
+            plan.update({key: (start, levels, np.asarray(kept)) for key in members})
         self._plan = plan
         try:
             yield self
