@@ -122,8 +122,9 @@ def test_auto_fits_pay_one_teacher_run_per_start(gmm, wrap):
     solver = get_solver("dpm_solver_pp_2m")
     teacher = dode.Teacher(model, batch_size=10)
     with count_evaluations(model) as meter:
-        candidates, shared = fit_candidates(model, solver, 5, list(solver.spacings), teacher)
+        candidates, shared, apart = fit_candidates(model, solver, 5, list(solver.spacings), teacher)
     assert solver.default_spacing not in shared and len(shared) == len(candidates) - 1
+    assert list(apart) == [solver.default_spacing]
     by_start = {}
     for times in shared.values():
         by_start.setdefault(round(times.start, 4), []).append(times)
@@ -143,22 +144,54 @@ def test_auto_fits_pay_one_teacher_run_per_start(gmm, wrap):
 def test_auto_fits_the_paper_spacing_as_the_named_call(gmm, solver):
     """The paper's spacing keeps its own teacher in auto: its fit is the named call's, lambda for lambda."""
     solver = get_solver(solver)
-    candidates, _ = fit_candidates(gmm, solver, 5, list(solver.spacings), dode.Teacher(gmm, batch_size=20))
+    candidates, _, _ = fit_candidates(gmm, solver, 5, list(solver.spacings), dode.Teacher(gmm, batch_size=20))
     named = dode.distill(gmm, solver.name, 5, batch_size=20, guard=False, progress=False)
     assert candidates[list(solver.spacings).index(solver.default_spacing)].fit.lambdas == named.lambdas
 
 
-def test_a_spacing_on_the_paper_grid_is_the_paper_fit(gmm):
-    """Heun at NFE 3: linspace, exponential and beta give karras's (the paper's) grid; they keep the paper's own
-    teacher, so auto's fits on them and on karras are the named karras fit, and none of them shares a run."""
+def heun3_twins(gmm):
+    """Heun at NFE 3's spacings, grouped by grid (states equal to 1e-9, an independent grouping): three grids."""
+    groups = []
+    for name, times in grids_of(gmm, "heun", 3).items():
+        for group in groups:
+            first = group[0][1]
+            if len(first.states) == len(times.states) and np.allclose(first.states, times.states, rtol=1e-9, atol=0):
+                group.append((name, times))
+                break
+        else:
+            groups.append([(name, times)])
+    return groups
+
+
+def test_identical_grids_read_one_teacher_run_and_keep_their_own_fits(gmm, wrap):
+    """Heun at NFE 3: its twelve spacings give three grids (karras's, the paper's, is also linspace's, exponential's
+    and beta's). Auto's fits pay one teacher run per grid, each that grid's own C-split run, and every spacing's
+    fit is its named call's on a fresh teacher, lambda for lambda (so the paper's and its twins' are the paper's)."""
     solver = get_solver("heun")
-    shared = shared_grids(gmm, "heun", 3)
-    assert not {"karras", "linspace", "exponential", "beta"} & set(shared)
-    candidates, _ = fit_candidates(gmm, solver, 3, list(solver.spacings), dode.Teacher(gmm, batch_size=20))
-    named = dode.distill(gmm, "heun", 3, batch_size=20, guard=False, progress=False)
+    groups = heun3_twins(gmm)
+    assert len(groups) == 3 and len(solver.spacings) == 12
+    paper = next(g for g in groups if solver.default_spacing in dict(g))
+    assert {name for name, _ in paper} == {"karras", "linspace", "exponential", "beta"}
+    assert not set(dict(paper)) & set(shared_grids(gmm, "heun", 3))  # kept apart, on the paper's teacher
+    model = wrap(gmm)
+    teacher = dode.Teacher(model, batch_size=20)
+    candidates, _, apart = fit_candidates(model, solver, 3, list(solver.spacings), teacher)
+    assert set(apart) == set(dict(paper))
+    runs = sum(len(teacher.substep_levels(group[0][1].states)) - 1 for group in groups)
+    assert teacher.nfe == runs  # three runs, where each spacing's own teacher would make twelve
     for c in candidates:
-        if c.label in ("karras", "linspace", "exponential", "beta"):
-            assert c.fit.lambdas == named.lambdas, c.label
+        named = dode.distill(gmm, "heun", 3, spacing=c.label, batch_size=20, guard=False, progress=False)
+        assert c.fit.lambdas == named.lambdas, c.label
+
+
+def test_fit_info_names_the_twins_that_read_the_same_run(gmm, validation):
+    """Heun at NFE 3: each spacing's fit shared its run with exactly its twins (the other spacings on its grid)."""
+    found = distillation(gmm, "heun", 3, spacing="auto", validation=validation, progress=False)
+    labels = [c.label for c in found.candidates]
+    twins = {name: [other for other, _ in group if other != name] for group in heun3_twins(gmm) for name, _ in group}
+    for chosen in range(len(labels)):
+        found.chosen = chosen
+        assert sorted(found.record()["teacher_shared_with"]) == sorted(twins[labels[chosen]]), labels[chosen]
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpm_solver_2", "unipc"])

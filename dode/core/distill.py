@@ -91,6 +91,7 @@ class Distillation:
     validation_cost: tuple = (0, 0.0)  # ... their sample-evaluations and seconds
     warning: str | None = None  # ``insanity`` of the kept candidate's greedy fit
     shared: dict = field(default_factory=dict)  # {spacing: TimeGrid} taught by shared runs (``shared_grids``)
+    apart: dict = field(default_factory=dict)  # {spacing: TimeGrid}: the paper's and its twins, on the paper's teacher
 
     @property
     def kept(self) -> Candidate:
@@ -135,15 +136,21 @@ class Distillation:
 
     def shared_with(self) -> list:
         """The other spacings whose fits shared the kept one's teacher run (``Teacher.sharing``; [] for none)."""
-        kept = self.shared.get(self.kept.label)
-        if kept is None:
+        label = self.kept.label
+        if label in self.apart:
+            key = Teacher._grid_key(self.apart[label])
+            return [other for other, g in self.apart.items() if other != label and Teacher._grid_key(g) == key]
+        if label not in self.shared:
             return []
-        key = Teacher._grid_key(kept)
+        key = Teacher._grid_key(self.shared[label])
         for members in self.teacher.share_groups(self.shared.values()):
             if key in members:
-                return [label for label, g in self.shared.items()
-                        if label != self.kept.label and Teacher._grid_key(g) in members]
+                return [other for other, g in self.shared.items() if other != label and Teacher._grid_key(g) in members]
         return []
+
+    def sharing(self):
+        """``Teacher.sharing`` as the fits had it: a start on a candidate's grid reads the targets its fit had."""
+        return self.teacher.sharing(self.shared.values(), self.apart.values())
 
     def cost(self, refine: tuple | None = None) -> dict:
         """Model evaluations (times the samples of each: machine-independent) and seconds, by part: the greedy fits
@@ -272,36 +279,39 @@ def shared_grids(model, solver, nfe: int, spacings=None, device="cpu") -> dict:
     """{spacing: TimeGrid} of the spacings whose fits ``spacing="auto"`` teaches by shared runs (``Teacher.sharing``):
     every one of ``spacings`` (default: all the solver supports) but the paper's, which keeps its own teacher, so
     that auto's fit on it is the paper's; a spacing whose grid is the paper's grid (Heun at NFE 3: linspace,
-    exponential and beta are karras's) keeps it too. A named spacing taught as auto teaches it:
-    ``with teacher.sharing(shared_grids(model, solver, nfe).values()): distill(..., teacher=teacher)``."""
+    exponential and beta are karras's) keeps it too, and reads the paper spacing's run. A named spacing taught as
+    auto teaches it: ``with teacher.sharing(shared_grids(model, solver, nfe).values()): distill(..., teacher=teacher)``."""
     solver = get_solver(solver)
     names = list(solver.spacings if spacings is None else spacings)
-    return _shared(solver, dict(zip(names, spacing_grids(model, solver, nfe, names, device))), model, nfe, device)
+    return _shared(solver, dict(zip(names, spacing_grids(model, solver, nfe, names, device))), model, nfe, device)[0]
 
 
-def _shared(solver: Solver, grids: dict, model, nfe: int, device) -> dict:
-    """``shared_grids`` of the grids at hand ({spacing: TimeGrid}); the paper's is made only where it is not one."""
+def _shared(solver: Solver, grids: dict, model, nfe: int, device) -> tuple[dict, dict]:
+    """(``shared_grids`` of the grids at hand ({spacing: TimeGrid}), those kept apart: the paper spacing's and its
+    twins', taught on the paper's own teacher grid); the paper's is made only where it is not one."""
     paper = grids.get(solver.default_spacing)
     if paper is None:
         paper = spacing_grids(model, solver, nfe, [solver.default_spacing], device)[0]
     paper = Teacher._grid_key(paper)
-    return {name: g for name, g in grids.items() if name != solver.default_spacing and Teacher._grid_key(g) != paper}
+    shared = {name: g for name, g in grids.items() if name != solver.default_spacing and Teacher._grid_key(g) != paper}
+    return shared, {name: g for name, g in grids.items() if name not in shared}
 
 
 def fit_candidates(model, solver: Solver, nfe: int, spacings: list, teacher: Teacher,
-                   progress: bool = False) -> tuple[list, dict]:
-    """(every spacing's greedy fit as a ``Candidate``, {spacing: TimeGrid} of those taught by shared runs). With
-    several spacings, all but the paper's share teacher runs where their grids start at the same noise level
-    (``shared_grids``, ``Teacher.sharing``): ``spacing="auto"`` costs about one teacher run per start, not one per
-    spacing. The paper's spacing, and one spacing alone, get the paper's fit on their own teacher."""
+                   progress: bool = False) -> tuple[list, dict, dict]:
+    """(every spacing's greedy fit as a ``Candidate``, {spacing: TimeGrid} of those taught by shared runs, {spacing:
+    TimeGrid} of those kept apart). With several spacings, all but the paper's share teacher runs where their grids
+    start at the same noise level (``shared_grids``, ``Teacher.sharing``): ``spacing="auto"`` costs about one teacher
+    run per start, not one per spacing. The paper's spacing, its twins (the spacings with its grid) and one spacing
+    alone get the paper's fit on their own teacher grid; identical grids read one run."""
     students = [_student(model, solver, nfe, spacing) for spacing in spacings]
     device = teacher.noise.device
-    shared = (_shared(solver, {s: _grid(student, device) for s, student in zip(spacings, students)}, model, nfe, device)
-              if len(spacings) > 1 else {})
-    with teacher.sharing(shared.values()):
+    shared, apart = (_shared(solver, {s: _grid(student, device) for s, student in zip(spacings, students)}, model, nfe,
+                             device) if len(spacings) > 1 else ({}, {}))
+    with teacher.sharing(shared.values(), apart.values()):
         candidates = [_candidate(model, student, spacing, teacher) for spacing, student in
                       tqdm(list(zip(spacings, students)), desc=f"{solver.name} at NFE {nfe}: fits", disable=not progress)]
-    return candidates, shared
+    return candidates, shared, apart
 
 
 def _decide(candidates: list, judge: Judge, solver: Solver, auto: bool, margin: float,
@@ -333,7 +343,7 @@ def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | Non
     teacher = _teacher(model, teacher, batch_size, seed, device, "fitting")
     began = time.perf_counter()
     judge = _judge(model, teacher, validation, criterion, features, device, reference, progress) if guard or auto else None
-    candidates, shared = fit_candidates(model, solver, nfe, spacings, teacher, progress and auto)
+    candidates, shared, apart = fit_candidates(model, solver, nfe, spacings, teacher, progress and auto)
     for candidate in tqdm(candidates, desc=f"{solver.name} at NFE {nfe}: base and fit of each spacing",
                           disable=not (progress and auto and judge is not None)):
         if judge is not None:  # a named spacing gets its line search now; auto's best few in _decide
@@ -347,7 +357,7 @@ def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | Non
     return Distillation(getattr(model, "name", type(model).__name__), solver, nfe, auto, teacher, candidates, chosen,
                         factor, judge, margin, time.perf_counter() - began, judge.runs if judge is not None else 0,
                         (judge.sample_evaluations, judge.seconds) if judge is not None else (0, 0.0), warning,
-                        shared)
+                        shared, apart)
 
 
 def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
@@ -362,7 +372,8 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     ``dode.core.solvers.GRID_SOLVERS``), or ``"auto"``: every supported spacing is fitted and the one that scores
     best on the validation seeds (after the guard) is returned; the spacings other than the paper's that start at
     the same noise level share one teacher run, at least as fine as each one's own (``Teacher.sharing``,
-    ``shared_grids``; ``fit_info["teacher_shared_with"]``), and the paper's spacing gets the paper's fit.
+    ``shared_grids``; ``fit_info["teacher_shared_with"]``), spacings with identical grids read one run, and the
+    paper's spacing gets the paper's fit.
 
     The fitting batch is ``batch_size`` samples (default 100) from seeds ``seed``, ``seed + 1``, ... (default 0).
     ``teacher``: an integer C (DDIM with each student step split into C steps, the paper's choice, default 10),
@@ -402,7 +413,7 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
                          reference=reference, device=device, progress=progress)
     if refine is None:
         return found.scheduler
-    with found.teacher.sharing(found.shared.values()):  # a start on a candidate's grid reads the targets its fit had
+    with found.sharing():  # a start on a candidate's grid reads the targets its fit had, without another teacher run
         return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
                           max_iterations=refine_iterations, starts=refine_starts if found.auto else 1,
                           progress=progress).scheduler

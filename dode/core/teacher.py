@@ -9,11 +9,12 @@ timesteps included. Two grids:
 - ``substeps="fine"``: every training timestep. Its trajectory is computed once per start and shared by every
   solver and NFE; a student time between two grid points is reached by one Euler step from the point above.
 
-``Teacher.sharing(grids)`` (``spacing="auto"``'s candidates other than the paper's spacing): grids that start at
-the same noise level share one run, on their ``envelope``: every grid's levels, and between two of them steps no
-longer than any of those grids' own C-split steps there. Each grid's targets then come from a run at least as fine
-as its own, at the price of about one. A single grid's envelope is its own C-split grid, and a grid outside the
-block gets its own run, so a named spacing's fit does not change.
+``Teacher.sharing(grids, apart)`` (``spacing="auto"``'s candidates): grids that start at the same noise level
+share one run, on their ``envelope``: every grid's levels, and between two of them steps no longer than any of
+those grids' own C-split steps there. Each grid's targets then come from a run at least as fine as its own, at the
+price of about one. A single grid's envelope is its own C-split grid, so is the run of each grid ``apart`` (the
+paper's spacing), and a grid outside the block gets its own run, so a named spacing's fit does not change.
+Identical grids (Heun's at NFE 3: twelve spacings, three grids) read one run.
 
 ``match="index"`` (an ablation, with an integer C) instead does what the paper's public code does: a DDIM
 teacher with C x NFE steps on its own grid (DDIM's original ``range(0, T, T // (C NFE))``, which starts at
@@ -88,7 +89,7 @@ class Teacher:
         level of each, and between two consecutive levels of the union as many timestep-uniform steps as the grid
         that splits that stretch finest (``substep_levels``: C per interval, and on an interval that ends at 0,
         C - 1 down to t = 0 and the jump to 0). For one grid it is ``substep_levels`` of it, exactly."""
-        if self.substeps == "fine" or self.substeps < 2:
+        if self.substeps == "fine" or self.substeps < 2:  # (index matching would ignore it)
             raise ValueError(f"an envelope needs an integer teacher with C >= 2 substeps, not {self.substeps!r}")
         grids = [np.asarray([float(s) for i, s in enumerate(g) if i == 0 or s != g[i - 1]]) for g in grids]
         if len({float(f"{g[0]:.6g}") for g in grids}) != 1:
@@ -132,27 +133,37 @@ class Teacher:
         return (Teacher._start_key(times.start, times.initial_scale),
                 tuple(float(f"{s:.9g}") for s in times.states[1:]))
 
+    @property
+    def _shares(self) -> bool:  # a fine teacher is shared already; index matching and C = 1 have no envelope
+        return self.substeps != "fine" and self.match == "time" and self.substeps >= 2
+
     def share_groups(self, grids) -> list:
         """The grids (``TimeGrid``s) that ``sharing`` teaches by one run each: per start, the distinct grids there
-        when more than one ({grid key: TimeGrid}); none with ``substeps="fine"``, an index-matched teacher or C < 2."""
-        if self.substeps == "fine" or self.match != "time" or self.substeps < 2:
+        ({grid key: TimeGrid}; identical grids, twins, are one key); none with ``substeps="fine"``, an index-matched
+        teacher or C < 2."""
+        if not self._shares:
             return []
         groups: dict = {}
         for times in grids:
             groups.setdefault(self._start_key(times.start, times.initial_scale), {})[self._grid_key(times)] = times
-        return [members for members in groups.values() if len(members) > 1]
+        return list(groups.values())
 
     @contextmanager
-    def sharing(self, grids):
+    def sharing(self, grids, apart=()):
         """While open, the grids given (``TimeGrid``s) that start at the same noise level share one teacher run on
-        their ``envelope`` (a grid alone keeps its own). With ``substeps="fine"`` (already shared), an index-matched
-        teacher or C < 2, nothing changes. Runs are made when first asked for, and their states at the grids' own
-        levels are kept on the teacher (as a fine teacher keeps its runs)."""
+        their ``envelope``; a grid alone at its start gets its own C-split grid (its ``envelope``), on one run for it
+        and its twins. Each of ``apart`` is taught on its own C-split grid, never joined with others, by one run for
+        it and its twins (``spacing="auto"``'s paper spacing, whose fit stays the paper's). With ``substeps="fine"``
+        (already shared), an index-matched teacher or C < 2, nothing changes. Runs are made when first asked for,
+        and their states at the grids' own levels are kept on the teacher (as a fine teacher keeps its runs)."""
         previous = self._plan
         plan = dict(previous)
-        for members in self.share_groups(grids):
+        apart = {self._grid_key(g): g for g in apart} if self._shares else {}
+        groups = self.share_groups(g for g in grids if self._grid_key(g) not in apart)
+        for members in groups + [{key: times} for key, times in apart.items()]:
             start = next(iter(members))[0]  # the grid key's start key
-            levels = self.envelope([m.states for m in members.values()])
+            grid = [m.states for m in members.values()]
+            levels = self.substep_levels(grid[0]) if len(grid) == 1 else self.envelope(grid)
             # the states to keep: at the grids' own levels (the others only carry the run between them)
             kept = sorted({int(np.argmin(np.abs(levels - s))) for m in members.values() for s in m.after})
             plan.update({key: (start, levels, np.asarray(kept)) for key in members})

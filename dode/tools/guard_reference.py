@@ -90,7 +90,7 @@ def study_cell(model, solver_name: str, nfe: int, teacher: Teacher, validation: 
                features: str = "pixel") -> list:
     """One row per reference (the fine one first) for ``solver_name`` at ``nfe``, judged by FD in ``features``."""
     solver = dode.get_solver(solver_name)
-    candidates, _ = fit_candidates(model, solver, nfe, list(solver.spacings), teacher)
+    candidates, _, _ = fit_candidates(model, solver, nfe, list(solver.spacings), teacher)
     runs: dict = {}
     judges = [_SharedRuns(model, validation, "fd", "cpu", features, r, progress=False, runs=runs)
               for r in (FINE, *references)]
