@@ -1,11 +1,12 @@
-"""iPNDM (dode.core.ipndm) against DDIM, the closed-form Gaussian ODE, a direct transcription of its update, and
-diffusers' pipeline and persistence machinery."""
+"""iPNDM (dode.core.ipndm) against DDIM, the closed-form Gaussian ODE, a direct transcription of its update,
+diffusers' pipeline and persistence machinery, and diffusers' scheduler contract (partial loops, the step counter
+of EulerDiscreteScheduler)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerDiscreteScheduler, UNet2DModel
 
 import dode
 from dode.core.ipndm import IPNDMDiscreteScheduler
@@ -186,3 +187,88 @@ def test_bad_settings_and_misuse_are_clear_errors(gmm):
         x = scheduler.step(torch.ones_like(x), t, x).prev_sample
     with pytest.raises(RuntimeError, match="set_timesteps"):
         scheduler.step(x, 0, x)
+
+
+# -- diffusers' scheduler contract: partial loops (image-to-image), the step counter, DDIM's step arguments ------------
+
+def partial_loop(scheduler, model, x0, noise, k, steps=10, begin=False, scale=False):
+    """diffusers' image-to-image loop: ``add_noise`` at ``timesteps[k]``, then a step at each of ``timesteps[k:]``
+    (``begin``: the pipeline calls ``set_begin_index(k)``; ``scale``: it calls ``scale_model_input``); the
+    start state and the end state."""
+    scheduler.set_timesteps(steps)
+    if begin:
+        scheduler.set_begin_index(k)
+    start = x = scheduler.add_noise(x0, noise, scheduler.timesteps[k:k + 1])
+    for t in scheduler.timesteps[k:]:
+        model_input = scheduler.scale_model_input(x, t) if scale else x
+        x = scheduler.step(model(model_input, t), t, x).prev_sample
+    return start, x
+
+
+def clean_and_noise(model, seed=11):
+    x0 = (dode.seeded_noise(model.sample_shape, NUM, seed) * 0.6).clamp(-1, 1)
+    return x0, dode.seeded_noise(model.sample_shape, NUM, seed + 1)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("k", [8, 5])
+def test_a_partial_loop_of_order_one_is_ddims(gmm, spacing, k):
+    """diffusers' DDIM ``test_full_loop_with_noise`` pattern (10 steps from ``timesteps[k]``): DDIM reads the
+    current timestep; iPNDM used to start at index 0 whatever it was given."""
+    x0, noise = clean_and_noise(gmm)
+    ddim = DDIMScheduler(**gmm.scheduler_config, timestep_spacing=spacing, clip_sample=False, set_alpha_to_one=True)
+    first_order = IPNDMDiscreteScheduler(**gmm.scheduler_config, timestep_spacing=spacing, max_order=1)
+    ddim_start, expected = partial_loop(ddim, gmm, x0, noise, k)
+    start, got = partial_loop(first_order, gmm, x0, noise, k)
+    assert torch.equal(first_order.timesteps, ddim.timesteps) and torch.equal(start, ddim_start)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("begin", [False, True], ids=["from-timestep", "set_begin_index"])
+@pytest.mark.parametrize("k", [4, 8])
+def test_a_partial_loop_of_the_full_method_is_the_transcription_from_an_empty_history(gmm, begin, k):
+    """iPNDM from ``timesteps[k]`` is iPNDM on ``timesteps[k:]`` alone: orders 1, 2, 3, 4, ... from there, whether
+    the first step finds its index from its timestep or from ``set_begin_index`` (a full run before leaves no
+    history behind)."""
+    x0, noise = clean_and_noise(gmm)
+    leading = [j * 100 for j in reversed(range(10))]
+    scheduler = ipndm(gmm)
+    dode.sample(gmm, scheduler, 10, NUM, seed=0, progress=False)  # a full run first, on the same scheduler
+    start, got = partial_loop(scheduler, gmm, x0, noise, k, begin=begin)
+    assert scheduler.timesteps.tolist() == leading
+    expected = transcribed_ipndm(gmm, leading[k:], start).float()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)  # float32 against float64 arithmetic
+    # from the same start, the same number of steps on the levels at the top of the schedule (where step began
+    # whatever its timestep) ends far away (measured: 1.1 at k = 4, 1.6 at k = 8)
+    assert (got - transcribed_ipndm(gmm, leading[:10 - k], start).float()).abs().max() > 0.5
+
+
+def test_step_index_and_begin_index_follow_eulers(gmm):
+    """The counter of diffusers' sigma schedulers, side by side with EulerDiscreteScheduler on the same config:
+    None after set_timesteps; set at the first ``scale_model_input`` or ``step`` of a run, from ``begin_index``
+    or from the timestep; one more per step."""
+    config = dict(gmm.scheduler_config, timestep_spacing="leading")
+    euler, ours = EulerDiscreteScheduler(**config), IPNDMDiscreteScheduler(**config)
+    state = lambda s: (s.step_index, s.begin_index)
+    assert state(ours) == state(euler) == (None, None)
+    x = dode.seeded_noise(gmm.sample_shape, 2, 0)
+    for begin, k, scale in [(None, 6, False), (3, 3, True), (2, 2, False), (None, 0, True)]:
+        trace = {}
+        for name, scheduler in (("euler", euler), ("ours", ours)):
+            scheduler.set_timesteps(10)
+            seen = [state(scheduler)]
+            if begin is not None:
+                scheduler.set_begin_index(begin)
+                seen.append(state(scheduler))
+            for t in scheduler.timesteps[k:]:
+                if scale:
+                    scheduler.scale_model_input(x, t)
+                    seen.append(state(scheduler))
+                scheduler.step(torch.zeros_like(x), t, x)
+                seen.append(state(scheduler))
+            trace[name] = seen
+        assert trace["ours"] == trace["euler"], (begin, k, scale)
+        assert trace["ours"][0] == (None, None) and trace["ours"][-1] == (10, begin)
+    ours.set_timesteps(10)
+    with pytest.raises(ValueError, match="not one of this schedule's timesteps"):
+        ours.step(x, 950, x)

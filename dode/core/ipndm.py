@@ -18,6 +18,12 @@ the same config, so every spacing option means what it means there (``timestep_s
 ``use_exponential_sigmas``, ``use_beta_sigmas``); the last step always goes to the clean sample (sigma 0). Like
 the other sigma-array schedulers, its steps read every noise level from ``scheduler.sigmas``, so
 ``dode.core.solvers.set_grid`` (learned grids) can move them.
+
+The step counter follows diffusers' sigma schedulers (``EulerDiscreteScheduler``): ``step_index`` is None after
+``set_timesteps``; the first ``step`` (or ``scale_model_input``) of a run starts at ``begin_index`` when a pipeline
+set one (``set_begin_index``), else at the index of its ``timestep``, and each ``step`` advances it by one. So a
+run may start part way (image-to-image: ``add_noise`` at ``timesteps[k]``, then steps over ``timesteps[k:]``); the
+multistep history starts empty there (the first step of every run is order 1).
 """
 from __future__ import annotations
 
@@ -83,8 +89,42 @@ class IPNDMDiscreteScheduler(SchedulerMixin, ConfigMixin):
         self._reset()
 
     def _reset(self):
-        self._step_index = 0
+        self._step_index = None  # the next step's index in timesteps; None until a run's first step
+        self._begin_index = None  # where a run starts, when a pipeline says (set_begin_index)
         self._history = []  # noise predictions, newest first
+
+    @property
+    def step_index(self) -> int | None:
+        """The index in ``timesteps`` of the next step; None after ``set_timesteps`` until the run's first step."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The index a run starts at, when set by ``set_begin_index`` (None after ``set_timesteps``)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next run at ``timesteps[begin_index]``, whatever ``timestep`` its first step gets (pipelines
+        call it after ``set_timesteps``)."""
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """The index of ``timestep`` in ``schedule_timesteps`` (default ``timesteps``; its entries are distinct)."""
+        if schedule_timesteps is None:
+            schedule_timesteps = self.timesteps
+        if torch.is_tensor(timestep):
+            timestep = timestep.to(schedule_timesteps.device)
+        indices = (schedule_timesteps == timestep).nonzero()
+        if len(indices) == 0:
+            value = timestep.item() if torch.is_tensor(timestep) else timestep
+            raise ValueError(f"timestep {value} is not one of this schedule's timesteps; step() starts a run at "
+                             "one of them (or at set_begin_index's index)")
+        return int(indices[0].item())
+
+    def _init_step_index(self, timestep) -> None:
+        """A run's first step: its index, and an empty multistep history."""
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+        self._history = []
 
     def __len__(self):
         return self.config.num_train_timesteps
@@ -116,18 +156,26 @@ class IPNDMDiscreteScheduler(SchedulerMixin, ConfigMixin):
         return self._alphas
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """``sample`` itself (the model takes DDPM states); the first call of a run sets ``step_index``, as
+        Euler's does."""
+        if self._step_index is None and timestep is not None and self.timesteps is not None:
+            self._init_step_index(timestep)
         return sample
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
              **kwargs):
-        """One iPNDM step from the current state to the next noise level; ``kwargs`` (a pipeline's
-        ``generator``, ...) are accepted and unused: the method is deterministic."""
+        """One iPNDM step from the state at ``timesteps[step_index]`` to the next noise level; ``timestep`` is read
+        only at a run's first step, to find where the run starts (unless ``set_begin_index`` said); ``kwargs`` (a
+        pipeline's ``generator``, ...) are accepted and unused: the method is deterministic."""
         if self.timesteps is None:
             raise ValueError("call set_timesteps before step")
+        if self._step_index is None:
+            self._init_step_index(timestep)
         i = self._step_index
-        if i >= len(self.sigmas) - 1:
-            raise RuntimeError(f"step() called {i + 1} times after set_timesteps({self.num_inference_steps}); "
-                               "call set_timesteps() before every sampling run")
+        if not 0 <= i < len(self.sigmas) - 1:
+            raise RuntimeError(f"step() at index {i}, outside the {len(self.sigmas) - 1} steps of "
+                               f"set_timesteps({self.num_inference_steps}); call set_timesteps() before every "
+                               "sampling run")
         alphas = self._step_alphas()
         alpha_prod_t, alpha_prod_t_prev = alphas[i], alphas[i + 1]
         eps = convert_prediction(model_output, sample, alpha_prod_t, self.config.prediction_type, "epsilon")
