@@ -1,6 +1,6 @@
 """iPNDM (dode.core.ipndm) against DDIM, the closed-form Gaussian ODE, a direct transcription of its update,
 diffusers' pipeline and persistence machinery, and diffusers' scheduler contract (partial loops, the step counter
-of EulerDiscreteScheduler)."""
+of EulerDiscreteScheduler, DDIMScheduler's training schedule)."""
 from __future__ import annotations
 
 import numpy as np
@@ -272,3 +272,11 @@ def test_step_index_and_begin_index_follow_eulers(gmm):
     ours.set_timesteps(10)
     with pytest.raises(ValueError, match="not one of this schedule's timesteps"):
         ours.step(x, 950, x)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_the_training_schedule_is_ddims(beta_schedule):
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule=beta_schedule)
+    ours, ddim = IPNDMDiscreteScheduler(**config), DDIMScheduler(**config)
+    for name in ("betas", "alphas", "alphas_cumprod"):
+        assert torch.equal(getattr(ours, name), getattr(ddim, name)), name

@@ -80,6 +80,9 @@ class IPNDMDiscreteScheduler(SchedulerMixin, ConfigMixin):
             beta_schedule=beta_schedule, trained_betas=trained_betas, timestep_spacing=timestep_spacing,
             steps_offset=steps_offset, use_karras_sigmas=use_karras_sigmas,
             use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas, final_sigmas_type="zero")
+        # the training schedule, as DDIMScheduler has it
+        self.betas = self._spacing.betas
+        self.alphas = self._spacing.alphas
         self.alphas_cumprod = self._spacing.alphas_cumprod
         self.init_noise_sigma = 1.0  # states are DDPM states sqrt(abar) x0 + sqrt(1 - abar) noise
         self.num_inference_steps = None
