@@ -1,12 +1,15 @@
 """iPNDM (dode.core.ipndm) against DDIM, the closed-form Gaussian ODE, a direct transcription of its update,
 diffusers' pipeline and persistence machinery, and diffusers' scheduler contract (partial loops, the step counter
-of EulerDiscreteScheduler, DDIMScheduler's training schedule)."""
+of EulerDiscreteScheduler, DDIMScheduler's training schedule and step arguments)."""
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerDiscreteScheduler, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 import dode
 from dode.core.ipndm import IPNDMDiscreteScheduler
@@ -280,3 +283,46 @@ def test_the_training_schedule_is_ddims(beta_schedule):
     ours, ddim = IPNDMDiscreteScheduler(**config), DDIMScheduler(**config)
     for name in ("betas", "alphas", "alphas_cumprod"):
         assert torch.equal(getattr(ours, name), getattr(ddim, name)), name
+
+
+def test_step_takes_ddims_arguments_and_only_eta_zero(gmm):
+    """DDIM's positional order, so ``step(out, t, x, 0.0)`` is eta = 0 (it used to be return_dict, giving a tuple);
+    pipelines pass ``eta`` and ``generator`` when step's signature names them (``prepare_extra_step_kwargs``)."""
+    parameters = list(inspect.signature(IPNDMDiscreteScheduler.step).parameters)
+    assert parameters[:9] == list(inspect.signature(DDIMScheduler.step).parameters)
+    scheduler = ipndm(gmm)
+    x = dode.seeded_noise(gmm.sample_shape, 4, 2)
+    runs = {}
+    for call in ("plain", "positional", "keywords", "none", "tuple"):
+        scheduler.set_timesteps(5)
+        y = x
+        for t in scheduler.timesteps:
+            out = gmm(y, t)
+            if call == "plain":
+                result = scheduler.step(out, t, y)
+            elif call == "positional":
+                result = scheduler.step(out, t, y, 0.0)
+            elif call == "keywords":
+                result = scheduler.step(out, t, y, eta=0.0, use_clipped_model_output=True,
+                                        generator=torch.Generator().manual_seed(1), variance_noise=None)
+            elif call == "none":
+                result = scheduler.step(out, t, y, None)
+            else:
+                result = scheduler.step(out, t, y, 0.0, False, None, None, False)
+            if call == "tuple":
+                assert isinstance(result, tuple) and len(result) == 1
+                y = result[0]
+            else:
+                assert isinstance(result, SchedulerOutput)
+                y = result.prev_sample
+        runs[call] = y
+    assert all(torch.equal(y, runs["plain"]) for y in runs.values())
+    torch.testing.assert_close(runs["plain"], dode.sample(gmm, "ipndm", 5, 4, seed=2, progress=False), rtol=0, atol=0)
+    scheduler.set_timesteps(5)
+    t = scheduler.timesteps[0]
+    for eta in (0.5, 1.0, -0.1):
+        with pytest.raises(ValueError, match="iPNDM is deterministic.*DDIM or DDPM"):
+            scheduler.step(gmm(x, t), t, x, eta)
+    with pytest.raises(ValueError, match="deterministic"):
+        scheduler.step(gmm(x, t), t, x, variance_noise=torch.zeros_like(x))
+    assert scheduler.step_index is None  # a refused step does not start the run

@@ -23,7 +23,9 @@ The step counter follows diffusers' sigma schedulers (``EulerDiscreteScheduler``
 ``set_timesteps``; the first ``step`` (or ``scale_model_input``) of a run starts at ``begin_index`` when a pipeline
 set one (``set_begin_index``), else at the index of its ``timestep``, and each ``step`` advances it by one. So a
 run may start part way (image-to-image: ``add_noise`` at ``timesteps[k]``, then steps over ``timesteps[k:]``); the
-multistep history starts empty there (the first step of every run is order 1).
+multistep history starts empty there (the first step of every run is order 1). ``step`` takes DDIM's arguments
+(``eta``, ``use_clipped_model_output``, ``generator``, ``variance_noise``, ``return_dict``, in DDIM's order):
+iPNDM is deterministic, so only ``eta`` 0 and no ``variance_noise``.
 """
 from __future__ import annotations
 
@@ -165,11 +167,27 @@ class IPNDMDiscreteScheduler(SchedulerMixin, ConfigMixin):
             self._init_step_index(timestep)
         return sample
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float | None = 0.0,
+             use_clipped_model_output: bool = False, generator=None, variance_noise=None, return_dict: bool = True,
              **kwargs):
-        """One iPNDM step from the state at ``timesteps[step_index]`` to the next noise level; ``timestep`` is read
-        only at a run's first step, to find where the run starts (unless ``set_begin_index`` said); ``kwargs`` (a
-        pipeline's ``generator``, ...) are accepted and unused: the method is deterministic."""
+        """One iPNDM step from the state at ``timesteps[step_index]`` to the next noise level.
+
+        Args:
+            model_output: the model's output at ``sample`` (in the config's ``prediction_type``).
+            timestep: the current timestep; read only at a run's first step, to find where the run starts (unless
+                ``set_begin_index`` said).
+            sample: the current state.
+            eta: 0 (or None) only; iPNDM is deterministic (DDIM's or DDPM's scheduler samples with eta > 0).
+            use_clipped_model_output: accepted for DDIM's signature; no effect (no x0 clipping here).
+            generator: accepted and unused (deterministic).
+            variance_noise: None only (deterministic).
+            return_dict: a ``SchedulerOutput``, else the tuple ``(prev_sample,)``.
+            kwargs: other keywords a pipeline passes are accepted and unused.
+        """
+        if eta is not None and float(eta) != 0.0:
+            raise ValueError(f"eta={eta}: iPNDM is deterministic (eta 0); use DDIM or DDPM for eta > 0")
+        if variance_noise is not None:
+            raise ValueError("variance_noise: iPNDM is deterministic and adds no noise; use DDIM or DDPM for eta > 0")
         if self.timesteps is None:
             raise ValueError("call set_timesteps before step")
         if self._step_index is None:
