@@ -360,12 +360,16 @@ def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | Non
                         shared, apart)
 
 
-def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
+def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
             teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
             margin: float = MARGIN, reference: Reference = REFERENCE, device="auto",
             refine: str | None = None, refine_iterations: int = 50, refine_starts: int = STARTS,
             progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
+
+    ``nfe``: a number of model evaluations, or a list of them: one DODEScheduler then holds a fit per count
+    (``DODEScheduler.combine``; ``set_timesteps(n)`` picks n steps' fit, a count without one raises), fitted on one
+    teacher and validated on one validation set and reference, each fit exactly what ``distill`` at that NFE gives.
 
     ``spacing``: the time grid. None (the paper's, ``Solver.default_spacing``), one of the solver's spacings
     (``dode.get_solver(solver).spacings``), an explicit list of noise levels (one per step, for the solvers in
@@ -407,6 +411,11 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     validation runs and any refinement. A fit that looks wrong (``dode.core.guard.insanity``: a huge |lambda|, or
     final samples far outside the teacher's) warns once (``FitWarning``); its decision text says so.
     """
+    if isinstance(nfe, (list, tuple)):
+        return _distill_counts(model, solver, list(nfe), spacing=spacing, batch_size=batch_size, seed=seed,
+                               teacher=teacher, guard=guard, validation=validation, criterion=criterion,
+                               features=features, margin=margin, reference=reference, device=device, refine=refine,
+                               refine_iterations=refine_iterations, refine_starts=refine_starts, progress=progress)
     _check_refine(get_solver(solver), refine)
     found = distillation(model, solver, nfe, spacing=spacing, batch_size=batch_size, seed=seed, teacher=teacher,
                          guard=guard, validation=validation, criterion=criterion, features=features, margin=margin,
@@ -417,6 +426,29 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
         return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
                           max_iterations=refine_iterations, starts=refine_starts if found.auto else 1,
                           progress=progress).scheduler
+
+
+def _distill_counts(model, solver, nfes: list, *, spacing, batch_size, seed, teacher, guard, validation, device,
+                    progress, **options) -> DODEScheduler:
+    """``distill`` at several NFE, into one DODEScheduler (``DODEScheduler.combine``): one fitting teacher and one
+    validation set (so one validation reference) for all, each count's fit exactly its own ``distill``'s."""
+    solver = get_solver(solver)
+    if not nfes or any(isinstance(n, bool) or not isinstance(n, int) for n in nfes) or len(set(nfes)) != len(nfes):
+        raise ValueError(f"nfe is a number of model evaluations, or a list of distinct ones; got {nfes!r}")
+    if spacing is not None and not isinstance(spacing, str):
+        raise ValueError("an explicit grid fixes one step count: distil several NFE on a named spacing or 'auto'")
+    _check_refine(solver, options["refine"])
+    for n in nfes:  # every argument check before any work
+        _check(solver, n, spacing, guard, options["criterion"], options["margin"])
+    device = resolve_device(device)
+    model.to(device)
+    teacher = _teacher(model, teacher, batch_size, seed, device, "fitting")
+    if validation is None and guard:
+        validation = Teacher(model, batch_size=100, seed=VALIDATION_SEED, substeps="fine", device=device)
+    fits = [distill(model, solver, n, spacing=spacing, teacher=teacher, guard=guard, validation=validation,
+                    device=device, progress=progress, **options)
+            for n in tqdm(nfes, desc=f"{solver.name}: one fit per NFE", disable=not progress or len(nfes) < 2)]
+    return DODEScheduler.combine(fits)
 
 
 @dataclass
