@@ -367,9 +367,8 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
             progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
 
-    ``nfe``: a number of model evaluations, or a list of them: one DODEScheduler then holds a fit per count
-    (``DODEScheduler.combine``; ``set_timesteps(n)`` picks n steps' fit, a count without one raises), fitted on one
-    teacher and validated on one validation set and reference, each fit exactly what ``distill`` at that NFE gives.
+    ``nfe``: model evaluations, or a list of them: then one DODEScheduler holds each count's fit (one teacher, one
+    validation set and reference; ``DODEScheduler.combine``), exactly what ``distill`` at that NFE gives.
 
     ``spacing``: the time grid. None (the paper's, ``Solver.default_spacing``), one of the solver's spacings
     (``dode.get_solver(solver).spacings``), an explicit list of noise levels (one per step, for the solvers in
@@ -412,10 +411,11 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     final samples far outside the teacher's) warns once (``FitWarning``); its decision text says so.
     """
     if isinstance(nfe, (list, tuple)):
+        options = dict(criterion=criterion, features=features, margin=margin, reference=reference, refine=refine,
+                       refine_iterations=refine_iterations, refine_starts=refine_starts)
         return _distill_counts(model, solver, list(nfe), spacing=spacing, batch_size=batch_size, seed=seed,
-                               teacher=teacher, guard=guard, validation=validation, criterion=criterion,
-                               features=features, margin=margin, reference=reference, device=device, refine=refine,
-                               refine_iterations=refine_iterations, refine_starts=refine_starts, progress=progress)
+                               teacher=teacher, guard=guard, validation=validation, device=device, progress=progress,
+                               **options)
     _check_refine(get_solver(solver), refine)
     found = distillation(model, solver, nfe, spacing=spacing, batch_size=batch_size, seed=seed, teacher=teacher,
                          guard=guard, validation=validation, criterion=criterion, features=features, margin=margin,
