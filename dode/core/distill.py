@@ -360,6 +360,29 @@ def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | Non
                         shared, apart)
 
 
+def _distill_counts(single, arguments: dict) -> DODEScheduler:
+    """``single`` (``distill``) at several NFE (``arguments``: its arguments, ``nfe`` a list), into one
+    DODEScheduler (``DODEScheduler.combine``): one fitting teacher and one validation set (so one validation
+    reference) for all, each count's fit exactly what ``single`` gives at that NFE alone."""
+    given = dict(arguments)
+    model, solver, nfes = given.pop("model"), get_solver(given.pop("solver")), list(given.pop("nfe"))
+    if not nfes or any(isinstance(n, bool) or not isinstance(n, int) for n in nfes) or len(set(nfes)) != len(nfes):
+        raise ValueError(f"nfe is a number of model evaluations, or a list of distinct ones; got {nfes!r}")
+    if given["spacing"] is not None and not isinstance(given["spacing"], str):
+        raise ValueError("an explicit grid fixes one step count: distil several NFE on a named spacing or 'auto'")
+    _check_refine(solver, given["refine"])
+    for n in nfes:  # every argument check before any work
+        _check(solver, n, given["spacing"], given["guard"], given["criterion"], given["margin"])
+    device = given["device"] = resolve_device(given["device"])
+    model.to(device)
+    given["teacher"] = _teacher(model, given["teacher"], given["batch_size"], given["seed"], device, "fitting")
+    given["batch_size"] = given["seed"] = None  # the teacher's
+    if given["validation"] is None and given["guard"]:
+        given["validation"] = Teacher(model, batch_size=100, seed=VALIDATION_SEED, substeps="fine", device=device)
+    counts = tqdm(nfes, desc=f"{solver.name}: one fit per NFE", disable=not given["progress"] or len(nfes) < 2)
+    return DODEScheduler.combine([single(model, solver, n, **given) for n in counts])
+
+
 def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
             teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
             margin: float = MARGIN, reference: Reference = REFERENCE, device="auto",
@@ -410,12 +433,8 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     validation runs and any refinement. A fit that looks wrong (``dode.core.guard.insanity``: a huge |lambda|, or
     final samples far outside the teacher's) warns once (``FitWarning``); its decision text says so.
     """
-    if isinstance(nfe, (list, tuple)):
-        options = dict(criterion=criterion, features=features, margin=margin, reference=reference, refine=refine,
-                       refine_iterations=refine_iterations, refine_starts=refine_starts)
-        return _distill_counts(model, solver, list(nfe), spacing=spacing, batch_size=batch_size, seed=seed,
-                               teacher=teacher, guard=guard, validation=validation, device=device, progress=progress,
-                               **options)
+    if isinstance(nfe, (list, tuple)):  # one fit per count, in one scheduler
+        return _distill_counts(distill, locals())
     _check_refine(get_solver(solver), refine)
     found = distillation(model, solver, nfe, spacing=spacing, batch_size=batch_size, seed=seed, teacher=teacher,
                          guard=guard, validation=validation, criterion=criterion, features=features, margin=margin,
@@ -426,29 +445,6 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
         return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
                           max_iterations=refine_iterations, starts=refine_starts if found.auto else 1,
                           progress=progress).scheduler
-
-
-def _distill_counts(model, solver, nfes: list, *, spacing, batch_size, seed, teacher, guard, validation, device,
-                    progress, **options) -> DODEScheduler:
-    """``distill`` at several NFE, into one DODEScheduler (``DODEScheduler.combine``): one fitting teacher and one
-    validation set (so one validation reference) for all, each count's fit exactly its own ``distill``'s."""
-    solver = get_solver(solver)
-    if not nfes or any(isinstance(n, bool) or not isinstance(n, int) for n in nfes) or len(set(nfes)) != len(nfes):
-        raise ValueError(f"nfe is a number of model evaluations, or a list of distinct ones; got {nfes!r}")
-    if spacing is not None and not isinstance(spacing, str):
-        raise ValueError("an explicit grid fixes one step count: distil several NFE on a named spacing or 'auto'")
-    _check_refine(solver, options["refine"])
-    for n in nfes:  # every argument check before any work
-        _check(solver, n, spacing, guard, options["criterion"], options["margin"])
-    device = resolve_device(device)
-    model.to(device)
-    teacher = _teacher(model, teacher, batch_size, seed, device, "fitting")
-    if validation is None and guard:
-        validation = Teacher(model, batch_size=100, seed=VALIDATION_SEED, substeps="fine", device=device)
-    fits = [distill(model, solver, n, spacing=spacing, teacher=teacher, guard=guard, validation=validation,
-                    device=device, progress=progress, **options)
-            for n in tqdm(nfes, desc=f"{solver.name}: one fit per NFE", disable=not progress or len(nfes) < 2)]
-    return DODEScheduler.combine(fits)
 
 
 @dataclass
