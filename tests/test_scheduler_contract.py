@@ -334,3 +334,31 @@ def test_ddim_pipeline_says_loudly_that_it_drops_the_lambdas(unet, tmp_path):
         warnings.simplefilter("error", LambdasDroppedWarning)
         assert isinstance(DDPMPipeline.from_pretrained(tmp_path).scheduler, dode.DODEScheduler)
         DDIMScheduler.from_config(DDPMScheduler().config)  # no D-ODE config, no warning
+
+
+def test_ipndm_keeps_the_contract_itself(gmm):
+    """IPNDMDiscreteScheduler (dode's own diffusers scheduler) against DDIM on the same config: the same training
+    schedule, add_noise and (identity) scale_model_input, integer timesteps, step shapes, DDIM's step arguments,
+    and Euler's step_index / begin_index (tests/test_ipndm.py has its partial loops)."""
+    scheduler = dode.make_scheduler("ipndm", gmm)
+    ddim = DDIMScheduler.from_config({**gmm.scheduler_config, "timestep_spacing": "leading", "set_alpha_to_one": True})
+    for s in (scheduler, ddim):
+        s.set_timesteps(NFE)
+    assert scheduler.timesteps.dtype == ddim.timesteps.dtype and torch.equal(scheduler.timesteps, ddim.timesteps)
+    assert torch.equal(scheduler.betas, ddim.betas) and torch.equal(scheduler.alphas_cumprod, ddim.alphas_cumprod)
+    x = start(gmm, scheduler)
+    clean, noise = torch.randn_like(x), torch.randn_like(x)
+    t = scheduler.timesteps[2:3]
+    assert torch.equal(scheduler.add_noise(clean, noise, t), ddim.add_noise(clean, noise, t))
+    assert list(inspect.signature(scheduler.step).parameters)[:4] == list(inspect.signature(ddim.step).parameters)[:4]
+    assert scheduler.step_index is None and scheduler.begin_index is None
+    for i, t in enumerate(scheduler.timesteps):
+        assert torch.equal(scheduler.scale_model_input(x, t), ddim.scale_model_input(x, t))
+        step = scheduler.step(gmm(x, t), t, x, 0.0, generator=torch.Generator().manual_seed(0))
+        assert step.prev_sample.shape == x.shape and scheduler.step_index == i + 1
+        x = step.prev_sample
+    scheduler.set_timesteps(NFE)
+    scheduler.set_begin_index(2)
+    assert scheduler.begin_index == 2 and scheduler.step_index is None
+    with pytest.raises(ValueError, match="deterministic"):
+        scheduler.step(gmm(x, scheduler.timesteps[2]), scheduler.timesteps[2], x, eta=0.5)
