@@ -1,11 +1,15 @@
-"""iPNDM (dode.core.ipndm) against DDIM, the closed-form Gaussian ODE, a direct transcription of its update, and
-diffusers' pipeline and persistence machinery."""
+"""iPNDM (dode.core.ipndm) against DDIM, the closed-form Gaussian ODE, a direct transcription of its update,
+diffusers' pipeline and persistence machinery, and diffusers' scheduler contract (partial loops, the step counter
+of EulerDiscreteScheduler, DDIMScheduler's training schedule and step arguments)."""
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerDiscreteScheduler, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 import dode
 from dode.core.ipndm import IPNDMDiscreteScheduler
@@ -186,3 +190,139 @@ def test_bad_settings_and_misuse_are_clear_errors(gmm):
         x = scheduler.step(torch.ones_like(x), t, x).prev_sample
     with pytest.raises(RuntimeError, match="set_timesteps"):
         scheduler.step(x, 0, x)
+
+
+# -- diffusers' scheduler contract: partial loops (image-to-image), the step counter, DDIM's step arguments ------------
+
+def partial_loop(scheduler, model, x0, noise, k, steps=10, begin=False, scale=False):
+    """diffusers' image-to-image loop: ``add_noise`` at ``timesteps[k]``, then a step at each of ``timesteps[k:]``
+    (``begin``: the pipeline calls ``set_begin_index(k)``; ``scale``: it calls ``scale_model_input``); the
+    start state and the end state."""
+    scheduler.set_timesteps(steps)
+    if begin:
+        scheduler.set_begin_index(k)
+    start = x = scheduler.add_noise(x0, noise, scheduler.timesteps[k:k + 1])
+    for t in scheduler.timesteps[k:]:
+        model_input = scheduler.scale_model_input(x, t) if scale else x
+        x = scheduler.step(model(model_input, t), t, x).prev_sample
+    return start, x
+
+
+def clean_and_noise(model, seed=11):
+    x0 = (dode.seeded_noise(model.sample_shape, NUM, seed) * 0.6).clamp(-1, 1)
+    return x0, dode.seeded_noise(model.sample_shape, NUM, seed + 1)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("k", [8, 5])
+def test_a_partial_loop_of_order_one_is_ddims(gmm, spacing, k):
+    """diffusers' DDIM ``test_full_loop_with_noise`` pattern (10 steps from ``timesteps[k]``): DDIM reads the
+    current timestep; iPNDM used to start at index 0 whatever it was given."""
+    x0, noise = clean_and_noise(gmm)
+    ddim = DDIMScheduler(**gmm.scheduler_config, timestep_spacing=spacing, clip_sample=False, set_alpha_to_one=True)
+    first_order = IPNDMDiscreteScheduler(**gmm.scheduler_config, timestep_spacing=spacing, max_order=1)
+    ddim_start, expected = partial_loop(ddim, gmm, x0, noise, k)
+    start, got = partial_loop(first_order, gmm, x0, noise, k)
+    assert torch.equal(first_order.timesteps, ddim.timesteps) and torch.equal(start, ddim_start)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("begin", [False, True], ids=["from-timestep", "set_begin_index"])
+@pytest.mark.parametrize("k", [4, 8])
+def test_a_partial_loop_of_the_full_method_is_the_transcription_from_an_empty_history(gmm, begin, k):
+    """iPNDM from ``timesteps[k]`` is iPNDM on ``timesteps[k:]`` alone: orders 1, 2, 3, 4, ... from there, whether
+    the first step finds its index from its timestep or from ``set_begin_index`` (a full run before leaves no
+    history behind)."""
+    x0, noise = clean_and_noise(gmm)
+    leading = [j * 100 for j in reversed(range(10))]
+    scheduler = ipndm(gmm)
+    dode.sample(gmm, scheduler, 10, NUM, seed=0, progress=False)  # a full run first, on the same scheduler
+    start, got = partial_loop(scheduler, gmm, x0, noise, k, begin=begin)
+    assert scheduler.timesteps.tolist() == leading
+    expected = transcribed_ipndm(gmm, leading[k:], start).float()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)  # float32 against float64 arithmetic
+    # from the same start, the same number of steps on the levels at the top of the schedule (where step began
+    # whatever its timestep) ends far away (measured: 1.1 at k = 4, 1.6 at k = 8)
+    assert (got - transcribed_ipndm(gmm, leading[:10 - k], start).float()).abs().max() > 0.5
+
+
+def test_step_index_and_begin_index_follow_eulers(gmm):
+    """The counter of diffusers' sigma schedulers, side by side with EulerDiscreteScheduler on the same config:
+    None after set_timesteps; set at the first ``scale_model_input`` or ``step`` of a run, from ``begin_index``
+    or from the timestep; one more per step."""
+    config = dict(gmm.scheduler_config, timestep_spacing="leading")
+    euler, ours = EulerDiscreteScheduler(**config), IPNDMDiscreteScheduler(**config)
+    state = lambda s: (s.step_index, s.begin_index)
+    assert state(ours) == state(euler) == (None, None)
+    x = dode.seeded_noise(gmm.sample_shape, 2, 0)
+    for begin, k, scale in [(None, 6, False), (3, 3, True), (2, 2, False), (None, 0, True)]:
+        trace = {}
+        for name, scheduler in (("euler", euler), ("ours", ours)):
+            scheduler.set_timesteps(10)
+            seen = [state(scheduler)]
+            if begin is not None:
+                scheduler.set_begin_index(begin)
+                seen.append(state(scheduler))
+            for t in scheduler.timesteps[k:]:
+                if scale:
+                    scheduler.scale_model_input(x, t)
+                    seen.append(state(scheduler))
+                scheduler.step(torch.zeros_like(x), t, x)
+                seen.append(state(scheduler))
+            trace[name] = seen
+        assert trace["ours"] == trace["euler"], (begin, k, scale)
+        assert trace["ours"][0] == (None, None) and trace["ours"][-1] == (10, begin)
+    ours.set_timesteps(10)
+    with pytest.raises(ValueError, match="not one of this schedule's timesteps"):
+        ours.step(x, 950, x)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_the_training_schedule_is_ddims(beta_schedule):
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule=beta_schedule)
+    ours, ddim = IPNDMDiscreteScheduler(**config), DDIMScheduler(**config)
+    for name in ("betas", "alphas", "alphas_cumprod"):
+        assert torch.equal(getattr(ours, name), getattr(ddim, name)), name
+
+
+def test_step_takes_ddims_arguments_and_only_eta_zero(gmm):
+    """DDIM's positional order, so ``step(out, t, x, 0.0)`` is eta = 0 (it used to be return_dict, giving a tuple);
+    pipelines pass ``eta`` and ``generator`` when step's signature names them (``prepare_extra_step_kwargs``)."""
+    parameters = list(inspect.signature(IPNDMDiscreteScheduler.step).parameters)
+    assert parameters[:9] == list(inspect.signature(DDIMScheduler.step).parameters)
+    scheduler = ipndm(gmm)
+    x = dode.seeded_noise(gmm.sample_shape, 4, 2)
+    runs = {}
+    for call in ("plain", "positional", "keywords", "none", "tuple"):
+        scheduler.set_timesteps(5)
+        y = x
+        for t in scheduler.timesteps:
+            out = gmm(y, t)
+            if call == "plain":
+                result = scheduler.step(out, t, y)
+            elif call == "positional":
+                result = scheduler.step(out, t, y, 0.0)
+            elif call == "keywords":
+                result = scheduler.step(out, t, y, eta=0.0, use_clipped_model_output=True,
+                                        generator=torch.Generator().manual_seed(1), variance_noise=None)
+            elif call == "none":
+                result = scheduler.step(out, t, y, None)
+            else:
+                result = scheduler.step(out, t, y, 0.0, False, None, None, False)
+            if call == "tuple":
+                assert isinstance(result, tuple) and len(result) == 1
+                y = result[0]
+            else:
+                assert isinstance(result, SchedulerOutput)
+                y = result.prev_sample
+        runs[call] = y
+    assert all(torch.equal(y, runs["plain"]) for y in runs.values())
+    torch.testing.assert_close(runs["plain"], dode.sample(gmm, "ipndm", 5, 4, seed=2, progress=False), rtol=0, atol=0)
+    scheduler.set_timesteps(5)
+    t = scheduler.timesteps[0]
+    for eta in (0.5, 1.0, -0.1):
+        with pytest.raises(ValueError, match="iPNDM is deterministic.*DDIM or DDPM"):
+            scheduler.step(gmm(x, t), t, x, eta)
+    with pytest.raises(ValueError, match="deterministic"):
+        scheduler.step(gmm(x, t), t, x, variance_noise=torch.zeros_like(x))
+    assert scheduler.step_index is None  # a refused step does not start the run

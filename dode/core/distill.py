@@ -360,12 +360,38 @@ def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | Non
                         shared, apart)
 
 
-def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
+def _distill_counts(single, arguments: dict) -> DODEScheduler:
+    """``single`` (``distill``) at several NFE (``arguments``: its arguments, ``nfe`` a list), into one
+    DODEScheduler (``DODEScheduler.combine``): one fitting teacher and one validation set (so one validation
+    reference) for all, each count's fit exactly what ``single`` gives at that NFE alone."""
+    given = dict(arguments)
+    model, solver, nfes = given.pop("model"), get_solver(given.pop("solver")), list(given.pop("nfe"))
+    if not nfes or any(isinstance(n, bool) or not isinstance(n, int) for n in nfes) or len(set(nfes)) != len(nfes):
+        raise ValueError(f"nfe is a number of model evaluations, or a list of distinct ones; got {nfes!r}")
+    if given["spacing"] is not None and not isinstance(given["spacing"], str):
+        raise ValueError("an explicit grid fixes one step count: distil several NFE on a named spacing or 'auto'")
+    _check_refine(solver, given["refine"])
+    for n in nfes:  # every argument check before any work
+        _check(solver, n, given["spacing"], given["guard"], given["criterion"], given["margin"])
+    device = given["device"] = resolve_device(given["device"])
+    model.to(device)
+    given["teacher"] = _teacher(model, given["teacher"], given["batch_size"], given["seed"], device, "fitting")
+    given["batch_size"] = given["seed"] = None  # the teacher's
+    if given["validation"] is None and given["guard"]:
+        given["validation"] = Teacher(model, batch_size=100, seed=VALIDATION_SEED, substeps="fine", device=device)
+    counts = tqdm(nfes, desc=f"{solver.name}: one fit per NFE", disable=not given["progress"] or len(nfes) < 2)
+    return DODEScheduler.combine([single(model, solver, n, **given) for n in counts])
+
+
+def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
             teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
             margin: float = MARGIN, reference: Reference = REFERENCE, device="auto",
             refine: str | None = None, refine_iterations: int = 50, refine_starts: int = STARTS,
             progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
+
+    ``nfe``: model evaluations, or a list of them: then one DODEScheduler holds each count's fit (one teacher, one
+    validation set and reference; ``DODEScheduler.combine``), exactly what ``distill`` at that NFE gives.
 
     ``spacing``: the time grid. None (the paper's, ``Solver.default_spacing``), one of the solver's spacings
     (``dode.get_solver(solver).spacings``), an explicit list of noise levels (one per step, for the solvers in
@@ -407,6 +433,8 @@ def distill(model, solver, nfe: int, *, spacing=None, batch_size: int | None = N
     validation runs and any refinement. A fit that looks wrong (``dode.core.guard.insanity``: a huge |lambda|, or
     final samples far outside the teacher's) warns once (``FitWarning``); its decision text says so.
     """
+    if isinstance(nfe, (list, tuple)):  # one fit per count, in one scheduler
+        return _distill_counts(distill, locals())
     _check_refine(get_solver(solver), refine)
     found = distillation(model, solver, nfe, spacing=spacing, batch_size=batch_size, seed=seed, teacher=teacher,
                          guard=guard, validation=validation, criterion=criterion, features=features, margin=margin,

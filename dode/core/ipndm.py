@@ -18,6 +18,14 @@ the same config, so every spacing option means what it means there (``timestep_s
 ``use_exponential_sigmas``, ``use_beta_sigmas``); the last step always goes to the clean sample (sigma 0). Like
 the other sigma-array schedulers, its steps read every noise level from ``scheduler.sigmas``, so
 ``dode.core.solvers.set_grid`` (learned grids) can move them.
+
+The step counter follows diffusers' sigma schedulers (``EulerDiscreteScheduler``): ``step_index`` is None after
+``set_timesteps``; the first ``step`` (or ``scale_model_input``) of a run starts at ``begin_index`` when a pipeline
+set one (``set_begin_index``), else at the index of its ``timestep``, and each ``step`` advances it by one. So a
+run may start part way (image-to-image: ``add_noise`` at ``timesteps[k]``, then steps over ``timesteps[k:]``); the
+multistep history starts empty there (the first step of every run is order 1). ``step`` takes DDIM's arguments
+(``eta``, ``use_clipped_model_output``, ``generator``, ``variance_noise``, ``return_dict``, in DDIM's order):
+iPNDM is deterministic, so only ``eta`` 0 and no ``variance_noise``.
 """
 from __future__ import annotations
 
@@ -74,6 +82,9 @@ class IPNDMDiscreteScheduler(SchedulerMixin, ConfigMixin):
             beta_schedule=beta_schedule, trained_betas=trained_betas, timestep_spacing=timestep_spacing,
             steps_offset=steps_offset, use_karras_sigmas=use_karras_sigmas,
             use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas, final_sigmas_type="zero")
+        # the training schedule, as DDIMScheduler has it
+        self.betas = self._spacing.betas
+        self.alphas = self._spacing.alphas
         self.alphas_cumprod = self._spacing.alphas_cumprod
         self.init_noise_sigma = 1.0  # states are DDPM states sqrt(abar) x0 + sqrt(1 - abar) noise
         self.num_inference_steps = None
@@ -83,8 +94,42 @@ class IPNDMDiscreteScheduler(SchedulerMixin, ConfigMixin):
         self._reset()
 
     def _reset(self):
-        self._step_index = 0
+        self._step_index = None  # the next step's index in timesteps; None until a run's first step
+        self._begin_index = None  # where a run starts, when a pipeline says (set_begin_index)
         self._history = []  # noise predictions, newest first
+
+    @property
+    def step_index(self) -> int | None:
+        """The index in ``timesteps`` of the next step; None after ``set_timesteps`` until the run's first step."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The index a run starts at, when set by ``set_begin_index`` (None after ``set_timesteps``)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next run at ``timesteps[begin_index]``, whatever ``timestep`` its first step gets (pipelines
+        call it after ``set_timesteps``)."""
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """The index of ``timestep`` in ``schedule_timesteps`` (default ``timesteps``; its entries are distinct)."""
+        if schedule_timesteps is None:
+            schedule_timesteps = self.timesteps
+        if torch.is_tensor(timestep):
+            timestep = timestep.to(schedule_timesteps.device)
+        indices = (schedule_timesteps == timestep).nonzero()
+        if len(indices) == 0:
+            value = timestep.item() if torch.is_tensor(timestep) else timestep
+            raise ValueError(f"timestep {value} is not one of this schedule's timesteps; step() starts a run at "
+                             "one of them (or at set_begin_index's index)")
+        return int(indices[0].item())
+
+    def _init_step_index(self, timestep) -> None:
+        """A run's first step: its index, and an empty multistep history."""
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+        self._history = []
 
     def __len__(self):
         return self.config.num_train_timesteps
@@ -116,18 +161,42 @@ class IPNDMDiscreteScheduler(SchedulerMixin, ConfigMixin):
         return self._alphas
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """``sample`` itself (the model takes DDPM states); the first call of a run sets ``step_index``, as
+        Euler's does."""
+        if self._step_index is None and timestep is not None and self.timesteps is not None:
+            self._init_step_index(timestep)
         return sample
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float | None = 0.0,
+             use_clipped_model_output: bool = False, generator=None, variance_noise=None, return_dict: bool = True,
              **kwargs):
-        """One iPNDM step from the current state to the next noise level; ``kwargs`` (a pipeline's
-        ``generator``, ...) are accepted and unused: the method is deterministic."""
+        """One iPNDM step from the state at ``timesteps[step_index]`` to the next noise level.
+
+        Args:
+            model_output: the model's output at ``sample`` (in the config's ``prediction_type``).
+            timestep: the current timestep; read only at a run's first step, to find where the run starts (unless
+                ``set_begin_index`` said).
+            sample: the current state.
+            eta: 0 (or None) only; iPNDM is deterministic (DDIM's or DDPM's scheduler samples with eta > 0).
+            use_clipped_model_output: accepted for DDIM's signature; no effect (no x0 clipping here).
+            generator: accepted and unused (deterministic).
+            variance_noise: None only (deterministic).
+            return_dict: a ``SchedulerOutput``, else the tuple ``(prev_sample,)``.
+            kwargs: other keywords a pipeline passes are accepted and unused.
+        """
+        if eta is not None and float(eta) != 0.0:
+            raise ValueError(f"eta={eta}: iPNDM is deterministic (eta 0); use DDIM or DDPM for eta > 0")
+        if variance_noise is not None:
+            raise ValueError("variance_noise: iPNDM is deterministic and adds no noise; use DDIM or DDPM for eta > 0")
         if self.timesteps is None:
             raise ValueError("call set_timesteps before step")
+        if self._step_index is None:
+            self._init_step_index(timestep)
         i = self._step_index
-        if i >= len(self.sigmas) - 1:
-            raise RuntimeError(f"step() called {i + 1} times after set_timesteps({self.num_inference_steps}); "
-                               "call set_timesteps() before every sampling run")
+        if not 0 <= i < len(self.sigmas) - 1:
+            raise RuntimeError(f"step() at index {i}, outside the {len(self.sigmas) - 1} steps of "
+                               f"set_timesteps({self.num_inference_steps}); call set_timesteps() before every "
+                               "sampling run")
         alphas = self._step_alphas()
         alpha_prod_t, alpha_prod_t_prev = alphas[i], alphas[i + 1]
         eps = convert_prediction(model_output, sample, alpha_prod_t, self.config.prediction_type, "epsilon")

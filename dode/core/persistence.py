@@ -168,6 +168,9 @@ def split_record(record: dict, where: str, class_name: str = CLASS_NAME) -> tupl
     if scheduler_class is None or not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
         raise ValueError(f"{where} names an unknown scheduler {base_name!r}")
     base_config = {key: value for key, value in record.items() if key not in OWN_KEYS and not key.startswith("_")}
+    defaults = record.get("_use_default_values")
+    if isinstance(defaults, (list, tuple)):  # in memory only (never saved): keys the base took its defaults for
+        base_config["_use_default_values"] = [key for key in defaults if key in base_config]
     base = scheduler_class.from_config(base_config)
     if len(lambdas) != nfe:
         raise ValueError(f"{where} is inconsistent: {len(lambdas)} lambdas for nfe={nfe}")

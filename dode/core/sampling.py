@@ -99,10 +99,12 @@ def prepare_scheduler(model, solver_or_scheduler, nfe: int, spacing=None):
         return scheduler, scheduler.num_inference_steps
     if spacing is not None:
         raise ValueError("spacing goes with a solver name; a scheduler brings its own")
-    if isinstance(solver_or_scheduler, DODEScheduler):
-        if nfe != solver_or_scheduler.nfe:
-            raise ValueError(f"this DODEScheduler was fitted for NFE {solver_or_scheduler.nfe}, not {nfe}")
-        return solver_or_scheduler, solver_or_scheduler.num_inference_steps
+    if isinstance(solver_or_scheduler, DODEScheduler):  # one fit per step count: the one with this NFE
+        steps = [n for n, k in solver_or_scheduler.nfes.items() if k == nfe]
+        if not steps:
+            raise ValueError(f"this DODEScheduler was fitted for NFE "
+                             f"{' and '.join(map(str, solver_or_scheduler.nfes.values()))}, not {nfe}")
+        return solver_or_scheduler, steps[0]
     return solver_or_scheduler, solver_of(solver_or_scheduler).steps_for(nfe)
 
 

@@ -149,14 +149,16 @@ def pipeline_model(pipe, prompts=None, *, guidance_scale: float = 7.5, negative_
 def use_dode(pipe, scheduler):
     """Install a ``DODEScheduler`` (or the folder it was saved to) as ``pipe.scheduler``; returns the pipeline.
 
-    Call the pipeline with ``num_inference_steps=scheduler.num_inference_steps``: the lambdas hold for that step
-    count only, and any other raises ValueError (the pipelines' defaults, 50 or 1000, do). The lambdas must have
+    Call the pipeline with ``num_inference_steps=scheduler.num_inference_steps`` (or any of ``scheduler.counts``
+    for one distilled at several NFE): the lambdas hold for their step count only, and any other raises ValueError
+    (the pipelines' defaults, 50 or 1000, do). The lambdas must have
     been fitted on this pipeline's noise schedule and prediction type (``pipeline_model(pipe)``, or
     ``dode.load_model`` of the same checkpoint). DDPMPipeline and DDIMPipeline neither scale the noise by
     ``init_noise_sigma`` nor call ``scale_model_input``, so sigma-space solvers (heun) cannot run in them, and
     they pass ``generator`` (DDIMPipeline also ``eta``) to ``step``, which a DODEScheduler hands on only where its
     base scheduler's ``step`` takes them. ``pipe.save_pretrained`` saves the DODEScheduler with the pipeline;
-    DDIMPipeline turns any scheduler into a DDIMScheduler when built, so call ``use_dode`` again after loading one.
+    DDIMPipeline turns any scheduler into a DDIMScheduler when built (``LambdasDroppedWarning`` says so), so call
+    ``use_dode`` again after loading one.
     """
     from diffusers import DDIMPipeline, DDPMPipeline
 
