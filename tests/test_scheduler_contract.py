@@ -362,3 +362,17 @@ def test_ipndm_keeps_the_contract_itself(gmm):
     assert scheduler.begin_index == 2 and scheduler.step_index is None
     with pytest.raises(ValueError, match="deterministic"):
         scheduler.step(gmm(x, scheduler.timesteps[2]), scheduler.timesteps[2], x, eta=0.5)
+
+
+def test_a_class_outside_the_compatibles_takes_its_own_defaults_too():
+    """DODE(Euler)'s config into EDMEulerScheduler, which crashed on Euler's default sigma_min=None before the
+    config kept ``_use_default_values``: now it is what Euler's own config gives."""
+    from diffusers import EDMEulerScheduler, EulerDiscreteScheduler
+
+    scheduler = dode.DODEScheduler(EulerDiscreteScheduler(), [0.0, 0.2, 0.1], 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        switched = EDMEulerScheduler.from_config(scheduler.config)
+        expected = EDMEulerScheduler.from_config(EulerDiscreteScheduler().config)
+    kept = {key: value for key, value in public(switched.config).items() if key not in OWN_KEYS}
+    assert kept == public(expected.config) and switched.config.sigma_min == expected.config.sigma_min
