@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # here; pyproject.toml keeps an open range for users who bring their own.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup notebook-filter test reproduce verify bench guard-reference models lab clean test-inception
+.PHONY: setup notebook-filter test reproduce verify bench guard-reference count-interpolation models lab clean test-inception
 
 setup: $(STAMP) notebook-filter
 
@@ -62,6 +62,11 @@ bench: setup
 # ARGS="--models gmm-digits" for one model, ARGS="--report-only" to rewrite the report from the saved table.
 guard-reference: setup
 	DODE_NUM_THREADS=1 $(PY) -m dode.tools.guard_reference --out results $(ARGS)
+
+# Lambdas for step counts without a fit, interpolated over the noise level, against the base and the count's own fit
+# (results/count_interpolation.md; seconds).
+count-interpolation: setup
+	DODE_NUM_THREADS=1 $(PY) -m dode.tools.count_interpolation --out results $(ARGS)
 
 # Retrain the shipped unet-digits and digits-classifier weights (dode/models/weights/), refit the gmm-digits mixture and
 # report how far the refit is from the shipped one (ARGS="-p replace_mixture True" replaces it); ~10 min on 2 CPU cores.

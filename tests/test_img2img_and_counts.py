@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -142,3 +144,25 @@ def test_combine_and_distill_refuse_what_cannot_be_one_scheduler(gmm):
         dode.distill(gmm, "ipndm", [3, 4], spacing=[10.0, 1.0, 0.1], progress=False)
     with pytest.raises(ValueError, match="at least 2 model evaluations"):  # every count checked before any work
         dode.distill(gmm, "ddim", [3, 1], progress=False)
+
+
+def test_the_interpolation_rule_of_the_count_study_against_closed_forms():
+    """dode.tools.count_interpolation (the measurement behind offering no interpolation, results/
+    count_interpolation.md): a count with a fit gets its own lambdas; lambdas linear in log noise level on both
+    neighbours come back exactly on that line, weighted by the count's distance to each; beyond a fit's levels its
+    end value holds; lambda_0 is 0."""
+    from dode.tools.count_interpolation import interpolated_lambdas
+
+    def line(levels, slope, offset):
+        return [0.0, *(slope * np.log(levels[1:]) + offset)]
+
+    three, ten = np.geomspace(80.0, 0.05, 3), np.geomspace(80.0, 0.05, 10)
+    fits = {3: (three, line(three, 0.1, 0.5)), 10: (ten, line(ten, 0.3, -0.2))}
+    assert interpolated_lambdas(fits, three, 3) == fits[3][1]
+    levels = np.geomspace(3.0, 0.06, 5)  # evaluations 1-4 inside both fits' ranges (their evaluations 1 on)
+    w = (5 - 3) / (10 - 3)
+    expected = [(1 - w) * a + w * b for a, b in zip(line(levels, 0.1, 0.5), line(levels, 0.3, -0.2))]
+    np.testing.assert_allclose(interpolated_lambdas(fits, levels, 5), expected, rtol=1e-12, atol=1e-12)
+    wide = np.array([200.0, 100.0, 0.01])  # beyond the fitted levels at both ends: the fits' end values
+    got = interpolated_lambdas({3: fits[3]}, wide, 4)
+    assert got[0] == 0.0 and got[1] == fits[3][1][1] and got[2] == fits[3][1][-1]
