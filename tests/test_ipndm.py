@@ -326,3 +326,19 @@ def test_step_takes_ddims_arguments_and_only_eta_zero(gmm):
     with pytest.raises(ValueError, match="deterministic"):
         scheduler.step(gmm(x, t), t, x, variance_noise=torch.zeros_like(x))
     assert scheduler.step_index is None  # a refused step does not start the run
+
+
+@pytest.mark.parametrize("spacing", ["karras", "exponential", "leading"])
+def test_add_noise_puts_the_state_at_the_noise_level_the_steps_use(gmm, spacing):
+    """Image-to-image starts from add_noise at timesteps[k]: its noise-to-signal ratio is the step's own sigma at k,
+    also at the fractional timesteps of the sigma spacings (where it used to truncate the timestep)."""
+    scheduler = ipndm(gmm, spacing)
+    scheduler.set_timesteps(6)
+    shape = (1, *gmm.sample_shape)
+    for k, t in enumerate(scheduler.timesteps):
+        signal = scheduler.add_noise(torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64),
+                                     t.reshape(1))
+        spread = scheduler.add_noise(torch.zeros(shape, dtype=torch.float64), torch.ones(shape, dtype=torch.float64),
+                                     t.reshape(1))
+        ratio = float(spread.flatten()[0] / signal.flatten()[0])
+        assert ratio == pytest.approx(float(scheduler.sigmas[k]), rel=2e-5), (spacing, k, float(t))

@@ -34,7 +34,7 @@ from diffusers import EulerDiscreteScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
-from .schedule import PREDICTION_TYPES, convert_prediction
+from .schedule import PREDICTION_TYPES, convert_prediction, interpolated_sigma
 
 #: Adams-Bashforth coefficients for equal steps, newest prediction first, by order
 ADAMS_BASHFORTH = {
@@ -216,7 +216,15 @@ class IPNDMDiscreteScheduler(SchedulerMixin, ConfigMixin):
         return SchedulerOutput(prev_sample=prev_sample)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """The forward process at integer training ``timesteps`` (image-to-image pipelines)."""
-        alphas = self.alphas_cumprod.to(original_samples.device, original_samples.dtype)[torch.as_tensor(timesteps).long()]
+        """The forward process at training ``timesteps`` (image-to-image pipelines): at an integer timestep its
+        ``alphas_cumprod`` (DDIM's arithmetic), at a fractional one (karras and the other sigma spacings) the noise
+        level the steps use there, log-sigma linear between training timesteps."""
+        timesteps = torch.as_tensor(timesteps)
+        if torch.equal(timesteps, timesteps.round()):
+            alphas = self.alphas_cumprod.to(original_samples.device, original_samples.dtype)[timesteps.long()]
+        else:
+            log_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).double().log()
+            sigmas = interpolated_sigma(timesteps, log_sigmas)
+            alphas = (1.0 / (1.0 + sigmas**2)).to(original_samples.device, original_samples.dtype)
         alphas = alphas.reshape(-1, *([1] * (original_samples.ndim - 1)))
         return alphas ** 0.5 * original_samples + (1 - alphas) ** 0.5 * noise
