@@ -16,6 +16,17 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def unet():
+    """A tiny random UNet2DModel (8x8, one channel) for diffusers pipelines, seeded; one per test module."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+
+
 @pytest.fixture(scope="session")
 def gmm():
     return dode.load_model("gmm-digits", device="cpu")

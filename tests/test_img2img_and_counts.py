@@ -9,7 +9,7 @@ import numpy as np
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler
 
 import dode
 from dode.core.distill import VALIDATION_SEED
@@ -89,14 +89,6 @@ def test_img2img_with_a_fitted_dode_scheduler_is_the_loop_by_hand(gmm, fitted, s
 
 
 # -- several step counts in one scheduler -----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4).eval()
-
-
 def test_one_scheduler_for_several_step_counts_in_ddpm_pipeline(unet, tmp_path):
     """distill(nfe=[3, 5, 10]) gives one scheduler; saved, reloaded and installed in DDPMPipeline it samples at
     num_inference_steps 3, 5 and 10 exactly as the scheduler distilled for that count alone does; its fits share one

@@ -27,14 +27,6 @@ SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0
                    skip_prk_steps=True, set_alpha_to_one=False)
 
 
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4).eval()
-
-
 def unconditional(pipeline_class, unet):
     """A pipeline around the tiny UNet on a v-prediction DDPM schedule (with clipping, which dode's solvers drop)."""
     pipe = pipeline_class(unet=unet, scheduler=DDPMScheduler(prediction_type="v_prediction", beta_end=0.015))

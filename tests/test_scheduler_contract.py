@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 from diffusers.configuration_utils import FrozenDict
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
@@ -34,6 +34,15 @@ def lambdas_of(kind: str, nfe: int) -> list:
 def wrapped(model, solver: str, kind: str) -> dode.DODEScheduler:
     steps = get_solver(solver).steps_for(NFE)
     return dode.DODEScheduler(dode.make_scheduler(solver, model), lambdas_of(kind, NFE), steps)
+
+
+def lockstep(scheduler, steps=None):
+    """``scheduler`` and a copy of its base, both after ``set_timesteps`` (the base driven by hand beside it)."""
+    base = copy.deepcopy(scheduler.base_scheduler)
+    steps = scheduler.num_inference_steps if steps is None else steps
+    scheduler.set_timesteps(steps)
+    base.set_timesteps(steps)
+    return scheduler, base
 
 
 def public(config) -> dict:
@@ -154,10 +163,7 @@ def test_config_fix_ups_reach_the_base(gmm, solver):
 # -- one step, and what pipelines call around it -----------------------------------------------------------------
 @pytest.mark.parametrize("solver, kind", KINDS)
 def test_step_shapes_add_noise_scale_model_input_and_timesteps_are_the_bases(gmm, solver, kind):
-    scheduler = wrapped(gmm, solver, kind)
-    base = copy.deepcopy(scheduler.base_scheduler)
-    scheduler.set_timesteps(scheduler.num_inference_steps)
-    base.set_timesteps(scheduler.num_inference_steps)
+    scheduler, base = lockstep(wrapped(gmm, solver, kind))
     assert scheduler.timesteps.dtype == base.timesteps.dtype and torch.equal(scheduler.timesteps, base.timesteps)
     x = start(gmm, scheduler)
     clean, noise = torch.randn_like(x), torch.randn_like(x)
@@ -181,10 +187,7 @@ def test_step_shapes_add_noise_scale_model_input_and_timesteps_are_the_bases(gmm
 
 @pytest.mark.parametrize("solver, kind", KINDS)
 def test_a_full_loop_is_the_base_loop_on_corrected_outputs(gmm, solver, kind):
-    scheduler = wrapped(gmm, solver, kind)
-    base = copy.deepcopy(scheduler.base_scheduler)
-    scheduler.set_timesteps(scheduler.num_inference_steps)
-    base.set_timesteps(scheduler.num_inference_steps)
+    scheduler, base = lockstep(wrapped(gmm, solver, kind))
     x = start(gmm, scheduler, seed=1)
     assert torch.equal(run(gmm, scheduler, x, scheduler.timesteps),
                        by_hand(gmm, base, scheduler.lambdas, x, base.timesteps))
@@ -197,10 +200,7 @@ def test_a_loop_from_timesteps_k_gets_the_lambdas_from_k(gmm, solver, kind, begi
     does, or from the first step's timestep alone, as DDPM-style loops do) is the base's same loop on outputs
     corrected with lambdas[k], lambdas[k + 1], ..., the first uncorrected."""
     k = 2  # a whole step into the run for every base (Heun's timesteps pair its stages after the first)
-    scheduler = wrapped(gmm, solver, kind)
-    base = copy.deepcopy(scheduler.base_scheduler)
-    scheduler.set_timesteps(scheduler.num_inference_steps)
-    base.set_timesteps(scheduler.num_inference_steps)
+    scheduler, base = lockstep(wrapped(gmm, solver, kind))
     if begin == "set_begin_index":
         scheduler.set_begin_index(k)
         assert scheduler.begin_index == k
@@ -299,10 +299,7 @@ def test_eta_and_generator_reach_the_base(gmm, solver, kind):
 def test_ddim_eta_with_a_generator_is_ddims(gmm, kind):
     """DDIM's stochastic sampler (eta = 1) through the D-ODE scheduler is DDIM's on the corrected outputs, the same
     noise from the same generator seed (diffusers' test_eta, with the lambdas)."""
-    scheduler = wrapped(gmm, "ddim", kind)
-    base = copy.deepcopy(scheduler.base_scheduler)
-    scheduler.set_timesteps(NFE)
-    base.set_timesteps(NFE)
+    scheduler, base = lockstep(wrapped(gmm, "ddim", kind), NFE)
     x = start(gmm, scheduler, seed=4)
     got = run(gmm, scheduler, x, scheduler.timesteps, eta=1.0, generator=torch.Generator().manual_seed(5))
     expected = by_hand(gmm, base, scheduler.lambdas, x, base.timesteps, eta=1.0,
@@ -313,14 +310,6 @@ def test_ddim_eta_with_a_generator_is_ddims(gmm, kind):
 
 
 # -- pipelines that would drop the lambdas ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4).eval()
-
-
 def test_ddim_pipeline_says_loudly_that_it_drops_the_lambdas(unet, tmp_path):
     """DDIMPipeline turns any scheduler into a DDIMScheduler, when built and when loaded: a warning on the console
     (``warnings``, not only diffusers' log) says so and how to keep D-ODE."""

@@ -48,6 +48,8 @@ __all__ = ["CONFIG_FILE", "OWN_KEYS", "DODEScheduler", "LambdasDroppedWarning", 
 #: what the wrapper itself holds; any other attribute write goes to the base scheduler (or is refused)
 _OWN_ATTRIBUTES = frozenset({"base_scheduler", "lambdas", "num_inference_steps", "fit_info", "grid", "_spacing",
                              "_evaluation", "_previous_output", "_internal_dict", "_fits", "_begin", "_passthrough"})
+#: one count's fit, as ``DODEScheduler.combine`` switches between counts
+_FIT_ATTRIBUTES = ("base_scheduler", "num_inference_steps", "lambdas", "fit_info", "grid", "_spacing")
 #: the config key of a scheduler with fits for several step counts ({steps: that count's whole config})
 FITS_KEY = "fits"
 
@@ -208,11 +210,9 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         """Make ``steps``'s fit the one in use (several counts): the state of the one in use goes back first."""
         if steps == self.num_inference_steps or not self._fits:
             return
-        current = self._fits[self.num_inference_steps]
-        for name in ("base_scheduler", "lambdas", "num_inference_steps", "fit_info", "grid", "_spacing"):
+        current, chosen = self._fits[self.num_inference_steps], self._fits[steps]
+        for name in _FIT_ATTRIBUTES:
             object.__setattr__(current, name, getattr(self, name))
-        chosen = self._fits[steps]
-        for name in ("base_scheduler", "lambdas", "num_inference_steps", "fit_info", "grid", "_spacing"):
             object.__setattr__(self, name, getattr(chosen, name))
 
     def _bases(self) -> list:
@@ -270,14 +270,13 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
 
     def _config_values(self) -> dict:
         values = self._own_values()
+        own = dict(values)
         defaults = self.base_scheduler.config.get("_use_default_values")
         if defaults:  # the keys the base took defaults for: a class switched to takes its own defaults there
             values["_use_default_values"] = sorted(k for k in defaults if k not in OWN_KEYS)
-        if self._fits:
-            values[FITS_KEY] = {str(n): (values if n == self.num_inference_steps else fit._own_values())
+        if self._fits:  # every count's own config; the count in use from its current state
+            values[FITS_KEY] = {str(n): own if n == self.num_inference_steps else fit._own_values()
                                 for n, fit in sorted(self._fits.items())}
-            values[FITS_KEY] = {n: {k: v for k, v in entry.items() if k != FITS_KEY and not k.startswith("_")}
-                                for n, entry in values[FITS_KEY].items()}
         return values
 
     def _sync_config(self) -> None:
@@ -318,7 +317,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
             if _solver_or_none(self.base_scheduler) is not None and fit.nfe != self.nfe:
                 raise ValueError(f"{fit.nfe} lambdas for num_inference_steps={self.num_inference_steps}, which "
                                  f"makes {self.nfe} model evaluations")
-            for name in ("lambdas", "fit_info", "grid", "_spacing"):
+            for name in _FIT_ATTRIBUTES[2:]:  # the fit, on the same base and step count
                 object.__setattr__(self, name, getattr(fit, name))
         if changed:
             for base in self._bases():
