@@ -179,7 +179,9 @@ def test_every_refinement_is_kept_only_where_it_validates_better_than_what_it_re
     refined, info = result.scheduler, result.scheduler.fit_info["refine"]
     assert info == result.record and result.kept is better and result.score == info["validation"]
     assert info["validation_before"] == before and info["kept"] is better
-    assert len(info["steps"]) == 3 and info["steps"][-1]["continued"]  # two probes, the best one continued
+    # two probes (joint+timesteps: and the learned grid alone's), the best one continued
+    assert len(info["steps"]) == 3 + (mode == "joint+timesteps") and info["steps"][-1]["continued"]
+    assert ("grid_alone" in info) is (mode == "joint+timesteps")
     if better:
         assert info["validation"] < before
     elif REFINEMENTS[mode].lambdas:  # the fit itself comes back
@@ -196,10 +198,59 @@ def test_distill_learns_ddims_grid_and_the_result_round_trips(gmm, validation, t
                            refine="joint+timesteps", refine_iterations=6, refine_starts=2, progress=False)
     info = learned.fit_info["refine"]
     assert info["validation"] <= info["validation_before"] or not info["kept"]
-    assert len(info["steps"]) == 3
+    # the learned grid alone and two spacings, each for all 6 iterations (fewer than a probe's 10: no probing)
+    assert len(info["steps"]) == 3 and "grid_alone" in info
     if info["kept"]:
         assert isinstance(learned.base_scheduler, dode.IPNDMDiscreteScheduler) and learned.grid is not None
     learned.save_pretrained(tmp_path)
     loaded = dode.DODEScheduler.from_pretrained(tmp_path)
     x, y = (dode.sample(gmm, d, 4, 6, seed=100, progress=False) for d in (learned, loaded))
     assert torch.equal(x, y)
+
+
+class _FavoursZeroLambdas:
+    """A judge that scores every scheduler with lambda 0 at ``low`` and any other at ``high``."""
+
+    def __init__(self, low, high):
+        self.low, self.high = low, high
+
+    def __call__(self, scheduler, *args, **kwargs):
+        return self.low if all(v == 0.0 for v in scheduler.lambdas) else self.high
+
+
+def test_joint_and_timesteps_never_validates_worse_than_the_learned_grid_alone(gmm, auto_fit):
+    """Where every refinement with lambdas validates worse than the learned grid alone (lambda 0, the special case),
+    the grid alone is the result of "joint+timesteps"; its cost is counted in the result's."""
+    auto, teacher = auto_fit
+    judge = _FavoursZeroLambdas(0.5 * auto.score, 2.0 * auto.score)
+    alone = refine_fit(gmm, auto, teacher, "timesteps", judge=judge, starts=2, max_iterations=4, probe_iterations=2,
+                       progress=False)
+    assert alone.kept and alone.scheduler.grid is not None and alone.score == 0.5 * auto.score
+    result = refine_fit(gmm, auto, teacher, "joint+timesteps", judge=judge, starts=2, max_iterations=4,
+                        probe_iterations=2, grid_alone=alone, progress=False)
+    info = result.record
+    assert result.kept and info["grid_alone_kept"] and result.score == alone.score
+    assert result.scheduler.lambdas == [0.0] * result.scheduler.nfe and result.scheduler.grid == alone.scheduler.grid
+    assert info["steps"][0]["spacing"] == alone.spacing and info["steps"][0]["start_validation"] == alone.score
+    cost = result.scheduler.fit_info["cost"]
+    assert info["grid_alone"]["sample_evaluations"] == alone.record["sample_evaluations"] > 0
+    assert result.seconds >= alone.seconds and cost["sample_evaluations"]["refine"] == (
+        info["sample_evaluations"] + alone.record["sample_evaluations"])
+    # without a grid alone given, refine_fit learns one first: the same first start
+    again = refine_fit(gmm, auto, teacher, "joint+timesteps", judge=judge, starts=2, max_iterations=4,
+                       probe_iterations=2, progress=False)
+    assert again.scheduler.grid == result.scheduler.grid and again.record["grid_alone_kept"]
+
+
+def test_a_refinement_without_a_spacing_starts_from_auto(gmm, validation):
+    """The default should be the best a user can get: ``refine=`` with no spacing fits every spacing (auto) and
+    refines from several of them; the paper's plain fit is ``refine=None``."""
+    teacher = dode.Teacher(gmm, batch_size=8, seed=5, substeps=2)
+    refined = dode.distill(gmm, "deis", 4, teacher=teacher, validation=validation, refine="joint",
+                           refine_iterations=2, refine_starts=2, progress=False)
+    info = refined.fit_info
+    assert info["spacing_requested"] == "auto" and len(info["validation"]["candidates"]) == len(
+        dode.get_solver("deis").spacings)
+    assert len({step["spacing"] for step in info["refine"]["steps"]}) == 2
+    plain = dode.distill(gmm, "deis", 4, teacher=teacher, validation=validation, progress=False)
+    assert plain.fit_info["spacing_requested"] == dode.get_solver("deis").default_spacing

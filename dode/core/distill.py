@@ -14,6 +14,7 @@ reads on the returned scheduler, is written once from those values at the end (d
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from ..util.runtime import resolve_device
 from .fit import GreedyFit, greedy_fit
 from .guard import CRITERIA, MARGIN, FitWarning, Judge, best_factor, choose, decision, insanity, scaled
 from .reference import REFERENCE, Reference
-from .refine import REFINEMENTS, Optimised, optimise
+from .refine import REFINEMENTS, TOLERANCE, Optimised, optimise
 from .sampling import check_batch_size, count_evaluations
 from .scheduler import DODEScheduler, grid_scheduler, make_scheduler, to_grid_form
 from .solvers import GRID_SOLVERS, Solver, get_solver
@@ -386,7 +387,8 @@ def _distill_counts(single, arguments: dict) -> DODEScheduler:
 def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
             teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
             margin: float = MARGIN, reference: Reference = REFERENCE, device="auto",
-            refine: str | None = None, refine_iterations: int = 50, refine_starts: int = STARTS,
+            refine: str | None = None, refine_iterations: int = 200, refine_starts: int = STARTS,
+            refine_tolerance: float = TOLERANCE, refine_batch_size: int | None = None,
             progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
 
@@ -415,27 +417,29 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     ``dode.REFERENCE``), once per process for the model, seeds and reference (keyed on
     a hash of the model's parameters: a second call reuses it, ``fit_info["cost"]`` says so); ``criterion``:
     ``"fd"`` (pixel Frechet distance between the final samples and the reference solution of the same seeds, the
-    default) or ``"rmse"``
-    (of the final samples to that solution); ``features``: the feature space of ``"fd"`` (``"pixel"``, or
+    default) or ``"rmse"`` (of the final samples to that solution); ``features``: the feature space of ``"fd"`` (``"pixel"``, or
     ``"digits"`` / ``"inception"`` to validate in the space of the metric you report). ``guard=False`` and a named
     spacing give the paper's plain greedy fit, with no validation.
 
     ``refine``: None (the paper's greedy fit), ``"joint"`` (then all lambdas together, against the teacher's
-    state after every step, at most ``refine_iterations`` L-BFGS iterations), ``"joint+timesteps"`` (lambdas
-    and the noise level of every step, the first only downwards, against the teacher's final samples; only for
-    ``GRID_SOLVERS``) or ``"timesteps"`` (the grid alone, every lambda 0: the base solver on a learned grid, the
-    ablation without D-ODE). With ``spacing="auto"`` a refinement runs from ``refine_starts`` starting points
-    (``refinement_starts``) and the best on the validation seeds is kept; with the guard on, a refinement that
-    validates worse than what it would replace is dropped (``fit_info["refine"]["kept"]``).
+    state after every step), ``"joint+timesteps"`` (lambdas and the noise level of every step, the first only
+    downwards, against the teacher's final samples; only for ``GRID_SOLVERS``) or ``"timesteps"`` (the grid alone,
+    every lambda 0: the base solver on a learned grid). Exact gradients (autograd, the noise levels included);
+    L-BFGS until an iteration gains less than ``refine_tolerance`` of the start value (at most
+    ``refine_iterations``); ``refine_batch_size``: micro-batches (bounded memory, the same gradient). With the
+    guard and no ``spacing``, it starts from ``"auto"``: ``refine_starts`` starts (``refinement_starts``), the best
+    on the validation seeds kept; "joint+timesteps" also from the learned grid alone, never validating worse than
+    it; a refinement worse than what it would replace is dropped (``fit_info["refine"]["kept"]``).
 
-    ``fit_info`` records the spacing, every candidate's validation scores, the decision and the reference, and
-    ``fit_info["cost"]``: model evaluations (times the samples of each) and seconds of the fit, the reference, the
-    validation runs and any refinement. A fit that looks wrong (``dode.core.guard.insanity``: a huge |lambda|, or
-    final samples far outside the teacher's) warns once (``FitWarning``); its decision text says so.
+    ``fit_info``: the spacing, every candidate's validation scores, the decision, the reference, and ``"cost"``
+    (model evaluations times samples, and seconds, by part). A fit that looks wrong (``dode.core.guard.insanity``)
+    warns once (``FitWarning``); its decision text says so.
     """
     if isinstance(nfe, (list, tuple)):  # one fit per count, in one scheduler
         return _distill_counts(distill, locals())
     _check_refine(get_solver(solver), refine)
+    if refine is not None and spacing is None and guard:  # the best a user can get: from auto's choice and more
+        spacing = "auto"
     found = distillation(model, solver, nfe, spacing=spacing, batch_size=batch_size, seed=seed, teacher=teacher,
                          guard=guard, validation=validation, criterion=criterion, features=features, margin=margin,
                          reference=reference, device=device, progress=progress)
@@ -444,7 +448,7 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     with found.sharing():  # a start on a candidate's grid reads the targets its fit had, without another teacher run
         return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
                           max_iterations=refine_iterations, starts=refine_starts if found.auto else 1,
-                          progress=progress).scheduler
+                          tolerance=refine_tolerance, batch_size=refine_batch_size, progress=progress).scheduler
 
 
 @dataclass
@@ -518,82 +522,122 @@ class _Attempt(NamedTuple):
                 "spacing": self.start.spacing, "start_validation": self.start.score, **extra}
 
 
-def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | None, iterations: int,
+def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | None, options: "RefineOptions",
              targets=None, progress: bool = True) -> _Attempt:
     """One refinement from ``start`` against ``teacher`` (``targets``: its states at the start's levels, where
     known), scored by ``judge``."""
-    options = REFINEMENTS[mode]._asdict()
+    mode_options = REFINEMENTS[mode]._asdict()
     if targets is None:
-        probe = copy.deepcopy(to_grid_form(start.scheduler) if options["timesteps"] else start.scheduler)
+        probe = copy.deepcopy(to_grid_form(start.scheduler) if mode_options["timesteps"] else start.scheduler)
         probe.set_timesteps(probe.num_inference_steps, device=teacher.noise.device)
         targets = teacher.targets(TimeGrid.of(probe))
-    found = optimise(model, start.scheduler, teacher.noise, targets, **options, max_iterations=iterations,
-                     progress=progress)
+    found = optimise(model, start.scheduler, teacher.noise, targets, **mode_options,
+                     max_iterations=options.max_iterations, tolerance=options.tolerance,
+                     gradient=options.gradient, batch_size=options.batch_size, progress=progress)
     return _Attempt(start, found, None if judge is None else judge(found.scheduler))
 
 
+class RefineOptions(NamedTuple):
+    """How a refinement runs (``refine_fit``): L-BFGS until an iteration gains less than ``tolerance`` of its start
+    value or ``max_iterations``; with several starts, each first for ``probe_iterations``; the fitting batch in
+    micro-batches of ``batch_size`` samples (None: whole); ``gradient``: "autograd" or "fd" (``GRADIENTS``)."""
+
+    max_iterations: int = 200
+    tolerance: float = TOLERANCE
+    probe_iterations: int = 10
+    batch_size: int | None = None
+    gradient: str = "autograd"
+
+
 def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge: Judge | None = None,
-               targets=None, max_iterations: int = 50, starts: int = 1, probe_iterations: int = 5,
-               progress: bool = True) -> Refined:
+               targets=None, max_iterations: int = 200, starts: int = 1, probe_iterations: int = 10,
+               tolerance: float = TOLERANCE, batch_size: int | None = None, gradient: str = "autograd",
+               grid_alone: "Refined | None" = None, progress: bool = True) -> Refined:
     """``distill(refine=mode)`` from a ``distillation``, against ``teacher`` (its noise batch is the fitting batch).
 
     ``mode``: "joint", "timesteps" (a learned grid, every lambda 0: the base solver on it) or "joint+timesteps".
     ``starts``: how many starting points (``refinement_starts``; they need ``judge``). With several, each is refined
-    for ``probe_iterations``, the one that then validates best goes on for the rest of ``max_iterations``, and the
-    best-validating of all is the result. With ``judge``, the never-worse guard: the refinement comes back only where
-    it validates better than what it would replace (the distillation's result, or for "timesteps" the best-validating
-    base among the starts); else that comes back (``Refined.kept`` False). ``targets``: the teacher's states at the
-    distillation's own levels, where the caller has them."""
+    for ``probe_iterations``, the one that then validates best goes on until L-BFGS converges (``tolerance``, at
+    most ``max_iterations`` in all), and the best-validating of all is the result. With ``judge``, the never-worse
+    guard: the refinement comes back only where it validates better than what it would replace (the distillation's
+    result, or for "timesteps" the best-validating base among the starts); else that comes back (``Refined.kept``
+    False). "joint+timesteps" with ``judge`` also starts from the learned grid alone (``grid_alone``: a "timesteps"
+    ``refine_fit`` of the same distillation, else made here), and never validates worse than it: where no
+    refinement beats it, the grid alone (every lambda 0) is the result. ``targets``: the teacher's states at the
+    distillation's own levels, where the caller has them. ``batch_size``: micro-batches (bounded memory);
+    ``gradient``: "autograd" (exact) or "fd" (finite differences in the grid)."""
+    options = RefineOptions(max_iterations, tolerance, probe_iterations, batch_size, gradient)
+    if grid_alone is None and mode == "joint+timesteps" and judge is not None:
+        grid_alone = refine_fit(model, found, teacher, "timesteps", judge=judge, starts=starts, tolerance=tolerance,
+                                max_iterations=max_iterations, probe_iterations=probe_iterations,
+                                batch_size=batch_size, gradient=gradient, progress=progress)
     with count_evaluations(model) as counted:
-        refined = _refine_fit(model, found, teacher, mode, judge, targets, max_iterations, starts, probe_iterations,
-                              progress)
+        refined = _refine_fit(model, found, teacher, mode, judge, targets, starts, options, grid_alone, progress)
     refined.record["sample_evaluations"] = counted.sample_evaluations
+    cost = (counted.sample_evaluations, refined.seconds)
+    if grid_alone is not None:  # its cost is part of this one's
+        refined.record["grid_alone"] = {"sample_evaluations": grid_alone.record["sample_evaluations"],
+                                        "seconds": grid_alone.seconds, "validation": grid_alone.score}
+        cost = (cost[0] + grid_alone.record["sample_evaluations"], cost[1] + grid_alone.seconds)
+        refined.seconds = cost[1]
     # fit_info: the distillation's record on the start's spacing, its cost with the refinement's, and the refinement's
-    refined.scheduler.fit_info = {**found.record(refined.spacing, (counted.sample_evaluations, refined.seconds)),
-                                  "refine": refined.record}
+    refined.scheduler.fit_info = {**found.record(refined.spacing, cost), "refine": refined.record}
     return refined
 
 
-def _refine_fit(model, found: Distillation, teacher: Teacher, mode: str, judge: Judge | None, targets,
-                max_iterations: int, starts: int, probe_iterations: int, progress: bool) -> Refined:
+def _refine_fit(model, found: Distillation, teacher: Teacher, mode: str, judge: Judge | None, targets, starts: int,
+                options: RefineOptions, grid_alone: Refined | None, progress: bool) -> Refined:
     if mode not in REFINEMENTS:
         raise ValueError(f"mode must be one of {tuple(REFINEMENTS)}, got {mode!r}")
     began = time.perf_counter()
     points = refinement_starts(model, found, mode, starts if judge is not None else 1)
-    probing = len(points) > 1 and probe_iterations < max_iterations
+    if grid_alone is not None:  # the learned grid alone, lambda 0: a start, and the floor of the result
+        points = [_Start(copy.deepcopy(grid_alone.scheduler), grid_alone.spacing, grid_alone.score), *points]
+    probing = len(points) > 1 and options.probe_iterations < options.max_iterations
     own = targets if not REFINEMENTS[mode].timesteps else None
-    attempts = [_attempt(model, p, teacher, mode, judge, probe_iterations if probing else max_iterations,
-                         own if p.kept else None, progress) for p in points]
+    first = options._replace(max_iterations=options.probe_iterations) if probing else options
+    attempts = [_attempt(model, p, teacher, mode, judge, first, own if p.kept else None, progress) for p in points]
     if judge is None:
         best = attempts[0]
         record = {**best.record(), "seconds_total": time.perf_counter() - began}
         return _refined(found, best.found.scheduler, best.start.spacing, True, best.score, record)
     steps = [a.step() for a in attempts]
     best = min(attempts, key=lambda a: a.score)
+    runs = 0
     if probing:  # the best probe goes on
+        rest = options._replace(max_iterations=options.max_iterations - options.probe_iterations)
         more = _attempt(model, _Start(best.found.scheduler, best.start.spacing, best.score), teacher, mode, judge,
-                        max_iterations - probe_iterations, None, progress)
+                        rest, None, progress)
         steps.append(more.step(continued=True))
         more = more._replace(start=best.start)
         runs = more.found.student_runs
         if more.score <= best.score:
             best = more
-    # what the refinement would replace: the fit itself, or for a learned grid alone the best base among the starts
+    record = {**best.record(), "steps": steps, "iterations": sum(step["iterations"] for step in steps),
+              "evaluations": sum(step["evaluations"] for step in steps),
+              "student_runs": sum(a.found.student_runs for a in attempts) + runs}
+    return _guarded(found, mode, judge, points, best, grid_alone, record, began)
+
+
+def _guarded(found: Distillation, mode: str, judge: Judge, points: list, best: _Attempt,
+             grid_alone: Refined | None, record: dict, began: float) -> Refined:
+    """The never-worse guard of ``refine_fit``: ``best`` where it validates at least as well as what it would
+    replace (the fit itself, or for a learned grid alone the best base among the starts) and as the grid alone;
+    else the better of those."""
     if REFINEMENTS[mode].lambdas:
         baseline = _Start(found.scheduler, found.kept.label, found.score)
     else:
         baseline = min(points, key=lambda p: float("inf") if p.score is None else p.score)
     before = baseline.score if baseline.score is not None else judge(baseline.scheduler)
-    kept = best.score <= before
-    record = {**best.record(), "validation_before": before, "kept": kept, "steps": steps,
-              "iterations": sum(step["iterations"] for step in steps),
-              "evaluations": sum(step["evaluations"] for step in steps),
-              "student_runs": sum(a.found.student_runs for a in attempts) + (runs if probing else 0),
-              "seconds_total": time.perf_counter() - began}
-    if kept:
-        return _refined(found, best.found.scheduler, best.start.spacing, True, best.score, record)
+    record.update(validation_before=before, seconds_total=time.perf_counter() - began)
+    floor = grid_alone.score if grid_alone is not None else math.inf
+    if best.score <= min(before, floor):
+        return _refined(found, best.found.scheduler, best.start.spacing, True, best.score, {**record, "kept": True})
+    if floor <= before:  # the learned grid alone beats every refinement and the fit: it is the result
+        record.update(kept=True, grid_alone_kept=True)
+        return _refined(found, copy.deepcopy(grid_alone.scheduler), grid_alone.spacing, True, floor, record)
     # the baseline's scheduler is a copy of its own (Candidate.at), returned to nobody else
-    return _refined(found, baseline.scheduler, baseline.spacing, False, best.score, record)
+    return _refined(found, baseline.scheduler, baseline.spacing, False, best.score, {**record, "kept": False})
 
 
 def _refined(found: Distillation, scheduler: DODEScheduler, spacing: str, kept: bool, score, record: dict) -> Refined:

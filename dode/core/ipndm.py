@@ -152,11 +152,16 @@ class IPNDMDiscreteScheduler(SchedulerMixin, ConfigMixin):
 
     @staticmethod
     def _alphas_of(sigmas: torch.Tensor) -> torch.Tensor:
-        return (1.0 / (1.0 + sigmas.double() ** 2)).to(torch.float32)
+        """abar of each level, float32 (float64 for float64 levels: the refinement's gradient checks)."""
+        dtype = torch.float64 if sigmas.dtype == torch.float64 else torch.float32
+        return (1.0 / (1.0 + sigmas.double() ** 2)).to(dtype)
 
     def _step_alphas(self) -> torch.Tensor:
-        """abar of every state; from ``sigmas`` when they were moved since ``set_timesteps`` (a custom grid)."""
-        if not torch.equal(self.sigmas, self._alphas_for):
+        """abar of every state; from ``sigmas`` when they were moved since ``set_timesteps`` (a custom grid), and
+        at every step while they carry autograd's graph (``dode.core.solvers.set_levels``)."""
+        if self.sigmas.requires_grad:
+            return self._alphas_of(self.sigmas)
+        if self.sigmas.dtype != self._alphas_for.dtype or not torch.equal(self.sigmas, self._alphas_for):
             self._alphas, self._alphas_for = self._alphas_of(self.sigmas), self.sigmas.clone()
         return self._alphas
 

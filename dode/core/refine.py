@@ -33,7 +33,7 @@ from .schedule import training_sigmas
 from .scheduler import DODEScheduler, to_grid_form
 from .timegrid import TimeGrid
 from .sampling import integrate
-from .solvers import GRID_SOLVERS, solver_of
+from .solvers import GRID_SOLVERS, set_levels, solver_of
 
 _FD_STEP = 1e-4  # finite-difference step in the grid parameters z
 _MIN_GAP = 0.02  # smallest share of the log-sigma span between two grid levels at the start
@@ -60,11 +60,15 @@ REFINEMENTS: dict[str, Refinement] = {
 }
 
 
-def grid_from_params(z: np.ndarray, first: float, lowest: float) -> np.ndarray:
-    """The descending grid [first, ...] whose log-level gaps are softmax([z, 0]) of log(first / lowest)."""
-    gaps = np.exp(np.append(z, 0.0) - np.max(np.append(z, 0.0)))
-    gaps /= gaps.sum()
-    return np.exp(np.log(first) - np.cumsum(np.concatenate([[0.0], gaps[:-1]])) * np.log(first / lowest))
+def grid_from_params(z, first, lowest):
+    """The descending grid [first, ...] whose log-level gaps are softmax([z, 0]) of log(first / lowest): numpy in,
+    numpy out; tensors in, a tensor out (differentiable in ``z`` and ``first``: the refinement's levels)."""
+    if not torch.is_tensor(z):
+        return grid_from_params(torch.as_tensor(np.asarray(z, dtype=np.float64)),
+                                torch.as_tensor(float(first), dtype=torch.float64), lowest).numpy()
+    gaps = torch.softmax(torch.cat([z, z.new_zeros(1)]), dim=0)
+    positions = torch.cat([gaps.new_zeros(1), torch.cumsum(gaps[:-1], dim=0)])
+    return torch.exp(torch.log(first) - positions * torch.log(first / lowest))
 
 
 def params_from_grid(grid: np.ndarray, lowest: float) -> np.ndarray:
@@ -76,12 +80,18 @@ def params_from_grid(grid: np.ndarray, lowest: float) -> np.ndarray:
 
 def _student_states(model, student: DODEScheduler, noise: torch.Tensor, lambdas, grid) -> list[torch.Tensor]:
     """The student's state after every model evaluation (DDPM convention) from ``noise``, with the given lambdas
-    (floats or tensors, lambda_0 included) and grid (None: its base scheduler's own); differentiable where autograd
-    is on. The student itself is not changed: its base scheduler runs on the grid."""
-    run = DODEScheduler(student.base_scheduler, student.lambdas, student.num_inference_steps,
-                        grid=None if grid is None else [float(s) for s in grid])
-    _, states = integrate(model, run, run.num_inference_steps, noise, record=True, lambdas=lambdas,
-                          grad=torch.is_grad_enabled())
+    (floats or tensors, lambda_0 included) and grid (None: its base scheduler's own; a tensor: levels that stay in
+    autograd's graph, ``set_levels``); differentiable where autograd is on. The student itself is not changed: a
+    shallow copy of its base scheduler runs on the grid."""
+    base = copy.copy(student.base_scheduler)  # this run's: set_levels puts the graph's levels on it
+    levels = grid if torch.is_tensor(grid) else None
+    run = DODEScheduler(base, student.lambdas, student.num_inference_steps,
+                        grid=None if grid is None else [float(s) for s in (grid.detach() if levels is not None
+                                                                            else grid)])
+    run.set_timesteps(run.num_inference_steps, device=noise.device)
+    if levels is not None:
+        set_levels(base, levels)
+    _, states = integrate(model, run, None, noise, record=True, lambdas=lambdas, grad=torch.is_grad_enabled())
     return states[1:]
 
 
@@ -101,97 +111,136 @@ class Optimised(NamedTuple):
     mse_refined: float
     iterations: int  # L-BFGS iterations
     evaluations: int  # objective evaluations (line searches included)
-    student_runs: int  # sampling runs of the student on the fitting batch (finite differences included)
+    student_runs: int  # forward sampling runs of the student on the fitting batch (finite differences included)
     seconds: float
     message: str  # the optimiser's
     history: list  # the objective at every evaluation, in order
+    gradient: str = "autograd"  # how d loss / d grid was had (``GRADIENTS``)
+    backward_passes: int = 0  # backward passes through a whole run on the fitting batch
 
     def record(self) -> dict:
         """The refinement as ``fit_info["refine"]`` reports it."""
         return {"mode": self.mode, "objective": f"mean squared distance to the teacher, {self.objective} states",
                 "mse_start": self.mse_start, "mse_refined": self.mse_refined, "iterations": self.iterations,
-                "evaluations": self.evaluations, "student_runs": self.student_runs, "seconds": self.seconds,
+                "evaluations": self.evaluations, "student_runs": self.student_runs,
+                "backward_passes": self.backward_passes, "gradient": self.gradient, "seconds": self.seconds,
                 "optimizer_message": self.message, "history": self.history}
 
 
 class _Objective:
-    """theta -> (the mean squared distance to the teacher, its gradient) for L-BFGS, with theta the moving lambdas
-    (lambda_1 on) and, with ``timesteps``, u and z of the grid; remembers every value and the best point."""
+    """theta -> (the mean squared distance to the teacher over its start value, its gradient) for L-BFGS, with theta
+    the moving lambdas (lambda_1 on) and, with ``timesteps``, u and z of the grid; remembers every value (as a mean
+    squared distance) and the best point. The gradient: ``"autograd"`` (one backward pass through the run, levels
+    included) or ``"fd"`` (the lambdas by autograd, each grid parameter by a forward difference: one more run each).
+    ``batch_size``: the fitting batch in micro-batches of at most that many samples, each run and differentiated
+    on its own and the gradients summed (the loss is a mean over samples, so the sum is exact)."""
 
     def __init__(self, model, student: DODEScheduler, noise, targets, objective: str, lambdas: bool,
-                 timesteps: bool, start_grid: np.ndarray, lowest: float):
+                 timesteps: bool, start_grid: np.ndarray, lowest: float, gradient: str = "autograd",
+                 batch_size: int | None = None):
         self.model, self.student, self.noise, self.targets, self.objective = model, student, noise, targets, objective
         self.lambdas, self.timesteps, self.top, self.lowest = lambdas, timesteps, start_grid[0], lowest
         self.n_lam = student.nfe - 1 if lambdas else 0
-        self.history, self.best, self.best_theta, self.bar = [], math.inf, None, None
+        self.gradient, self.scale = gradient, 1.0
+        size = len(noise) if batch_size is None else batch_size
+        self.parts = [slice(i, min(i + size, len(noise))) for i in range(0, len(noise), size)]
+        self.history, self.best, self.best_theta, self.bar, self.backward = [], math.inf, None, None, 0
 
     def unpack(self, theta):
-        """(every lambda, lambda_0 = 0 included; the grid) at ``theta``."""
-        n = self.n_lam
-        grid = (grid_from_params(theta[n + 1:], self.top * np.exp(theta[n]), self.lowest) if self.timesteps
-                else self.student.grid)
-        return ([0.0, *theta[:n]] if self.lambdas else list(self.student.lambdas)), grid
+        """(every lambda, lambda_0 = 0 included; the grid) at ``theta``: tensors for a tensor ``theta`` (in its
+        graph), floats and a numpy grid for a numpy one."""
+        n, tensor = self.n_lam, torch.is_tensor(theta)
+        params = theta if tensor else torch.as_tensor(np.asarray(theta, dtype=np.float64))
+        grid = self.student.grid
+        if self.timesteps:
+            grid = grid_from_params(params[n + 1:], self.top * torch.exp(params[n]), self.lowest)
+            grid = grid if tensor else grid.numpy()
+        lambdas = [0.0, *(params[:n] if tensor else params[:n].tolist())] if self.lambdas else list(
+            self.student.lambdas)
+        return lambdas, grid
 
     def loss(self, lambdas, grid) -> torch.Tensor:
-        return _loss(_student_states(self.model, self.student, self.noise, lambdas, grid), self.targets,
-                     self.objective)
+        """The mean squared distance over the whole batch (no gradient: one run per micro-batch)."""
+        return sum(self._part(lambdas, grid, part) for part in self.parts)
+
+    def _part(self, lambdas, grid, part: slice) -> torch.Tensor:
+        """A micro-batch's share of the mean squared distance (its mean, weighted by its share of the batch)."""
+        states = _student_states(self.model, self.student, self.noise[part], lambdas, grid)
+        weight = (part.stop - part.start) / len(self.noise)
+        return _loss(states, [t[part] for t in self.targets], self.objective) * weight
 
     def __call__(self, theta):
         try:
             value, gradient = self._value_and_gradient(theta)
         except FloatingPointError:  # the student blew up (NaN or inf) at a shifted point
             value, gradient = math.inf, None
-        if not math.isfinite(value):  # a line-search trial too far out: L-BFGS backs off from an infinite value
-            value, gradient = math.inf, np.zeros(len(theta))
+        if not (math.isfinite(value) and gradient is not None and np.isfinite(gradient).all()):
+            value, gradient = math.inf, np.zeros(len(theta))  # a trial too far out: L-BFGS backs off from inf
         self.history.append(value)
         if value < self.best:
             self.best, self.best_theta = value, theta.copy()
         self.bar.set_postfix(mse=f"{value:.3g}", refresh=False)
         self.bar.update()
-        return value, gradient
+        return value / self.scale, gradient / self.scale
 
     def _value_and_gradient(self, theta):
-        lambdas, grid = self.unpack(theta)
-        gradient = []
-        if self.lambdas:  # d loss / d lambda by autograd through the whole run
-            lam = torch.tensor(lambdas[1:], dtype=torch.float64, requires_grad=True)
-            with torch.enable_grad():
-                loss = self.loss([0.0, *lam], grid)
-                loss.backward()
-            gradient.append(lam.grad.numpy().copy())
-        else:
-            with torch.no_grad():
-                loss = self.loss(lambdas, grid)
-        value = loss.item()
-        with torch.no_grad():  # d loss / d grid parameter by a forward difference, one student run each
+        """(the mean squared distance, its gradient in theta): autograd through every micro-batch's run."""
+        exact = self.gradient == "autograd"
+        params = torch.tensor(theta if exact else theta[:self.n_lam], dtype=torch.float64, requires_grad=True)
+        fixed = None if exact else self.unpack(theta)[1]  # "fd": the grid as numbers, differenced below
+        value = 0.0
+        with torch.enable_grad():
+            for part in self.parts:
+                lambdas, grid = self.unpack(params) if exact else ([0.0, *params] if self.lambdas else
+                                                                   list(self.student.lambdas), fixed)
+                loss = self._part(lambdas, grid, part)
+                if params.numel():
+                    loss.backward()
+                    self.backward += 1
+                value += loss.item()
+        gradient = params.grad.numpy().copy() if params.grad is not None else np.zeros(params.numel())
+        if exact:
+            return value, gradient
+        return value, np.concatenate([gradient, self._differences(theta, value)])
+
+    def _differences(self, theta, value: float) -> np.ndarray:
+        """d loss / d grid parameter by forward differences, one student run each (``gradient="fd"``)."""
+        out = []
+        with torch.no_grad():
             for i in range(self.n_lam, len(theta)):
                 # the first level's u is bounded above by 0 (its start): a backward difference stays inside
                 step = -_FD_STEP if i == self.n_lam else _FD_STEP
                 shifted = theta.copy()
                 shifted[i] += step
-                gradient.append([(self.loss(*self.unpack(shifted)).item() - value) / step])
-        gradient = np.concatenate(gradient)
-        return (value, gradient) if np.isfinite(gradient).all() else (math.inf, None)
+                out.append((self.loss(*self.unpack(shifted)).item() - value) / step)
+        return np.array(out)
+
+
+#: how ``optimise`` gets d loss / d grid: "autograd" (exact: one backward pass through each run, the levels a
+#: tensor in the graph) or "fd" (a forward difference per grid parameter: one more student run each, the method
+#: before the exact gradient, kept for ``make bench``'s comparison)
+GRADIENTS = ("autograd", "fd")
+#: L-BFGS stops when an iteration lowers the objective by less than this share of its start value (or at
+#: ``max_iterations``): a tolerance, so that the default refinement converges
+TOLERANCE = 1e-5
 
 
 def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torch.Tensor, *, timesteps: bool = False,
-             lambdas: bool = True, objective: str = "final", max_iterations: int = 50,
+             lambdas: bool = True, objective: str = "final", max_iterations: int = 200,
+             tolerance: float = TOLERANCE, gradient: str = "autograd", batch_size: int | None = None,
              progress: bool = True) -> Optimised:
     """The lambdas (``lambdas``) and grid (``timesteps``) of ``scheduler`` that minimise the mean squared distance of
     the student's states from ``noise`` to the teacher's ``targets`` (nfe, batch, ...; DDPM convention), starting
     from ``scheduler``'s. ``objective``: "all" (every state against its target, the sum the greedy fit minimises one
     step at a time) or "final" (the final samples only; the one choice with ``timesteps``, whose moving states
-    have no fixed targets). At most ``max_iterations`` L-BFGS iterations and twice as many objective evaluations
-    (line searches included). ``lambdas=False`` holds the lambdas at their start (with a zero start: a learned grid
-    alone, the base solver's). DDIM's grid is learned on its grid form (``dode.core.scheduler.to_grid_form``). Never
-    returns a worse fit than its start: the best point L-BFGS visits is kept (``Optimised.scheduler``)."""
-    solver = solver_of(scheduler)
-    if timesteps and not solver.takes_grid:
-        raise ValueError(f"{solver.name} cannot take a custom time grid; solvers that can: {', '.join(GRID_SOLVERS)}")
-    if objective not in ("all", "final") or (timesteps and objective != "final"):
-        raise ValueError(f"objective must be 'all' or 'final' ('final' with timesteps), got {objective!r}")
-    if not (lambdas or timesteps):
-        raise ValueError("nothing to refine: lambdas=False needs timesteps=True")
+    have no fixed targets). L-BFGS runs until an iteration gains less than ``tolerance`` of the start value, or
+    ``max_iterations`` (and twice as many objective evaluations, line searches included). ``gradient``: "autograd"
+    (exact, the default) or "fd" (finite differences in the grid; ``GRADIENTS``). ``batch_size``: micro-batches
+    of at most that many samples (bounded memory on a real network; the gradient is the same). ``lambdas=False``
+    holds the lambdas at their start (with a zero start: a learned grid alone, the base solver's). DDIM's grid is
+    learned on its grid form (``dode.core.scheduler.to_grid_form``). Never returns a worse fit than its start: the
+    best point L-BFGS visits is kept (``Optimised.scheduler``)."""
+    solver = _check_optimise(scheduler, timesteps, lambdas, objective, gradient, batch_size, tolerance)
     began = time.perf_counter()
     form = to_grid_form(scheduler) if timesteps else scheduler
     student = copy.deepcopy(form)
@@ -199,7 +248,8 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     start_grid = np.asarray(student.grid if student.grid is not None else TimeGrid.of(student).steps,
                             dtype=np.float64)
     lowest = float(training_sigmas(model.scheduler_config)[0])
-    f = _Objective(model, student, noise, targets, objective, lambdas, timesteps, start_grid, lowest)
+    f = _Objective(model, student, noise, targets, objective, lambdas, timesteps, start_grid, lowest, gradient,
+                   batch_size)
     x0 = np.array(student.lambdas[1:] if lambdas else [], dtype=np.float64)
     bounds = [(None, None)] * f.n_lam
     if timesteps:  # u = log(first level / its start) <= 0, then the gaps below it
@@ -208,17 +258,38 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
         bounds += [(-_FIRST_SPAN * np.log(f.top / lowest), 0.0)] + [(-_Z_BOUND, _Z_BOUND)] * len(z)
     with torch.no_grad():  # the start as given (with timesteps, x0's grid has its smallest gaps widened)
         f.best = start = f.loss(student.lambdas, student.grid).item()
-    result = _minimise(model, f, x0, bounds, max_iterations, progress, f"refining {solver.name}")
+    f.scale = start if start > 0 else 1.0
+    result = _minimise(model, f, x0, bounds, max_iterations, tolerance, progress, f"refining {solver.name}")
     found, grid = (student.lambdas, student.grid) if f.best_theta is None else f.unpack(f.best_theta)
     # its own base (set_grid changes it): the grid form's, where the grid was learned on it
     refined = DODEScheduler(copy.deepcopy(form.base_scheduler), found, scheduler.num_inference_steps,
                             grid=None if grid is None else list(grid), spacing=scheduler.spacing)
+    runs = len(f.history) * (1 if gradient == "autograd" else 1 + len(x0) - f.n_lam)
     return Optimised(refined, mode_of(timesteps=timesteps, lambdas=lambdas), objective, start, f.best,
-                     int(result.nit), len(f.history), len(f.history) * (1 + len(x0) - f.n_lam),
-                     time.perf_counter() - began, str(result.message), f.history)
+                     int(result.nit), len(f.history), runs, time.perf_counter() - began, str(result.message),
+                     f.history, gradient, f.backward // len(f.parts))
 
 
-def _minimise(model, f: _Objective, x0, bounds, max_iterations: int, progress: bool, desc: str):
+def _check_optimise(scheduler, timesteps: bool, lambdas: bool, objective: str, gradient: str, batch_size,
+                    tolerance) -> object:
+    """``optimise``'s checks of its options, before any work; returns the solver."""
+    solver = solver_of(scheduler)
+    if timesteps and not solver.takes_grid:
+        raise ValueError(f"{solver.name} cannot take a custom time grid; solvers that can: {', '.join(GRID_SOLVERS)}")
+    if objective not in ("all", "final") or (timesteps and objective != "final"):
+        raise ValueError(f"objective must be 'all' or 'final' ('final' with timesteps), got {objective!r}")
+    if not (lambdas or timesteps):
+        raise ValueError("nothing to refine: lambdas=False needs timesteps=True")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {', '.join(map(repr, GRADIENTS))}, got {gradient!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
+    return solver
+
+
+def _minimise(model, f: _Objective, x0, bounds, max_iterations: int, tolerance: float, progress: bool, desc: str):
     """scipy's L-BFGS-B on ``f`` from ``x0``, with the network's parameters frozen meanwhile (the gradient flows
     through the network to the lambdas, never into its weights) and a progress bar of objective evaluations."""
     frozen = [p for p in model.parameters() if p.requires_grad] if hasattr(model, "parameters") else []
@@ -227,7 +298,8 @@ def _minimise(model, f: _Objective, x0, bounds, max_iterations: int, progress: b
     try:
         with tqdm(desc=desc, disable=not progress, unit="eval") as f.bar:
             return scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds,
-                                           options={"maxiter": max_iterations, "maxfun": 2 * max_iterations})
+                                           options={"maxiter": max_iterations, "maxfun": 2 * max_iterations,
+                                                    "ftol": tolerance, "gtol": 1e-12})
     finally:
         for p in frozen:
             p.requires_grad_(True)

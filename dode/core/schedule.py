@@ -85,6 +85,17 @@ def interpolated_sigma(t, log_sigmas: torch.Tensor) -> torch.Tensor:
     return torch.exp((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1])
 
 
+def differentiable_timestep(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """``sigma_to_timestep`` on tensors, differentiable in ``sigma`` (a learned grid's levels): the fractional
+    training timestep whose log-linear interpolated noise level (``interpolated_sigma``) is ``sigma``, in the dtype of
+    ``sigma``; levels outside the schedule's range are clamped to its ends, as ``np.interp`` does."""
+    log_sigmas = log_sigmas.to(device=sigma.device, dtype=torch.float64)
+    log_sigma = torch.log(sigma.to(torch.float64)).clamp(log_sigmas[0], log_sigmas[-1])
+    low = (torch.searchsorted(log_sigmas, log_sigma.detach(), right=True) - 1).clamp(0, len(log_sigmas) - 2)
+    w = (log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])
+    return (low + w).to(sigma.dtype)
+
+
 def convert_prediction(output: torch.Tensor, x_t: torch.Tensor, alpha_bar, source: str, target: str) -> torch.Tensor:
     """A model output of prediction type ``source`` as type ``target``, at the state x_t (DDPM convention) whose
     cumulative alpha is ``alpha_bar``. With x_t = a x0 + s eps (a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar)) and

@@ -241,3 +241,81 @@ def set_grid(scheduler, grid) -> None:
     device = scheduler.timesteps.device
     scheduler.sigmas = torch.tensor([*grid, final], dtype=torch.float32)
     scheduler.timesteps = torch.tensor(timesteps, dtype=torch.float32, device=device)
+
+
+def set_levels(scheduler, levels: torch.Tensor) -> None:
+    """``set_grid`` with the levels as a tensor that stays in autograd's graph: the refinement's exact gradient with
+    respect to every noise level (``dode.core.refine``). For one sampling run, after ``set_timesteps``.
+
+    The scheduler's ``sigmas`` become ``levels`` (their dtype kept, the final clean level appended) and its
+    ``timesteps`` the differentiable fractional timesteps of the levels (``differentiable_timestep``, the inverse of
+    the model's log-linear sigma(t)); its steps are torch arithmetic on ``sigmas``, so d(state)/d(level) flows
+    through the update and through the model's time input. DEIS computes its multistep coefficients with
+    ``np.log``, which cuts the graph: this scheduler instance gets the same formulas in torch (``_DEIS_UPDATES``;
+    use it for one run, not to keep). iPNDM reads ``sigmas`` afresh (no cache) while they carry a graph."""
+    from .schedule import differentiable_timestep, training_sigmas
+
+    solver = solver_of(scheduler)
+    if not solver.custom_grid:
+        raise ValueError(f"{solver.name} steps on integer timesteps; use dode.core.scheduler.to_grid_form first")
+    current = TimeGrid.of(scheduler).steps
+    if levels.shape != current.shape:
+        raise ValueError(f"this schedule has {len(current)} steps, so the grid needs {len(current)} noise levels, "
+                         f"got shape {tuple(levels.shape)}")
+    check_levels(levels.detach().double().cpu().numpy())
+    log_sigmas = torch.from_numpy(np.log(training_sigmas(scheduler.config)))
+    levels = levels.cpu()
+    timesteps = differentiable_timestep(levels, log_sigmas)
+    if solver.name == "heun":  # every level after the first is visited by both stages of a step
+        levels, timesteps = levels.repeat_interleave(2)[1:], timesteps.repeat_interleave(2)[1:]
+    final = scheduler.sigmas[-1:].detach().to(levels.dtype)
+    device = scheduler.timesteps.device
+    scheduler.sigmas = torch.cat([levels, final])
+    scheduler.timesteps = timesteps.to(device)
+    if isinstance(scheduler, DEISMultistepScheduler):
+        for name, update in _DEIS_UPDATES.items():
+            setattr(scheduler, name, update.__get__(scheduler))
+
+
+def _deis_rhos(scheduler, count: int):
+    """(alpha_t, alpha_s0, rho_t, [rho_s0, rho_s1, ...]) of DEIS's step from the ``count`` latest levels to the
+    next: rho = sigma_t / alpha_t at each, as diffusers' ``multistep_deis_*_order_update`` has them."""
+    i = scheduler.step_index
+    alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[i + 1])
+    pairs = [scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[i - k]) for k in range(count)]
+    return alpha_t, pairs[0][0], sigma_t / alpha_t, [s / a for a, s in pairs]
+
+
+def _deis_second(scheduler, model_output_list, *args, sample=None, **kwargs):
+    """diffusers' second-order DEIS update (log-rho, ``algorithm_type="deis"``) in torch: the integral over
+    [rho_s0, rho_t] of the linear interpolant in log rho of the two latest outputs."""
+    alpha_t, alpha_s0, rho_t, (r0, r1) = _deis_rhos(scheduler, 2)
+
+    def ind(t, b, c):  # the integral of (log t - log c) / (log b - log c) dt
+        return t * (-torch.log(c) + torch.log(t) - 1) / (torch.log(b) - torch.log(c))
+
+    m0, m1 = model_output_list[-1], model_output_list[-2]
+    coef1 = ind(rho_t, r0, r1) - ind(r0, r0, r1)
+    coef2 = ind(rho_t, r1, r0) - ind(r0, r1, r0)
+    return alpha_t * (sample / alpha_s0 + coef1 * m0 + coef2 * m1)
+
+
+def _deis_third(scheduler, model_output_list, *args, sample=None, **kwargs):
+    """diffusers' third-order DEIS update in torch: the quadratic interpolant in log rho of the three latest."""
+    alpha_t, alpha_s0, rho_t, (r0, r1, r2) = _deis_rhos(scheduler, 3)
+
+    def ind(t, b, c, d):  # the integral of (log t - log c)(log t - log d) / ((log b - log c)(log b - log d)) dt
+        lt, lb, lc, ld = torch.log(t), torch.log(b), torch.log(c), torch.log(d)
+        numerator = t * (lc * (ld - lt + 1) - ld * lt + ld + lt**2 - 2 * lt + 2)
+        return numerator / ((lb - lc) * (lb - ld))
+
+    m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+    coef1 = ind(rho_t, r0, r1, r2) - ind(r0, r0, r1, r2)
+    coef2 = ind(rho_t, r1, r2, r0) - ind(r0, r1, r2, r0)
+    coef3 = ind(rho_t, r2, r0, r1) - ind(r0, r2, r0, r1)
+    return alpha_t * (sample / alpha_s0 + coef1 * m0 + coef2 * m1 + coef3 * m2)
+
+
+#: the DEIS updates ``set_levels`` replaces on an instance (diffusers' call them with ``sample=`` by keyword)
+_DEIS_UPDATES = {"multistep_deis_second_order_update": _deis_second,
+                 "multistep_deis_third_order_update": _deis_third}

@@ -51,10 +51,10 @@ class TimeGrid:
         if timesteps is None:
             raise ValueError(f"{type(base).__name__} has no timesteps yet: call set_timesteps first")
         n = len(timesteps)
-        init = float(base.init_noise_sigma)
+        init = float(torch.as_tensor(base.init_noise_sigma).detach())
         sigmas = getattr(base, "sigmas", None)
         if torch.is_tensor(sigmas) and len(sigmas) == n + 1:
-            levels = sigmas.double().cpu().numpy()
+            levels = sigmas.detach().double().cpu().numpy()  # detached: a learned grid's carry a graph
             return cls(tuple(timesteps.tolist()), float(levels[0]), levels[1:].copy(), init,
                        isinstance(base, _SIGMA_SPACE) or init > 1.0)
         # integer-timestep DDPM schedulers (DDIM, PLMS): x_t at the timestep, and t - T // n after each step

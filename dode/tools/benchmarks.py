@@ -69,13 +69,19 @@ class Sizes:
     scaling_batch_sizes: tuple = (100, 1000, 5000)
     guard_nfes: tuple = (3, 5, 10)
     random_unet: tuple = (16, (32, 64))  # sample size, block channels of the random-weight UNet2DModel
+    refine_solvers: tuple = ("ddim", "deis", "heun")  # refine_cost: one refinement evaluation, by NFE
+    refine_nfes: tuple = (3, 5, 10)
+    refine_batch: int = 100  # the fitting batch
+    refine_micro_batch: int = 25  # refine_batch_size, for the memory it bounds
+    cifar_unet: tuple = (32, 3, (32, 64, 64))  # sample size, channels, block channels: a CIFAR-sized UNet2DModel
 
 
 FULL = Sizes()
 QUICK = Sizes(rounds=2, solvers=("ddim", "heun"), nfes=(3, 5), cost_scales=(2, 10), cost_batch_sizes=(25, 100),
               eval_samples=(("gmm-digits", 100), ("unet-digits", 100)), sample_nfe=5, overhead_samples=100,
               overhead_rounds=3, scaling_samples=(500, 2000), scaling_batch=100, scaling_batch_sizes=(50, 100, 500),
-              guard_nfes=(3,), random_unet=(8, (8, 16)))
+              guard_nfes=(3,), random_unet=(8, (8, 16)), refine_solvers=("ddim", "heun"), refine_nfes=(3, 5),
+              refine_batch=8, refine_micro_batch=4, cifar_unet=(16, 3, (8, 16)))
 
 
 def interleaved(cases: dict[str, Callable[[], dict | None]], rounds: int, *, clock=time.perf_counter,
@@ -331,14 +337,14 @@ def _counted(model, **options) -> dict:
     return {"evaluations": meter.sample_evaluations, "seconds": time.perf_counter() - began}
 
 
-def random_unet(size: int, channels: tuple):
+def random_unet(size: int, channels: tuple, in_channels: int = 1):
     """A diffusers UNet2DModel with random weights (seed 0) on the DDPM schedule: a new user's own network."""
     from diffusers import UNet2DModel
 
     from ..models.networks import DiffusersModel
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=size, in_channels=1, out_channels=1, block_out_channels=channels,
+    unet = UNet2DModel(sample_size=size, in_channels=in_channels, out_channels=in_channels, block_out_channels=channels,
                        layers_per_block=1, down_block_types=("DownBlock2D",) * len(channels),
                        up_block_types=("UpBlock2D",) * len(channels), norm_num_groups=8).eval()
     return DiffusersModel(unet, {}, f"random UNet2DModel {size}x{size}")
@@ -390,8 +396,75 @@ def guard_cost(sizes: Sizes = FULL, progress: bool = True) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _refine_objective(model, solver: str, nfe: int, batch: int, gradient: str, batch_size=None):
+    """(the objective of a "joint+timesteps" refinement of ``solver`` at ``nfe`` on ``batch`` seeds, its start
+    point). Its targets are zeros: what an evaluation costs does not depend on them, and no teacher run is timed."""
+    from ..core.refine import _Objective, params_from_grid
+    from ..core.schedule import training_sigmas
+    from ..core.scheduler import DODEScheduler, make_scheduler, to_grid_form
+
+    spec = dode.get_solver(solver)
+    student = to_grid_form(DODEScheduler(make_scheduler(solver, model), [0.1] * nfe, spec.steps_for(nfe)))
+    student.set_timesteps(student.num_inference_steps)
+    noise = dode.seeded_noise(model.sample_shape, batch, 0)
+    lowest = float(training_sigmas(model.scheduler_config)[0])
+    grid = np.asarray(student.grid)
+    f = _Objective(model, student, noise, torch.zeros(nfe, *noise.shape), "final", True, True, grid, lowest,
+                   gradient, batch_size)
+    f.bar = tqdm(disable=True)
+    return f, np.concatenate([student.lambdas[1:], [0.0], params_from_grid(grid, lowest)])
+
+
+def _refine_cells(model, solver: str, nfe: int, sizes: Sizes, progress: bool) -> dict:
+    """One cell of ``refine_cost``: the timings (interleaved rounds) and the peak tensor memory."""
+    run, start = _refine_objective(model, solver, nfe, sizes.refine_batch, "autograd")
+    fd, _ = _refine_objective(model, solver, nfe, sizes.refine_batch, "fd")
+    micro, _ = _refine_objective(model, solver, nfe, sizes.refine_batch, "autograd", sizes.refine_micro_batch)
+
+    def student_run():
+        with torch.no_grad():
+            run.loss(*run.unpack(start))
+
+    cases = {"run": student_run, "autograd": lambda: run._value_and_gradient(start),
+             "fd": lambda: fd._value_and_gradient(start), "micro": lambda: micro._value_and_gradient(start)}
+    timed = interleaved(cases, sizes.rounds, progress=False)
+    with torch.no_grad():
+        memory_run = peak_tensor_bytes(student_run).peak
+    return {"run_seconds": float(timed[timed["case"] == "run"]["seconds"].median()),
+            **spread(round_ratios(timed, "autograd", "run"), "autograd_x"), **spread(round_ratios(timed, "fd", "run"),
+                                                                                      "fd_x"),
+            "micro_x": float(round_ratios(timed, "micro", "run").median()), "fd_runs": nfe + 1,
+            "autograd_seconds": float(timed[timed["case"] == "autograd"]["seconds"].median()),
+            "run_peak_bytes": memory_run,
+            "autograd_peak_bytes": peak_tensor_bytes(run._value_and_gradient, start).peak,
+            "micro_peak_bytes": peak_tensor_bytes(micro._value_and_gradient, start).peak}
+
+
+def refine_cost(sizes: Sizes = FULL, progress: bool = True) -> pd.DataFrame:
+    """One objective evaluation of a `refine="joint+timesteps"` refinement (value and gradient in every lambda and
+    noise level), in student runs: one sampling run of the fitting batch (`refine_batch` samples, no gradient) is 1.
+    `autograd_x`: the exact gradient (one run with autograd's graph, one backward pass); `fd_x`: the lambdas by
+    autograd and each grid parameter by a finite difference (one more run each: `fd_runs` = NFE + 1 runs in all);
+    `micro_x`: autograd in micro-batches of `refine_micro_batch` samples (`refine_batch_size`). Peak tensor memory of
+    a run, of an autograd evaluation and of one in micro-batches. On gmm-digits, unet-digits and a CIFAR-sized
+    `UNet2DModel` (32x32x3, random weights, NFE 5 only). L-BFGS makes 1 to 2 evaluations per iteration."""
+    size, channels, blocks = sizes.cifar_unet
+    cells = [(dode.load_model(name), s, n) for name, _ in sizes.eval_samples for s in sizes.refine_solvers
+             for n in sizes.refine_nfes if possible(s, n)]
+    cifar = random_unet(size, blocks, channels)
+    cells += [(cifar, s, 5) for s in sizes.refine_solvers if possible(s, 5)]
+    rows = []
+    for model, solver, nfe in tqdm(cells, desc="refine cost", disable=not progress):
+        name = getattr(model, "name", "model")
+        if model is cifar:
+            name = f"{name} ({channels} channels, {sum(p.numel() for p in model.parameters()):,} parameters)"
+        rows.append({"model": name, "solver": solver, "nfe": nfe, "batch": sizes.refine_batch,
+                     **_refine_cells(model, solver, nfe, sizes, progress)})
+    return pd.DataFrame(rows)
+
+
 PARTS = {"distillation_cost": distillation_cost, "sampling_overhead": sampling_overhead, "scaling": scaling,
-         "guard_cost": guard_cost}
+         "guard_cost": guard_cost, "refine_cost": refine_cost}
 
 
 def targets(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -445,6 +518,18 @@ def targets(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         rows.append(("guard_cost", "random-weight UNet2DModel: default distill at most 3x the wall time of "
                      "guard=False", f"{unet['seconds_x']:.2f}x ({unet['first_seconds']:.1f} s against "
                      f"{unet['plain_seconds']:.1f} s; {unet['first_x']:.2f}x in evaluations)", unet["seconds_x"] <= 3))
+    if (refine := tables.get("refine_cost")) is not None:
+        w = refine.loc[refine["autograd_x"].idxmax()]
+        rows.append(("refine_cost", "one refinement evaluation with autograd costs at most 4 student runs",
+                     f"at most {w['autograd_x']:.2f} ({w['model']}, {w['solver']}, NFE {w['nfe']}); finite "
+                     f"differences {refine['fd_x'].min():.2f}-{refine['fd_x'].max():.2f} (NFE + 1 = "
+                     f"{refine['fd_runs'].min()}-{refine['fd_runs'].max()} runs and a backward pass)",
+                     bool((refine["autograd_x"] <= 4).all())))
+        w = refine.loc[(refine["micro_peak_bytes"] / refine["autograd_peak_bytes"]).idxmax()]
+        rows.append(("refine_cost", "micro-batches bound the memory: peak at most half the whole batch's at a "
+                     "quarter of its samples", f"at most {w['micro_peak_bytes'] / w['autograd_peak_bytes']:.2f} of it "
+                     f"({w['model']}, {w['solver']}, NFE {w['nfe']})",
+                     bool((refine["micro_peak_bytes"] <= 0.5 * refine["autograd_peak_bytes"]).all())))
     rows = [row if len(row) == 5 else (*row, True) for row in rows]
     return pd.DataFrame(rows, columns=["part", "target", "measured", "met", "enforced"]).astype(
         {"met": bool, "enforced": bool})
