@@ -402,13 +402,14 @@ def _refine_objective(model, solver: str, nfe: int, batch: int, gradient: str, b
     from ..core.refine import _Objective, params_from_grid
     from ..core.schedule import training_sigmas
     from ..core.scheduler import DODEScheduler, make_scheduler, to_grid_form
+    from ..core.timegrid import TimeGrid
 
     spec = dode.get_solver(solver)
     student = to_grid_form(DODEScheduler(make_scheduler(solver, model), [0.1] * nfe, spec.steps_for(nfe)))
     student.set_timesteps(student.num_inference_steps)
     noise = dode.seeded_noise(model.sample_shape, batch, 0)
     lowest = float(training_sigmas(model.scheduler_config)[0])
-    grid = np.asarray(student.grid)
+    grid = np.asarray(student.grid if student.grid is not None else TimeGrid.of(student).steps)
     f = _Objective(model, student, noise, torch.zeros(nfe, *noise.shape), "final", True, True, grid, lowest,
                    gradient, batch_size)
     f.bar = tqdm(disable=True)
