@@ -52,7 +52,7 @@ verify: setup
 	$(PY) -m dode.tools.reproduce --results results --verify $(ARGS)
 
 # Benchmarks (distillation cost, sampling overhead, scaling; quality is make reproduce's) into results/benchmarks.md
-# and results/benchmarks/*.csv|json; ~17 min on 2 CPU cores. Fails if a target is missed (the message names it).
+# and results/benchmarks/*.csv|json; ~27 min on 2 CPU cores. Fails if a target is missed (the message names it).
 # ARGS passes more options (python -m dode.tools.benchmarks --help), e.g. ARGS="--only scaling" or ARGS="--quick --out /tmp/b".
 bench: setup
 	$(PY) -m dode.tools.benchmarks --out results $(ARGS)
