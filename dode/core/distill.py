@@ -417,8 +417,8 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     ``dode.REFERENCE``), once per process for the model, seeds and reference (keyed on
     a hash of the model's parameters: a second call reuses it, ``fit_info["cost"]`` says so); ``criterion``:
     ``"fd"`` (pixel Frechet distance between the final samples and the reference solution of the same seeds, the
-    default) or ``"rmse"`` (of the final samples to that solution); ``features``: the feature space of ``"fd"`` (``"pixel"``, or
-    ``"digits"`` / ``"inception"`` to validate in the space of the metric you report). ``guard=False`` and a named
+    default) or ``"rmse"`` (of the final samples to that solution); ``features``: the feature space of ``"fd"``
+    (``"pixel"``, or ``"digits"`` / ``"inception"`` to validate in the space of the metric you report). ``guard=False`` and a named
     spacing give the paper's plain greedy fit, with no validation.
 
     ``refine``: None (the paper's greedy fit), ``"joint"`` (then all lambdas together, against the teacher's

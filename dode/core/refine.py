@@ -5,10 +5,13 @@ are only the start (``REFINEMENTS``): "joint" moves every lambda to minimise the
 student's states to the teacher's; "timesteps" moves only the noise levels of the grid, every lambda held at 0
 (the base solver on a learned grid: the learned-grid methods without D-ODE); "joint+timesteps" moves both. With
 a grid the objective is the final samples' distance (the moving states have no fixed targets). The optimiser is
-L-BFGS over the distillation batch. The network is frozen but differentiated through: the gradient with respect
-to the lambdas comes from autograd through every model evaluation and scheduler step. The grid enters the
-scheduler's coefficients and the model's time input, which diffusers computes outside autograd, so its gradient
-is a finite difference (one extra student run per grid parameter). DDIM's grid is learned on its exact grid form
+L-BFGS over the distillation batch, until an iteration gains less than ``TOLERANCE`` of the start value. The
+network is frozen but differentiated through: the gradient with respect to the lambdas and to every noise level
+comes from one backward pass through every model evaluation and scheduler step. The levels are one tensor in the
+graph (``dode.core.solvers.set_levels``): the scheduler's coefficients are torch functions of them, and so is the
+model's time input (``dode.core.schedule.differentiable_timestep``). ``gradient="fd"`` differences the grid
+instead (one more student run per grid parameter: the method before, for ``make bench``'s comparison). The batch
+can be split into micro-batches (the same gradient, less memory). DDIM's grid is learned on its exact grid form
 (``dode.core.scheduler.to_grid_form``: iPNDM of order 1).
 
 Every level of the grid moves. The first may only come down (``u = log(first / start) <= 0``: above it the
