@@ -568,9 +568,8 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     ``gradient``: "autograd" (exact) or "fd" (finite differences in the grid)."""
     options = RefineOptions(max_iterations, tolerance, probe_iterations, batch_size, gradient)
     if grid_alone is None and mode == "joint+timesteps" and judge is not None:
-        grid_alone = refine_fit(model, found, teacher, "timesteps", judge=judge, starts=starts, tolerance=tolerance,
-                                max_iterations=max_iterations, probe_iterations=probe_iterations,
-                                batch_size=batch_size, gradient=gradient, progress=progress)
+        grid_alone = refine_fit(model, found, teacher, "timesteps", judge=judge, starts=starts, progress=progress,
+                                **options._asdict())
     with count_evaluations(model) as counted:
         refined = _refine_fit(model, found, teacher, mode, judge, targets, starts, options, grid_alone, progress)
     refined.record["sample_evaluations"] = counted.sample_evaluations

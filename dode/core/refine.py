@@ -89,10 +89,9 @@ def _student_states(model, student: DODEScheduler, noise: torch.Tensor, lambdas,
     base = copy.copy(student.base_scheduler)  # this run's: set_levels puts the graph's levels on it
     levels = grid if torch.is_tensor(grid) else None
     run = DODEScheduler(base, student.lambdas, student.num_inference_steps,
-                        grid=None if grid is None else [float(s) for s in (grid.detach() if levels is not None
-                                                                            else grid)])
+                        grid=None if grid is None or levels is not None else [float(s) for s in grid])
     run.set_timesteps(run.num_inference_steps, device=noise.device)
-    if levels is not None:
+    if levels is not None:  # in place of the base's own levels, which it has the count of
         set_levels(base, levels)
     _, states = integrate(model, run, None, noise, record=True, lambdas=lambdas, grad=torch.is_grad_enabled())
     return states[1:]
@@ -246,19 +245,9 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     solver = _check_optimise(scheduler, timesteps, lambdas, objective, gradient, batch_size, tolerance)
     began = time.perf_counter()
     form = to_grid_form(scheduler) if timesteps else scheduler
-    student = copy.deepcopy(form)
-    student.set_timesteps(student.num_inference_steps, device=noise.device)
-    start_grid = np.asarray(student.grid if student.grid is not None else TimeGrid.of(student).steps,
-                            dtype=np.float64)
-    lowest = float(training_sigmas(model.scheduler_config)[0])
-    f = _Objective(model, student, noise, targets, objective, lambdas, timesteps, start_grid, lowest, gradient,
-                   batch_size)
-    x0 = np.array(student.lambdas[1:] if lambdas else [], dtype=np.float64)
-    bounds = [(None, None)] * f.n_lam
-    if timesteps:  # u = log(first level / its start) <= 0, then the gaps below it
-        z = params_from_grid(start_grid, lowest)
-        x0 = np.concatenate([x0, [0.0], z])
-        bounds += [(-_FIRST_SPAN * np.log(f.top / lowest), 0.0)] + [(-_Z_BOUND, _Z_BOUND)] * len(z)
+    f, x0, bounds = objective_at_start(model, form, noise, targets, objective=objective, lambdas=lambdas,
+                                       timesteps=timesteps, gradient=gradient, batch_size=batch_size)
+    student = f.student
     with torch.no_grad():  # the start as given (with timesteps, x0's grid has its smallest gaps widened)
         f.best = start = f.loss(student.lambdas, student.grid).item()
     f.scale = start if start > 0 else 1.0
@@ -271,6 +260,28 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     return Optimised(refined, mode_of(timesteps=timesteps, lambdas=lambdas), objective, start, f.best,
                      int(result.nit), len(f.history), runs, time.perf_counter() - began, str(result.message),
                      f.history, gradient, f.backward // len(f.parts))
+
+
+def objective_at_start(model, form: DODEScheduler, noise: torch.Tensor, targets, *, objective: str = "final",
+                       lambdas: bool = True, timesteps: bool = False, gradient: str = "autograd",
+                       batch_size: int | None = None) -> tuple[_Objective, np.ndarray, list]:
+    """(``optimise``'s objective, its start point theta, L-BFGS's bounds) for ``form`` (a scheduler that takes the
+    grid, where ``timesteps``): the lambdas from lambda_1 on, then u = log(first level / its start) <= 0 and the
+    gaps below it. ``make bench`` times evaluations of it."""
+    student = copy.deepcopy(form)
+    student.set_timesteps(student.num_inference_steps, device=noise.device)
+    start_grid = np.asarray(student.grid if student.grid is not None else TimeGrid.of(student).steps,
+                            dtype=np.float64)
+    lowest = float(training_sigmas(model.scheduler_config)[0])
+    f = _Objective(model, student, noise, targets, objective, lambdas, timesteps, start_grid, lowest, gradient,
+                   batch_size)
+    x0 = np.array(student.lambdas[1:] if lambdas else [], dtype=np.float64)
+    bounds = [(None, None)] * f.n_lam
+    if timesteps:
+        z = params_from_grid(start_grid, lowest)
+        x0 = np.concatenate([x0, [0.0], z])
+        bounds += [(-_FIRST_SPAN * np.log(f.top / lowest), 0.0)] + [(-_Z_BOUND, _Z_BOUND)] * len(z)
+    return f, x0, bounds
 
 
 def _check_optimise(scheduler, timesteps: bool, lambdas: bool, objective: str, gradient: str, batch_size,

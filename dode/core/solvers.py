@@ -221,26 +221,10 @@ def set_grid(scheduler, grid) -> None:
     """
     from .schedule import sigma_to_timestep, training_sigmas
 
-    solver = solver_of(scheduler)
-    if not solver.custom_grid:
-        form = f"; for {solver.name}, use dode.core.scheduler.to_grid_form first" if solver.grid_form else ""
-        raise ValueError(
-            f"{type(scheduler).__name__} ({solver.name}) cannot take a custom time grid: its steps use integer "
-            f"timesteps{form}; solvers that can: {', '.join(GRID_SOLVERS)}"
-        )
     grid = np.asarray(grid, dtype=np.float64)
-    current = TimeGrid.of(scheduler).steps
-    if grid.shape != current.shape:
-        raise ValueError(f"this schedule has {len(current)} steps, so the grid needs {len(current)} noise levels, "
-                         f"got {len(grid) if grid.ndim == 1 else grid.shape}")
-    check_levels(grid)
+    solver = _grid_solver(scheduler, grid)
     timesteps = sigma_to_timestep(grid, np.log(training_sigmas(scheduler.config)))
-    final = float(scheduler.sigmas[-1])
-    if solver.name == "heun":  # every level after the first is visited by both stages of a step
-        grid, timesteps = np.repeat(grid, 2)[1:], np.repeat(timesteps, 2)[1:]
-    device = scheduler.timesteps.device
-    scheduler.sigmas = torch.tensor([*grid, final], dtype=torch.float32)
-    scheduler.timesteps = torch.tensor(timesteps, dtype=torch.float32, device=device)
+    _place(scheduler, solver, torch.from_numpy(grid).float(), torch.from_numpy(timesteps).float())
 
 
 def set_levels(scheduler, levels: torch.Tensor) -> None:
@@ -255,26 +239,42 @@ def set_levels(scheduler, levels: torch.Tensor) -> None:
     use it for one run, not to keep). iPNDM reads ``sigmas`` afresh (no cache) while they carry a graph."""
     from .schedule import differentiable_timestep, training_sigmas
 
+    solver = _grid_solver(scheduler, levels.detach().double().cpu().numpy())
+    levels = levels.cpu()
+    log_sigmas = torch.from_numpy(np.log(training_sigmas(scheduler.config)))
+    _place(scheduler, solver, levels, differentiable_timestep(levels, log_sigmas))
+    if isinstance(scheduler, DEISMultistepScheduler):
+        for name, update in _DEIS_UPDATES.items():
+            setattr(scheduler, name, update.__get__(scheduler))
+
+
+def _grid_solver(scheduler, grid: np.ndarray) -> Solver:
+    """The solver of a scheduler that can take ``grid`` (one level per step, positive, strictly descending);
+    ValueError naming what is wrong otherwise."""
     solver = solver_of(scheduler)
     if not solver.custom_grid:
-        raise ValueError(f"{solver.name} steps on integer timesteps; use dode.core.scheduler.to_grid_form first")
+        form = f"; for {solver.name}, use dode.core.scheduler.to_grid_form first" if solver.grid_form else ""
+        raise ValueError(
+            f"{type(scheduler).__name__} ({solver.name}) cannot take a custom time grid: it steps on integer "
+            f"timesteps{form}; solvers that can: {', '.join(GRID_SOLVERS)}"
+        )
     current = TimeGrid.of(scheduler).steps
-    if levels.shape != current.shape:
+    if grid.shape != current.shape:
         raise ValueError(f"this schedule has {len(current)} steps, so the grid needs {len(current)} noise levels, "
-                         f"got shape {tuple(levels.shape)}")
-    check_levels(levels.detach().double().cpu().numpy())
-    log_sigmas = torch.from_numpy(np.log(training_sigmas(scheduler.config)))
-    levels = levels.cpu()
-    timesteps = differentiable_timestep(levels, log_sigmas)
-    if solver.name == "heun":  # every level after the first is visited by both stages of a step
+                         f"got {len(grid) if grid.ndim == 1 else grid.shape}")
+    check_levels(grid)
+    return solver
+
+
+def _place(scheduler, solver: Solver, levels: torch.Tensor, timesteps: torch.Tensor) -> None:
+    """Put ``levels`` (one per step) and the model's ``timesteps`` at them on ``scheduler``, its own final (clean)
+    level kept, in the levels' dtype; Heun visits every level after the first with both stages of a step."""
+    if solver.name == "heun":
         levels, timesteps = levels.repeat_interleave(2)[1:], timesteps.repeat_interleave(2)[1:]
     final = scheduler.sigmas[-1:].detach().to(levels.dtype)
     device = scheduler.timesteps.device
     scheduler.sigmas = torch.cat([levels, final])
     scheduler.timesteps = timesteps.to(device)
-    if isinstance(scheduler, DEISMultistepScheduler):
-        for name, update in _DEIS_UPDATES.items():
-            setattr(scheduler, name, update.__get__(scheduler))
 
 
 def _deis_rhos(scheduler, count: int):

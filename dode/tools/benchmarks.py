@@ -399,21 +399,16 @@ def guard_cost(sizes: Sizes = FULL, progress: bool = True) -> pd.DataFrame:
 def _refine_objective(model, solver: str, nfe: int, batch: int, gradient: str, batch_size=None):
     """(the objective of a "joint+timesteps" refinement of ``solver`` at ``nfe`` on ``batch`` seeds, its start
     point). Its targets are zeros: what an evaluation costs does not depend on them, and no teacher run is timed."""
-    from ..core.refine import _Objective, params_from_grid
-    from ..core.schedule import training_sigmas
+    from ..core.refine import objective_at_start
     from ..core.scheduler import DODEScheduler, make_scheduler, to_grid_form
-    from ..core.timegrid import TimeGrid
 
-    spec = dode.get_solver(solver)
-    student = to_grid_form(DODEScheduler(make_scheduler(solver, model), [0.1] * nfe, spec.steps_for(nfe)))
-    student.set_timesteps(student.num_inference_steps)
+    student = to_grid_form(DODEScheduler(make_scheduler(solver, model), [0.1] * nfe,
+                                         dode.get_solver(solver).steps_for(nfe)))
     noise = dode.seeded_noise(model.sample_shape, batch, 0)
-    lowest = float(training_sigmas(model.scheduler_config)[0])
-    grid = np.asarray(student.grid if student.grid is not None else TimeGrid.of(student).steps)
-    f = _Objective(model, student, noise, torch.zeros(nfe, *noise.shape), "final", True, True, grid, lowest,
-                   gradient, batch_size)
+    f, start, _ = objective_at_start(model, student, noise, torch.zeros(nfe, *noise.shape), timesteps=True,
+                                     gradient=gradient, batch_size=batch_size)
     f.bar = tqdm(disable=True)
-    return f, np.concatenate([student.lambdas[1:], [0.0], params_from_grid(grid, lowest)])
+    return f, start
 
 
 def _refine_cells(model, solver: str, nfe: int, sizes: Sizes, progress: bool) -> dict:
