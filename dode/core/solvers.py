@@ -216,15 +216,21 @@ def set_grid(scheduler, grid) -> None:
     """Move the noise levels of a scheduler's steps, after its ``set_timesteps``, to ``grid``.
 
     ``grid``: one positive noise level per step, strictly descending, as ``TimeGrid.steps`` returns them; the
-    final (clean) level stays the scheduler's own. The model is then called at the fractional training
-    timesteps of these levels. Only for solvers with ``custom_grid`` (their steps read ``scheduler.sigmas``).
+    final (clean) level stays the scheduler's own. The model is then called at exactly these levels (their
+    fractional training timesteps). Or a ``TimeGrid`` (``TimeGrid.of`` another scheduler of the same solver and step
+    count): its levels and its model time inputs, which reproduces that scheduler's run bit for bit, also where
+    diffusers hands the model a rounded timestep (``TimeGrid.evaluated``). Only for solvers with ``custom_grid``
+    (their steps read ``scheduler.sigmas``).
     """
     from .schedule import sigma_to_timestep, training_sigmas
 
-    grid = np.asarray(grid, dtype=np.float64)
-    solver = _grid_solver(scheduler, grid)
-    timesteps = sigma_to_timestep(grid, np.log(training_sigmas(scheduler.config)))
-    _place(scheduler, solver, torch.from_numpy(grid).float(), torch.from_numpy(timesteps).float())
+    if isinstance(grid, TimeGrid):
+        levels, timesteps = grid.steps, torch.tensor(grid.step_timesteps)
+    else:
+        levels = np.asarray(grid, dtype=np.float64)
+        timesteps = torch.from_numpy(sigma_to_timestep(levels, np.log(training_sigmas(scheduler.config)))).float()
+    solver = _grid_solver(scheduler, levels)
+    _place(scheduler, solver, torch.from_numpy(levels).float(), timesteps)
 
 
 def set_levels(scheduler, levels: torch.Tensor) -> None:

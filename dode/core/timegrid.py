@@ -14,6 +14,13 @@ Two kinds of schedulers:
 
 Sigma-space schedulers (Heun, Euler) hold x0 + sigma * noise; every comparison happens in the DDPM convention
 x_t = sqrt(abar) x0 + sqrt(1 - abar) noise (``TimeGrid.to_ddpm``).
+
+Where the model is evaluated and where the update puts the state can differ: on its sigma spacings (karras,
+exponential, beta, lu) diffusers computes continuous noise levels for the update but hands the model an integer
+timestep (DPM-Solver++, DEIS and UniPC round or truncate it), whose level is another one. ``TimeGrid.evaluated`` is
+the level at the model's time input, ``TimeGrid.states`` the update's; ``TimeGrid.level_gap`` measures the
+difference. ``dode.core.solvers.set_grid`` given a ``TimeGrid`` reproduces both (a named spacing, bit for bit); given
+levels alone (explicit and learned grids), it evaluates the model at exactly those levels.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler
+
+from .schedule import timestep_to_sigma, training_sigmas
 
 #: schedulers whose states are x0 + sigma * noise, whatever their first noise level (``init_noise_sigma`` is that
 #: level, below 1 for a grid that starts below sigma = 1)
@@ -42,6 +51,9 @@ class TimeGrid:
     init_noise_sigma: float
     #: states are x0 + sigma * noise (Heun, Euler) rather than DDPM states
     sigma_space: bool
+    #: noise level at the model's time input at each evaluation, shape (nfe,): sigma(t), log-linear between the
+    #: training timesteps (diffusers' own map); where the model is really evaluated
+    evaluated: np.ndarray
 
     @classmethod
     def of(cls, scheduler) -> "TimeGrid":
@@ -52,11 +64,13 @@ class TimeGrid:
             raise ValueError(f"{type(base).__name__} has no timesteps yet: call set_timesteps first")
         n = len(timesteps)
         init = float(torch.as_tensor(base.init_noise_sigma).detach())
+        log_sigmas = np.log(training_sigmas(base.config))
+        evaluated = timestep_to_sigma(timesteps.detach().double().cpu().numpy(), log_sigmas)
         sigmas = getattr(base, "sigmas", None)
         if torch.is_tensor(sigmas) and len(sigmas) == n + 1:
             levels = sigmas.detach().double().cpu().numpy()  # detached: a learned grid's carry a graph
             return cls(tuple(timesteps.tolist()), float(levels[0]), levels[1:].copy(), init,
-                       isinstance(base, _SIGMA_SPACE) or init > 1.0)
+                       isinstance(base, _SIGMA_SPACE) or init > 1.0, evaluated)
         # integer-timestep DDPM schedulers (DDIM, PLMS): x_t at the timestep, and t - T // n after each step
         t = timesteps.long().cpu().numpy()
         previous = t - base.config.num_train_timesteps // base.num_inference_steps
@@ -70,7 +84,7 @@ class TimeGrid:
             return float(np.sqrt((1 - abar) / abar))
 
         return cls(tuple(timesteps.tolist()), sigma(int(t[0])), np.array([sigma(int(p)) for p in previous]),
-                   init, False)
+                   init, False, evaluated)
 
     @property
     def nfe(self) -> int:
@@ -83,11 +97,26 @@ class TimeGrid:
 
     @property
     def steps(self) -> np.ndarray:
-        """The distinct noise levels the model is evaluated at, one per step, descending (Heun's second stage
-        re-evaluates the level its first stage stepped to): what ``set_grid`` and ``DODEScheduler.grid`` take."""
+        """The distinct noise levels the update steps from, one per step, descending (Heun's second stage
+        re-evaluates the level its first stage stepped to): what ``set_grid`` and ``DODEScheduler.grid`` take. The
+        model is evaluated there too except where diffusers rounds its timestep (``evaluated``, ``level_gap``)."""
+        return self.states[:-1][self._firsts()]
+
+    @property
+    def step_timesteps(self) -> tuple:
+        """The model's time input at the first evaluation of each step (``timesteps`` at ``steps``)."""
+        return tuple(t for t, first in zip(self.timesteps, self._firsts()) if first)
+
+    @property
+    def level_gap(self) -> float:
+        """The largest relative distance between the level the model is evaluated at and the level of the state
+        the update steps from, over the evaluations: 0 where the model sees exactly the update's levels."""
+        return float(np.max(np.abs(self.evaluated / self.states[:-1] - 1.0)))
+
+    def _firsts(self) -> np.ndarray:
+        """Which evaluations begin a step (their level differs from the one before)."""
         levels = self.states[:-1]
-        keep = np.concatenate([[True], np.abs(np.diff(levels)) > 1e-9 * levels[:-1]])
-        return levels[keep]
+        return np.concatenate([[True], np.abs(np.diff(levels)) > 1e-9 * levels[:-1]])
 
     @property
     def initial_scale(self) -> float:
