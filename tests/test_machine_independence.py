@@ -37,12 +37,16 @@ SETTINGS = [
     ("numpy's OpenBLAS on its Haswell kernel", {"OPENBLAS_NUM_THREADS": "2", "OPENBLAS_CORETYPE": "Haswell"}),
     ("torch's MKL and oneDNN on AVX2", {"OPENBLAS_NUM_THREADS": "2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                                          "MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
+    # a CPU without AVX2 as torch sees it: its scalar (unvectorised) kernels, MKL and oneDNN on SSE4
+    ("torch's scalar kernels, MKL and oneDNN on SSE4", {"OPENBLAS_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "default",
+                                                        "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+                                                        "ONEDNN_MAX_CPU_ISA": "SSE41"}),
 ]
 
 
 def _run(extra: dict, threads=("1",)) -> dict:
     """{torch threads: {name: number}} from a fresh process under ``extra``, on each of ``threads``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS_", "MKL_", "ONEDNN_", "OMP_"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS_", "MKL_", "ONEDNN_", "OMP_", "ATEN_"))
            or k == "OPENBLAS_L2_SIZE"}
     if os.environ.get("OPENBLAS_CORETYPE"):  # set by this machine's image for its CPU: keep it unless overridden
         env["OPENBLAS_CORETYPE"] = os.environ["OPENBLAS_CORETYPE"]
