@@ -17,10 +17,11 @@ x_t = sqrt(abar) x0 + sqrt(1 - abar) noise (``TimeGrid.to_ddpm``).
 
 Where the model is evaluated and where the update puts the state can differ: on its sigma spacings (karras,
 exponential, beta, lu) diffusers computes continuous noise levels for the update but hands the model an integer
-timestep (DPM-Solver++, DEIS and UniPC round or truncate it), whose level is another one. ``TimeGrid.evaluated`` is
-the level at the model's time input, ``TimeGrid.states`` the update's; ``TimeGrid.level_gap`` measures the
-difference. ``dode.core.solvers.set_grid`` given a ``TimeGrid`` reproduces both (a named spacing, bit for bit); given
-levels alone (explicit and learned grids), it evaluates the model at exactly those levels.
+timestep (DPM-Solver-2, DPM-Solver++, DEIS and UniPC round or truncate it), whose level is another one.
+``TimeGrid.evaluated`` is the level at the model's time input, ``TimeGrid.states`` the update's;
+``TimeGrid.level_gap`` measures the difference. ``dode.core.solvers.set_grid`` given a ``TimeGrid`` reproduces both
+(a named spacing, bit for bit); given levels alone (explicit and learned grids), it evaluates the model at exactly
+those levels.
 """
 from __future__ import annotations
 
