@@ -7,7 +7,8 @@ import torch
 
 import dode
 from dode.models.registry import training_sigmas
-from dode.core.refine import _loss, _student_states, grid_from_params, optimise as refine, params_from_grid
+from dode.core.refine import (_adam, _loss, _student_states, grid_from_params, optimise as refine, params_from_grid,
+                              resolve_optimizer)
 from dode.core.sampling import integrate, seeded_noise
 from dode.core.timegrid import TimeGrid
 from dode.core.scheduler import make_scheduler
@@ -208,6 +209,10 @@ def test_refinement_errors_are_clear(gmm, tmp_path):
         refine(gmm, greedy, teacher.noise, teacher.targets(greedy), timesteps=True, objective="final")
     with pytest.raises(ValueError, match="objective"):
         refine(gmm, greedy, teacher.noise, teacher.targets(greedy), objective="all states")
+    with pytest.raises(ValueError, match="refine_optimizer must be one of 'auto', 'lbfgs', 'adam', got 'sgd'"):
+        dode.distill(gmm, "ddim", [3, 4], batch_size=4, refine="joint", refine_optimizer="sgd")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        refine(gmm, greedy, teacher.noise, teacher.targets(greedy), objective="all", optimizer="newton")
     unipc = dode.distill(gmm, "unipc", 4, teacher=teacher, guard=False)
     unipc.grid = [100.0, 10.0, 20.0, 1.0]  # not descending
     unipc.save_pretrained(tmp_path)
@@ -244,7 +249,8 @@ def test_with_the_guard_a_refinement_is_kept_only_where_it_validates_no_worse(gm
 @pytest.mark.parametrize("timesteps", [False, True])
 def test_a_refinement_backs_off_where_the_student_blows_up(gmm, monkeypatch, timesteps):
     """Far out, a line-search trial can make the student's states overflow: NaN through autograd, a FloatingPointError
-    from the finite-difference runs. Such a point counts as an infinite loss (L-BFGS backs off from it); the refinement
+    from the finite-difference runs. Such a point counts as an infinite loss (L-BFGS for the lambdas alone and Adam
+    for a grid both back off from it); the refinement
     ends normally with the best finite point, no worse than its start. Blow-ups are simulated past |lambda| = bound."""
     import dode.core.refine as refine_module
 
@@ -275,3 +281,59 @@ def test_a_refinement_backs_off_where_the_student_blows_up(gmm, monkeypatch, tim
     assert float("inf") in info["history"] and np.isfinite(info["mse_refined"])
     assert info["mse_refined"] <= info["mse_start"]
     assert max(abs(v) for v in refined.lambdas) <= bound
+
+
+def test_annealed_adam_reaches_the_closed_form_minimum_of_a_quadratic_inside_its_box():
+    """An ill-conditioned quadratic (curvatures 1e-2 ... 1e2) whose minimum lies outside the box in one coordinate:
+    the minimum is c clipped into the box, in closed form. Adam is scale-free, so every coordinate gets there."""
+    curvature, centre = np.array([1e-2, 1.0, 1e2]), np.array([0.7, -1.3, 2.5])
+    low, high = [-3.0, -3.0, -3.0], [3.0, 3.0, 2.0]
+    calls = []
+
+    def f(x):
+        calls.append(x.copy())
+        return float(np.sum(curvature * (x - centre) ** 2)), 2 * curvature * (x - centre)
+
+    result = _adam(f, np.zeros(3), list(zip(low, high)), 300)
+    assert result.nit == 300 and len(calls) == 301  # one evaluation per iteration and the last point
+    assert all(np.all(x >= low) and np.all(x <= high) for x in calls)
+    np.testing.assert_allclose(result.x, np.clip(centre, low, high), atol=2e-3)
+
+
+def test_annealed_adam_steps_shrink_on_a_half_cosine_to_nothing():
+    """Why the grid is learned by annealed Adam: its steps shrink to nothing, so the iterates settle on a point and
+    a last-bit difference in the arithmetic (another CPU) stays small instead of being carried on by full-size
+    steps. On a linear objective Adam's normalised step is exactly 1 in every coordinate, so the path is the
+    schedule itself: step k is rate * (1 + cos(pi (k - 1) / n)) / 2, n steps travel rate * (n + 1) / 2 in all, and
+    the last is rate * (1 - cos(pi / n)) / 2. The same with the box reached: the coordinate stops at its bound."""
+    n, rate, slope = 50, 0.1, np.array([3.0, -0.5, 2.0])
+    path = []
+
+    def f(x):
+        path.append(x.copy())
+        return float(slope @ x), slope.copy()
+
+    _adam(f, np.zeros(3), [(-10.0, 10.0), (-10.0, 10.0), (-1.0, 10.0)], n, rate)
+    steps = np.abs(np.diff(np.array(path), axis=0))
+    expected = rate * (1 + np.cos(np.pi * np.arange(n) / n)) / 2
+    np.testing.assert_allclose(steps[:, 0], expected, rtol=1e-6)
+    np.testing.assert_allclose(steps[:, 1], expected, rtol=1e-6)
+    assert np.sum(steps[:, 0]) == pytest.approx(rate * (n + 1) / 2, rel=1e-6)
+    assert path[-1][2] == -1.0 and steps[-1, 0] == pytest.approx(rate * (1 - np.cos(np.pi / n)) / 2, rel=1e-6)
+
+
+def test_the_optimiser_is_l_bfgs_for_lambdas_alone_and_adam_where_the_grid_moves(gmm):
+    assert [resolve_optimizer("auto", t) for t in (False, True)] == ["lbfgs", "adam"]
+    assert resolve_optimizer("lbfgs", True) == "lbfgs" and resolve_optimizer("adam", False) == "adam"
+    teacher = dode.Teacher(gmm, batch_size=8, seed=5, substeps=4)
+    greedy = dode.distill(gmm, "unipc", 4, teacher=teacher, guard=False)
+    probe = copy.deepcopy(greedy)
+    probe.set_timesteps(probe.num_inference_steps)
+    grid_targets = teacher.targets(TimeGrid.of(probe))
+    for timesteps, optimizer, expected in ((True, "auto", "adam"), (False, "auto", "lbfgs"), (True, "lbfgs", "lbfgs")):
+        found = refine(gmm, greedy, teacher.noise, grid_targets if timesteps else teacher.targets(probe),
+                       timesteps=timesteps, objective="final" if timesteps else "all", max_iterations=5,
+                       optimizer=optimizer, progress=False)
+        assert found.record()["optimizer"] == expected and found.mse_refined <= found.mse_start
+        if expected == "adam":  # exactly its iterations: one evaluation each, and one at the end
+            assert found.iterations == 5 and found.evaluations == 6

@@ -27,7 +27,7 @@ from ..util.runtime import resolve_device
 from .fit import GreedyFit, greedy_fit
 from .guard import CRITERIA, MARGIN, FitWarning, Judge, best_factor, choose, decision, insanity, scaled
 from .reference import REFERENCE, Reference
-from .refine import REFINEMENTS, TOLERANCE, Optimised, optimise
+from .refine import OPTIMIZERS, REFINEMENTS, TOLERANCE, Optimised, optimise, resolve_optimizer
 from .sampling import check_batch_size, count_evaluations
 from .scheduler import DODEScheduler, grid_scheduler, make_scheduler, to_grid_form
 from .solvers import GRID_SOLVERS, Solver, get_solver
@@ -209,8 +209,10 @@ def _judge(model, teacher: Teacher, validation, criterion: str, features: str, d
     return Judge(model, validation, criterion, device, features, reference, progress)
 
 
-def _check_refine(solver: Solver, refine) -> None:
-    """``distill``'s check of ``refine``, before any work."""
+def _check_refine(solver: Solver, refine, optimizer: str = "auto") -> None:
+    """``distill``'s check of ``refine`` and ``refine_optimizer``, before any work."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"refine_optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
     if refine is not None and refine not in REFINEMENTS:
         raise ValueError(f"refine must be one of {(None, *REFINEMENTS)}, got {refine!r}")
     if refine is not None and REFINEMENTS[refine].timesteps and solver.name not in GRID_SOLVERS:
@@ -371,7 +373,7 @@ def _distill_counts(single, arguments: dict) -> DODEScheduler:
         raise ValueError(f"nfe is a number of model evaluations, or a list of distinct ones; got {nfes!r}")
     if given["spacing"] is not None and not isinstance(given["spacing"], str):
         raise ValueError("an explicit grid fixes one step count: distil several NFE on a named spacing or 'auto'")
-    _check_refine(solver, given["refine"])
+    _check_refine(solver, given["refine"], given["refine_optimizer"])
     for n in nfes:  # every argument check before any work
         _check(solver, n, given["spacing"], given["guard"], given["criterion"], given["margin"])
     device = given["device"] = resolve_device(given["device"])
@@ -387,9 +389,9 @@ def _distill_counts(single, arguments: dict) -> DODEScheduler:
 def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
             teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
             margin: float = MARGIN, reference: Reference = REFERENCE, device="auto",
-            refine: str | None = None, refine_iterations: int = 200, refine_starts: int = STARTS,
+            refine: str | None = None, refine_iterations: int = 100, refine_starts: int = STARTS,
             refine_tolerance: float = TOLERANCE, refine_batch_size: int | None = None,
-            progress: bool = True) -> DODEScheduler:
+            refine_optimizer: str = "auto", progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
 
     ``nfe``: model evaluations, or a list of them: then one DODEScheduler holds each count's fit (one teacher, one
@@ -425,19 +427,18 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     state after every step), ``"joint+timesteps"`` (lambdas and the noise level of every step, the first only
     downwards, against the teacher's final samples; only for ``GRID_SOLVERS``) or ``"timesteps"`` (the grid alone,
     every lambda 0: the base solver on a learned grid). Exact gradients (autograd, the noise levels included);
-    L-BFGS until an iteration gains less than ``refine_tolerance`` of the start value (at most
-    ``refine_iterations``); ``refine_batch_size``: micro-batches (bounded memory, the same gradient). With the
-    guard and no ``spacing``, it starts from ``"auto"``: ``refine_starts`` starts (``refinement_starts``), the best
-    on the validation seeds kept; "joint+timesteps" also from the learned grid alone, never validating worse than
-    it; a refinement worse than what it would replace is dropped (``fit_info["refine"]["kept"]``).
+    ``refine_optimizer`` (``OPTIMIZERS``): by default L-BFGS for "joint" to ``refine_tolerance`` (at most
+    ``refine_iterations``), Adam annealed over ``refine_iterations`` where the grid moves; ``refine_batch_size``:
+    micro-batches. With the guard and no ``spacing``, from ``"auto"``: ``refine_starts`` starts, the best on the
+    validation seeds kept; "joint+timesteps" also from the grid alone, never validating worse than it; a
+    refinement worse than what it would replace is dropped (``fit_info["refine"]["kept"]``).
 
     ``fit_info``: the spacing, every candidate's validation scores, the decision, the reference, and ``"cost"``
-    (model evaluations times samples, and seconds, by part). A fit that looks wrong (``dode.core.guard.insanity``)
-    warns once (``FitWarning``); its decision text says so.
+    (model evaluations times samples, and seconds, by part). A fit that looks wrong warns (``FitWarning``).
     """
     if isinstance(nfe, (list, tuple)):  # one fit per count, in one scheduler
         return _distill_counts(distill, locals())
-    _check_refine(get_solver(solver), refine)
+    _check_refine(get_solver(solver), refine, refine_optimizer)
     if refine is not None and spacing is None and guard:  # the best a user can get: from auto's choice and more
         spacing = "auto"
     found = distillation(model, solver, nfe, spacing=spacing, batch_size=batch_size, seed=seed, teacher=teacher,
@@ -448,7 +449,8 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     with found.sharing():  # a start on a candidate's grid reads the targets its fit had, without another teacher run
         return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
                           max_iterations=refine_iterations, starts=refine_starts if found.auto else 1,
-                          tolerance=refine_tolerance, batch_size=refine_batch_size, progress=progress).scheduler
+                          tolerance=refine_tolerance, batch_size=refine_batch_size, optimizer=refine_optimizer,
+                          progress=progress).scheduler
 
 
 @dataclass
@@ -460,7 +462,7 @@ class Refined:
     spacing: str  # the spacing of the start it came from
     score: float | None  # the refinement's score on the validation seeds (None without a judge)
     seconds: float  # the whole refinement's, every start included
-    iterations: int  # L-BFGS iterations, every start included
+    iterations: int  # the optimiser's iterations, every start included
     record: dict  # ``fit_info["refine"]``
 
 
@@ -533,32 +535,37 @@ def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | N
         targets = teacher.targets(TimeGrid.of(probe))
     found = optimise(model, start.scheduler, teacher.noise, targets, **mode_options,
                      max_iterations=options.max_iterations, tolerance=options.tolerance,
-                     gradient=options.gradient, batch_size=options.batch_size, progress=progress)
+                     gradient=options.gradient, batch_size=options.batch_size, optimizer=options.optimizer,
+                     progress=progress)
     return _Attempt(start, found, None if judge is None else judge(found.scheduler))
 
 
 class RefineOptions(NamedTuple):
-    """How a refinement runs (``refine_fit``): L-BFGS until an iteration gains less than ``tolerance`` of its start
-    value or ``max_iterations``; with several starts, each first for ``probe_iterations``; the fitting batch in
+    """How a refinement runs (``refine_fit``): ``optimizer`` (``dode.core.refine.OPTIMIZERS``; "auto": L-BFGS for
+    the lambdas alone, Adam where the grid moves). L-BFGS until an iteration gains less than ``tolerance`` of its
+    start value or ``max_iterations``, with several starts each first for ``probe_iterations``; Adam for exactly
+    ``max_iterations`` from every start (an annealed run cannot be probed and continued). The fitting batch in
     micro-batches of ``batch_size`` samples (None: whole); ``gradient``: "autograd" or "fd" (``GRADIENTS``)."""
 
-    max_iterations: int = 200
+    max_iterations: int = 100
     tolerance: float = TOLERANCE
     probe_iterations: int = 10
     batch_size: int | None = None
     gradient: str = "autograd"
+    optimizer: str = "auto"
 
 
 def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge: Judge | None = None,
-               targets=None, max_iterations: int = 200, starts: int = 1, probe_iterations: int = 10,
+               targets=None, max_iterations: int = 100, starts: int = 1, probe_iterations: int = 10,
                tolerance: float = TOLERANCE, batch_size: int | None = None, gradient: str = "autograd",
-               grid_alone: "Refined | None" = None, progress: bool = True) -> Refined:
+               grid_alone: "Refined | None" = None, optimizer: str = "auto", progress: bool = True) -> Refined:
     """``distill(refine=mode)`` from a ``distillation``, against ``teacher`` (its noise batch is the fitting batch).
 
     ``mode``: "joint", "timesteps" (a learned grid, every lambda 0: the base solver on it) or "joint+timesteps".
-    ``starts``: how many starting points (``refinement_starts``; they need ``judge``). With several, each is refined
-    for ``probe_iterations``, the one that then validates best goes on until L-BFGS converges (``tolerance``, at
-    most ``max_iterations`` in all), and the best-validating of all is the result. With ``judge``, the never-worse
+    ``starts``: how many starting points (``refinement_starts``; they need ``judge``). With several and L-BFGS, each
+    is refined for ``probe_iterations``, the one that then validates best goes on until L-BFGS converges
+    (``tolerance``, at most ``max_iterations`` in all); with Adam (``optimizer``, ``RefineOptions``: where the grid
+    moves) each runs its ``max_iterations``. The best-validating of all is the result. With ``judge``, the never-worse
     guard: the refinement comes back only where it validates better than what it would replace (the distillation's
     result, or for "timesteps" the best-validating base among the starts); else that comes back (``Refined.kept``
     False). "joint+timesteps" with ``judge`` also starts from the learned grid alone (``grid_alone``: a "timesteps"
@@ -566,7 +573,7 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     refinement beats it, the grid alone (every lambda 0) is the result. ``targets``: the teacher's states at the
     distillation's own levels, where the caller has them. ``batch_size``: micro-batches (bounded memory);
     ``gradient``: "autograd" (exact) or "fd" (finite differences in the grid)."""
-    options = RefineOptions(max_iterations, tolerance, probe_iterations, batch_size, gradient)
+    options = RefineOptions(max_iterations, tolerance, probe_iterations, batch_size, gradient, optimizer)
     if grid_alone is None and mode == "joint+timesteps" and judge is not None:
         grid_alone = refine_fit(model, found, teacher, "timesteps", judge=judge, starts=starts, progress=progress,
                                 **options._asdict())
@@ -592,7 +599,8 @@ def _refine_fit(model, found: Distillation, teacher: Teacher, mode: str, judge: 
     points = refinement_starts(model, found, mode, starts if judge is not None else 1)
     if grid_alone is not None:  # the learned grid alone, lambda 0: a start, and the floor of the result
         points = [_Start(copy.deepcopy(grid_alone.scheduler), grid_alone.spacing, grid_alone.score), *points]
-    probing = len(points) > 1 and options.probe_iterations < options.max_iterations
+    probing = (len(points) > 1 and options.probe_iterations < options.max_iterations
+               and resolve_optimizer(options.optimizer, REFINEMENTS[mode].timesteps) == "lbfgs")
     own = targets if not REFINEMENTS[mode].timesteps else None
     first = options._replace(max_iterations=options.probe_iterations) if probing else options
     attempts = [_attempt(model, p, teacher, mode, judge, first, own if p.kept else None, progress) for p in points]

@@ -4,8 +4,11 @@ The paper fits each lambda greedily against the teacher's state after its own st
 are only the start (``REFINEMENTS``): "joint" moves every lambda to minimise the mean squared distance of the
 student's states to the teacher's; "timesteps" moves only the noise levels of the grid, every lambda held at 0
 (the base solver on a learned grid: the learned-grid methods without D-ODE); "joint+timesteps" moves both. With
-a grid the objective is the final samples' distance (the moving states have no fixed targets). The optimiser is
-L-BFGS over the distillation batch, until an iteration gains less than ``TOLERANCE`` of the start value. The
+a grid the objective is the final samples' distance (the moving states have no fixed targets). The optimiser
+(``OPTIMIZERS``): for the lambdas alone L-BFGS over the distillation batch, until an iteration gains less than
+``TOLERANCE`` of the start value; where the grid moves, Adam with its step annealed to zero over a fixed number
+of iterations, because L-BFGS's line searches turn a last-bit difference in the arithmetic (another CPU) into
+another local minimum of the grid, while annealed Adam contracts onto one (docs/reproducing.md). The
 network is frozen but differentiated through: the gradient with respect to the lambdas and to every noise level
 comes from one backward pass through every model evaluation and scheduler step. The levels are one tensor in the
 graph (``dode.core.solvers.set_levels``): the scheduler's coefficients are torch functions of them, and so is the
@@ -104,14 +107,14 @@ def _loss(states, targets, objective: str) -> torch.Tensor:
 
 
 class Optimised(NamedTuple):
-    """What ``optimise`` found: the best point L-BFGS visited, and how it got there."""
+    """What ``optimise`` found: the best point the optimiser visited, and how it got there."""
 
     scheduler: DODEScheduler
     mode: str  # the ``REFINEMENTS`` name of what moved
     objective: str  # "all" or "final" states
     mse_start: float
     mse_refined: float
-    iterations: int  # L-BFGS iterations
+    iterations: int  # the optimiser's iterations
     evaluations: int  # objective evaluations (line searches included)
     student_runs: int  # forward sampling runs of the student on the fitting batch (finite differences included)
     seconds: float
@@ -119,18 +122,20 @@ class Optimised(NamedTuple):
     history: list  # the objective at every evaluation, in order
     gradient: str = "autograd"  # how d loss / d grid was had (``GRADIENTS``)
     backward_passes: int = 0  # backward passes through a whole run on the fitting batch
+    optimizer: str = "lbfgs"  # which one ran (``OPTIMIZERS``, resolved)
 
     def record(self) -> dict:
         """The refinement as ``fit_info["refine"]`` reports it."""
         return {"mode": self.mode, "objective": f"mean squared distance to the teacher, {self.objective} states",
                 "mse_start": self.mse_start, "mse_refined": self.mse_refined, "iterations": self.iterations,
                 "evaluations": self.evaluations, "student_runs": self.student_runs,
-                "backward_passes": self.backward_passes, "gradient": self.gradient, "seconds": self.seconds,
+                "backward_passes": self.backward_passes, "gradient": self.gradient, "optimizer": self.optimizer,
+                "seconds": self.seconds,
                 "optimizer_message": self.message, "history": self.history}
 
 
 class _Objective:
-    """theta -> (the mean squared distance to the teacher over its start value, its gradient) for L-BFGS, with theta
+    """theta -> (the mean squared distance to the teacher over its start value, its gradient) for the optimiser, with theta
     the moving lambdas (lambda_1 on) and, with ``timesteps``, u and z of the grid; remembers every value (as a mean
     squared distance) and the best point. The gradient: ``"autograd"`` (one backward pass through the run, levels
     included) or ``"fd"`` (the lambdas by autograd, each grid parameter by a forward difference: one more run each).
@@ -177,7 +182,7 @@ class _Objective:
         except FloatingPointError:  # the student blew up (NaN or inf) at a shifted point
             value, gradient = math.inf, None
         if not (math.isfinite(value) and gradient is not None and np.isfinite(gradient).all()):
-            value, gradient = math.inf, np.zeros(len(theta))  # a trial too far out: L-BFGS backs off from inf
+            value, gradient = math.inf, np.zeros(len(theta))  # a trial too far out: both optimisers back off from inf
         self.history.append(value)
         if value < self.best:
             self.best, self.best_theta = value, theta.copy()
@@ -225,24 +230,34 @@ GRADIENTS = ("autograd", "fd")
 #: L-BFGS stops when an iteration lowers the objective by less than this share of its start value (or at
 #: ``max_iterations``): a tolerance, so that the default refinement converges
 TOLERANCE = 1e-5
+#: the optimiser of ``optimise``: "lbfgs" (scipy's L-BFGS-B to ``TOLERANCE``), "adam" (projected Adam, its step
+#: annealed from ``LEARNING_RATE`` to zero over exactly ``max_iterations`` iterations: it contracts onto a minimum,
+#: so a last-bit difference in the arithmetic stays a last-bit difference in the grid), or "auto": L-BFGS for the
+#: lambdas alone (smooth; it reproduces to 1e-5 across CPUs), Adam wherever the grid moves
+OPTIMIZERS = ("auto", "lbfgs", "adam")
+#: Adam's first step size, in the units of theta (lambdas; u and z of the grid), annealed on a half cosine to 0
+LEARNING_RATE = 0.1
 
 
 def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torch.Tensor, *, timesteps: bool = False,
-             lambdas: bool = True, objective: str = "final", max_iterations: int = 200,
+             lambdas: bool = True, objective: str = "final", max_iterations: int = 100,
              tolerance: float = TOLERANCE, gradient: str = "autograd", batch_size: int | None = None,
-             progress: bool = True) -> Optimised:
+             optimizer: str = "auto", progress: bool = True) -> Optimised:
     """The lambdas (``lambdas``) and grid (``timesteps``) of ``scheduler`` that minimise the mean squared distance of
     the student's states from ``noise`` to the teacher's ``targets`` (nfe, batch, ...; DDPM convention), starting
     from ``scheduler``'s. ``objective``: "all" (every state against its target, the sum the greedy fit minimises one
     step at a time) or "final" (the final samples only; the one choice with ``timesteps``, whose moving states
-    have no fixed targets). L-BFGS runs until an iteration gains less than ``tolerance`` of the start value, or
-    ``max_iterations`` (and twice as many objective evaluations, line searches included). ``gradient``: "autograd"
+    have no fixed targets). ``optimizer`` (``OPTIMIZERS``; "auto": L-BFGS for the lambdas alone, Adam where the
+    grid moves): L-BFGS runs until an iteration gains less than ``tolerance`` of the start value, or
+    ``max_iterations`` (and twice as many objective evaluations, line searches included); Adam runs exactly
+    ``max_iterations`` iterations, its step annealed to zero (one evaluation each, and one at the end). ``gradient``: "autograd"
     (exact, the default) or "fd" (finite differences in the grid; ``GRADIENTS``). ``batch_size``: micro-batches
     of at most that many samples (bounded memory on a real network; the gradient is the same). ``lambdas=False``
     holds the lambdas at their start (with a zero start: a learned grid alone, the base solver's). DDIM's grid is
     learned on its grid form (``dode.core.scheduler.to_grid_form``). Never returns a worse fit than its start: the
-    best point L-BFGS visits is kept (``Optimised.scheduler``)."""
-    solver = _check_optimise(scheduler, timesteps, lambdas, objective, gradient, batch_size, tolerance)
+    best point the optimiser visits is kept (``Optimised.scheduler``)."""
+    solver = _check_optimise(scheduler, timesteps, lambdas, objective, gradient, batch_size, tolerance, optimizer)
+    optimizer = resolve_optimizer(optimizer, timesteps)
     began = time.perf_counter()
     form = to_grid_form(scheduler) if timesteps else scheduler
     f, x0, bounds = objective_at_start(model, form, noise, targets, objective=objective, lambdas=lambdas,
@@ -251,7 +266,8 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     with torch.no_grad():  # the start as given (with timesteps, x0's grid has its smallest gaps widened)
         f.best = start = f.loss(student.lambdas, student.grid).item()
     f.scale = start if start > 0 else 1.0
-    result = _minimise(model, f, x0, bounds, max_iterations, tolerance, progress, f"refining {solver.name}")
+    result = _minimise(model, f, x0, bounds, optimizer, max_iterations, tolerance, progress,
+                       f"refining {solver.name}")
     found, grid = (student.lambdas, student.grid) if f.best_theta is None else f.unpack(f.best_theta)
     # its own base (set_grid changes it): the grid form's, where the grid was learned on it
     refined = DODEScheduler(copy.deepcopy(form.base_scheduler), found, scheduler.num_inference_steps,
@@ -259,7 +275,7 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     runs = len(f.history) * (1 if gradient == "autograd" else 1 + len(x0) - f.n_lam)
     return Optimised(refined, mode_of(timesteps=timesteps, lambdas=lambdas), objective, start, f.best,
                      int(result.nit), len(f.history), runs, time.perf_counter() - began, str(result.message),
-                     f.history, gradient, f.backward // len(f.parts))
+                     f.history, gradient, f.backward // len(f.parts), optimizer)
 
 
 def objective_at_start(model, form: DODEScheduler, noise: torch.Tensor, targets, *, objective: str = "final",
@@ -284,8 +300,13 @@ def objective_at_start(model, form: DODEScheduler, noise: torch.Tensor, targets,
     return f, x0, bounds
 
 
+def resolve_optimizer(optimizer: str, timesteps: bool) -> str:
+    """The optimiser that runs for ``optimizer`` (``OPTIMIZERS``): "auto" is Adam where the grid moves, else L-BFGS."""
+    return ("adam" if timesteps else "lbfgs") if optimizer == "auto" else optimizer
+
+
 def _check_optimise(scheduler, timesteps: bool, lambdas: bool, objective: str, gradient: str, batch_size,
-                    tolerance) -> object:
+                    tolerance, optimizer: str = "auto") -> object:
     """``optimise``'s checks of its options, before any work; returns the solver."""
     solver = solver_of(scheduler)
     if timesteps and not solver.takes_grid:
@@ -296,6 +317,8 @@ def _check_optimise(scheduler, timesteps: bool, lambdas: bool, objective: str, g
         raise ValueError("nothing to refine: lambdas=False needs timesteps=True")
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {', '.join(map(repr, GRADIENTS))}, got {gradient!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
@@ -303,20 +326,48 @@ def _check_optimise(scheduler, timesteps: bool, lambdas: bool, objective: str, g
     return solver
 
 
-def _minimise(model, f: _Objective, x0, bounds, max_iterations: int, tolerance: float, progress: bool, desc: str):
-    """scipy's L-BFGS-B on ``f`` from ``x0``, with the network's parameters frozen meanwhile (the gradient flows
-    through the network to the lambdas, never into its weights) and a progress bar of objective evaluations."""
+def _minimise(model, f: _Objective, x0, bounds, optimizer: str, max_iterations: int, tolerance: float,
+              progress: bool, desc: str):
+    """``optimizer`` ("lbfgs": scipy's L-BFGS-B; "adam": ``_adam``) on ``f`` from ``x0``, with the network's
+    parameters frozen meanwhile (the gradient flows through the network to the lambdas and levels, never into its
+    weights) and a progress bar of objective evaluations."""
     frozen = [p for p in model.parameters() if p.requires_grad] if hasattr(model, "parameters") else []
     for p in frozen:
         p.requires_grad_(False)
     try:
-        with tqdm(desc=desc, disable=not progress, unit="eval") as f.bar:
+        with tqdm(desc=desc, disable=not progress, unit="eval", total=max_iterations + 1 if optimizer == "adam"
+                  else None) as f.bar:
+            if optimizer == "adam":
+                return _adam(f, x0, bounds, max_iterations)
             return scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds,
                                            options={"maxiter": max_iterations, "maxfun": 2 * max_iterations,
                                                     "ftol": tolerance, "gtol": 1e-12})
     finally:
         for p in frozen:
             p.requires_grad_(True)
+
+
+def _adam(f: _Objective, x0, bounds, iterations: int, rate: float = LEARNING_RATE) -> scipy.optimize.OptimizeResult:
+    """Projected Adam on ``f`` from ``x0``: ``iterations`` steps (beta 0.9, 0.999), the step size annealed from
+    ``rate`` to 0 on a half cosine, each step clipped into ``bounds``. Near the end the steps shrink to nothing, so
+    the iterates contract onto one minimum: two runs whose arithmetic differs in the last bits end at the same
+    point to about that difference. A step to a point where the student blows up (an infinite objective) is taken
+    back and the step size halved from then on."""
+    low = np.array([-np.inf if b[0] is None else b[0] for b in bounds])
+    high = np.array([np.inf if b[1] is None else b[1] for b in bounds])
+    x = np.clip(np.asarray(x0, dtype=np.float64), low, high)
+    m, v, shrink, previous = np.zeros_like(x), np.zeros_like(x), 1.0, None
+    for k in range(1, iterations + 1):
+        value, gradient = f(x)
+        if not math.isfinite(value) and previous is not None:
+            x, shrink = previous, shrink / 2  # back to the last finite point, with smaller steps
+            continue
+        m, v = 0.9 * m + 0.1 * gradient, 0.999 * v + 0.001 * gradient ** 2
+        step = rate * shrink * 0.5 * (1 + math.cos(math.pi * (k - 1) / iterations))
+        previous = x
+        x = np.clip(x - step * (m / (1 - 0.9 ** k)) / (np.sqrt(v / (1 - 0.999 ** k)) + 1e-8), low, high)
+    f(x)  # the last point (``f`` keeps the best it saw)
+    return scipy.optimize.OptimizeResult(x=x, nit=iterations, message=f"annealed Adam: {iterations} iterations")
 
 
 def mode_of(*, timesteps: bool, lambdas: bool) -> str:
