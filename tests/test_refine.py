@@ -7,8 +7,7 @@ import torch
 
 import dode
 from dode.models.registry import training_sigmas
-from dode.core.refine import (_adam, _loss, _student_states, grid_from_params, optimise as refine, params_from_grid,
-                              resolve_optimizer)
+from dode.core.refine import _adam, _loss, _student_states, grid_from_params, optimise as refine, params_from_grid
 from dode.core.sampling import integrate, seeded_noise
 from dode.core.timegrid import TimeGrid
 from dode.core.scheduler import make_scheduler
@@ -209,7 +208,7 @@ def test_refinement_errors_are_clear(gmm, tmp_path):
         refine(gmm, greedy, teacher.noise, teacher.targets(greedy), timesteps=True, objective="final")
     with pytest.raises(ValueError, match="objective"):
         refine(gmm, greedy, teacher.noise, teacher.targets(greedy), objective="all states")
-    with pytest.raises(ValueError, match="refine_optimizer must be one of 'auto', 'lbfgs', 'adam', got 'sgd'"):
+    with pytest.raises(ValueError, match="refine_optimizer must be one of 'lbfgs', 'adam', got 'sgd'"):
         dode.distill(gmm, "ddim", [3, 4], batch_size=4, refine="joint", refine_optimizer="sgd")
     with pytest.raises(ValueError, match="optimizer must be one of"):
         refine(gmm, greedy, teacher.noise, teacher.targets(greedy), objective="all", optimizer="newton")
@@ -249,8 +248,7 @@ def test_with_the_guard_a_refinement_is_kept_only_where_it_validates_no_worse(gm
 @pytest.mark.parametrize("timesteps", [False, True])
 def test_a_refinement_backs_off_where_the_student_blows_up(gmm, monkeypatch, timesteps):
     """Far out, a line-search trial can make the student's states overflow: NaN through autograd, a FloatingPointError
-    from the finite-difference runs. Such a point counts as an infinite loss (L-BFGS for the lambdas alone and Adam
-    for a grid both back off from it); the refinement
+    from the finite-difference runs. Such a point counts as an infinite loss (L-BFGS backs off from it); the refinement
     ends normally with the best finite point, no worse than its start. Blow-ups are simulated past |lambda| = bound."""
     import dode.core.refine as refine_module
 
@@ -322,18 +320,33 @@ def test_annealed_adam_steps_shrink_on_a_half_cosine_to_nothing():
     assert path[-1][2] == -1.0 and steps[-1, 0] == pytest.approx(rate * (1 - np.cos(np.pi / n)) / 2, rel=1e-6)
 
 
-def test_the_optimiser_is_l_bfgs_for_lambdas_alone_and_adam_where_the_grid_moves(gmm):
-    assert [resolve_optimizer("auto", t) for t in (False, True)] == ["lbfgs", "adam"]
-    assert resolve_optimizer("lbfgs", True) == "lbfgs" and resolve_optimizer("adam", False) == "adam"
+@pytest.mark.parametrize("timesteps", [False, True])
+def test_adam_is_chosen_by_name_runs_exactly_its_iterations_and_backs_off_from_a_blow_up(gmm, monkeypatch, timesteps):
+    """optimizer="adam": one evaluation per iteration and one at the end, never worse than its start; where the
+    student blows up (simulated past |lambda| = bound, as above) it steps back and goes on with smaller steps."""
+    import dode.core.refine as refine_module
+
     teacher = dode.Teacher(gmm, batch_size=8, seed=5, substeps=4)
     greedy = dode.distill(gmm, "unipc", 4, teacher=teacher, guard=False)
+    bound = max(abs(v) for v in greedy.lambdas) * 1.01
+    real, trials = refine_module._student_states, []
+
+    def blows_up_far_out(model, student, noise, lambdas, grid):
+        far = max(abs(float(torch.as_tensor(v).detach())) for v in lambdas) > bound
+        trials.append(far)
+        states = real(model, student, noise, lambdas, grid)
+        return [s * float("nan") for s in states] if far else states
+
+    monkeypatch.setattr(refine_module, "_student_states", blows_up_far_out)
     probe = copy.deepcopy(greedy)
     probe.set_timesteps(probe.num_inference_steps)
-    grid_targets = teacher.targets(TimeGrid.of(probe))
-    for timesteps, optimizer, expected in ((True, "auto", "adam"), (False, "auto", "lbfgs"), (True, "lbfgs", "lbfgs")):
-        found = refine(gmm, greedy, teacher.noise, grid_targets if timesteps else teacher.targets(probe),
-                       timesteps=timesteps, objective="final" if timesteps else "all", max_iterations=5,
-                       optimizer=optimizer, progress=False)
-        assert found.record()["optimizer"] == expected and found.mse_refined <= found.mse_start
-        if expected == "adam":  # exactly its iterations: one evaluation each, and one at the end
-            assert found.iterations == 5 and found.evaluations == 6
+    targets = teacher.targets(TimeGrid.of(probe)) if timesteps else teacher.targets(probe)
+    found = refine(gmm, greedy, teacher.noise, targets, timesteps=timesteps, objective="final" if timesteps else "all",
+                   max_iterations=12, optimizer="adam", progress=False)
+    info = found.record()
+    assert info["optimizer"] == "adam" and found.iterations == 12 and found.evaluations == 13
+    assert any(trials) and float("inf") in info["history"]  # it went out there, and came back
+    assert np.isfinite(found.mse_refined) and found.mse_refined <= found.mse_start
+    assert found.history[-1] < float("inf")  # its last point is a finite one
+    assert refine(gmm, greedy, teacher.noise, targets, timesteps=timesteps, max_iterations=2, progress=False,
+                  objective="final" if timesteps else "all").record()["optimizer"] == "lbfgs"  # the default

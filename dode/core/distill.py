@@ -27,7 +27,7 @@ from ..util.runtime import resolve_device
 from .fit import GreedyFit, greedy_fit
 from .guard import CRITERIA, MARGIN, FitWarning, Judge, best_factor, choose, decision, insanity, scaled
 from .reference import REFERENCE, Reference
-from .refine import OPTIMIZERS, REFINEMENTS, TOLERANCE, Optimised, optimise, resolve_optimizer
+from .refine import OPTIMIZERS, REFINEMENTS, TOLERANCE, Optimised, optimise
 from .sampling import check_batch_size, count_evaluations
 from .scheduler import DODEScheduler, grid_scheduler, make_scheduler, to_grid_form
 from .solvers import GRID_SOLVERS, Solver, get_solver
@@ -209,7 +209,7 @@ def _judge(model, teacher: Teacher, validation, criterion: str, features: str, d
     return Judge(model, validation, criterion, device, features, reference, progress)
 
 
-def _check_refine(solver: Solver, refine, optimizer: str = "auto") -> None:
+def _check_refine(solver: Solver, refine, optimizer: str = "lbfgs") -> None:
     """``distill``'s check of ``refine`` and ``refine_optimizer``, before any work."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"refine_optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
@@ -389,9 +389,9 @@ def _distill_counts(single, arguments: dict) -> DODEScheduler:
 def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
             teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
             margin: float = MARGIN, reference: Reference = REFERENCE, device="auto",
-            refine: str | None = None, refine_iterations: int = 100, refine_starts: int = STARTS,
+            refine: str | None = None, refine_iterations: int = 200, refine_starts: int = STARTS,
             refine_tolerance: float = TOLERANCE, refine_batch_size: int | None = None,
-            refine_optimizer: str = "auto", progress: bool = True) -> DODEScheduler:
+            refine_optimizer: str = "lbfgs", progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
 
     ``nfe``: model evaluations, or a list of them: then one DODEScheduler holds each count's fit (one teacher, one
@@ -427,8 +427,8 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     state after every step), ``"joint+timesteps"`` (lambdas and the noise level of every step, the first only
     downwards, against the teacher's final samples; only for ``GRID_SOLVERS``) or ``"timesteps"`` (the grid alone,
     every lambda 0: the base solver on a learned grid). Exact gradients (autograd, the noise levels included);
-    ``refine_optimizer`` (``OPTIMIZERS``): by default L-BFGS for "joint" to ``refine_tolerance`` (at most
-    ``refine_iterations``), Adam annealed over ``refine_iterations`` where the grid moves; ``refine_batch_size``:
+    ``refine_optimizer`` (``OPTIMIZERS``): L-BFGS to ``refine_tolerance`` (at most ``refine_iterations``), or
+    "adam", annealed over ``refine_iterations`` from every start; ``refine_batch_size``:
     micro-batches. With the guard and no ``spacing``, from ``"auto"``: ``refine_starts`` starts, the best on the
     validation seeds kept; "joint+timesteps" also from the grid alone, never validating worse than it; a
     refinement worse than what it would replace is dropped (``fit_info["refine"]["kept"]``).
@@ -541,31 +541,31 @@ def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | N
 
 
 class RefineOptions(NamedTuple):
-    """How a refinement runs (``refine_fit``): ``optimizer`` (``dode.core.refine.OPTIMIZERS``; "auto": L-BFGS for
-    the lambdas alone, Adam where the grid moves). L-BFGS until an iteration gains less than ``tolerance`` of its
+    """How a refinement runs (``refine_fit``): ``optimizer`` (``dode.core.refine.OPTIMIZERS``). L-BFGS (the
+    default) until an iteration gains less than ``tolerance`` of its
     start value or ``max_iterations``, with several starts each first for ``probe_iterations``; Adam for exactly
     ``max_iterations`` from every start (an annealed run cannot be probed and continued). The fitting batch in
     micro-batches of ``batch_size`` samples (None: whole); ``gradient``: "autograd" or "fd" (``GRADIENTS``)."""
 
-    max_iterations: int = 100
+    max_iterations: int = 200
     tolerance: float = TOLERANCE
     probe_iterations: int = 10
     batch_size: int | None = None
     gradient: str = "autograd"
-    optimizer: str = "auto"
+    optimizer: str = "lbfgs"
 
 
 def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge: Judge | None = None,
-               targets=None, max_iterations: int = 100, starts: int = 1, probe_iterations: int = 10,
+               targets=None, max_iterations: int = 200, starts: int = 1, probe_iterations: int = 10,
                tolerance: float = TOLERANCE, batch_size: int | None = None, gradient: str = "autograd",
-               grid_alone: "Refined | None" = None, optimizer: str = "auto", progress: bool = True) -> Refined:
+               grid_alone: "Refined | None" = None, optimizer: str = "lbfgs", progress: bool = True) -> Refined:
     """``distill(refine=mode)`` from a ``distillation``, against ``teacher`` (its noise batch is the fitting batch).
 
     ``mode``: "joint", "timesteps" (a learned grid, every lambda 0: the base solver on it) or "joint+timesteps".
     ``starts``: how many starting points (``refinement_starts``; they need ``judge``). With several and L-BFGS, each
     is refined for ``probe_iterations``, the one that then validates best goes on until L-BFGS converges
-    (``tolerance``, at most ``max_iterations`` in all); with Adam (``optimizer``, ``RefineOptions``: where the grid
-    moves) each runs its ``max_iterations``. The best-validating of all is the result. With ``judge``, the never-worse
+    (``tolerance``, at most ``max_iterations`` in all); with ``optimizer="adam"`` each runs its ``max_iterations``.
+    The best-validating of all is the result. With ``judge``, the never-worse
     guard: the refinement comes back only where it validates better than what it would replace (the distillation's
     result, or for "timesteps" the best-validating base among the starts); else that comes back (``Refined.kept``
     False). "joint+timesteps" with ``judge`` also starts from the learned grid alone (``grid_alone``: a "timesteps"
@@ -599,8 +599,7 @@ def _refine_fit(model, found: Distillation, teacher: Teacher, mode: str, judge: 
     points = refinement_starts(model, found, mode, starts if judge is not None else 1)
     if grid_alone is not None:  # the learned grid alone, lambda 0: a start, and the floor of the result
         points = [_Start(copy.deepcopy(grid_alone.scheduler), grid_alone.spacing, grid_alone.score), *points]
-    probing = (len(points) > 1 and options.probe_iterations < options.max_iterations
-               and resolve_optimizer(options.optimizer, REFINEMENTS[mode].timesteps) == "lbfgs")
+    probing = len(points) > 1 and options.probe_iterations < options.max_iterations and options.optimizer == "lbfgs"
     own = targets if not REFINEMENTS[mode].timesteps else None
     first = options._replace(max_iterations=options.probe_iterations) if probing else options
     attempts = [_attempt(model, p, teacher, mode, judge, first, own if p.kept else None, progress) for p in points]

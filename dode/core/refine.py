@@ -5,10 +5,9 @@ are only the start (``REFINEMENTS``): "joint" moves every lambda to minimise the
 student's states to the teacher's; "timesteps" moves only the noise levels of the grid, every lambda held at 0
 (the base solver on a learned grid: the learned-grid methods without D-ODE); "joint+timesteps" moves both. With
 a grid the objective is the final samples' distance (the moving states have no fixed targets). The optimiser
-(``OPTIMIZERS``): for the lambdas alone L-BFGS over the distillation batch, until an iteration gains less than
-``TOLERANCE`` of the start value; where the grid moves, Adam with its step annealed to zero over a fixed number
-of iterations, because L-BFGS's line searches turn a last-bit difference in the arithmetic (another CPU) into
-another local minimum of the grid, while annealed Adam contracts onto one (docs/reproducing.md). The
+(``OPTIMIZERS``) is L-BFGS over the distillation batch, until an iteration gains less than ``TOLERANCE`` of the
+start value; ``optimizer="adam"`` anneals Adam's step to zero over a fixed number of iterations instead (an
+experiment for learned grids that reproduce across CPUs: docs/grids-and-guard.md says what it measured). The
 network is frozen but differentiated through: the gradient with respect to the lambdas and to every noise level
 comes from one backward pass through every model evaluation and scheduler step. The levels are one tensor in the
 graph (``dode.core.solvers.set_levels``): the scheduler's coefficients are torch functions of them, and so is the
@@ -230,25 +229,24 @@ GRADIENTS = ("autograd", "fd")
 #: L-BFGS stops when an iteration lowers the objective by less than this share of its start value (or at
 #: ``max_iterations``): a tolerance, so that the default refinement converges
 TOLERANCE = 1e-5
-#: the optimiser of ``optimise``: "lbfgs" (scipy's L-BFGS-B to ``TOLERANCE``), "adam" (projected Adam, its step
-#: annealed from ``LEARNING_RATE`` to zero over exactly ``max_iterations`` iterations: it contracts onto a minimum,
-#: so a last-bit difference in the arithmetic stays a last-bit difference in the grid), or "auto": L-BFGS for the
-#: lambdas alone (smooth; it reproduces to 1e-5 across CPUs), Adam wherever the grid moves
-OPTIMIZERS = ("auto", "lbfgs", "adam")
+#: the optimiser of ``optimise``: "lbfgs" (scipy's L-BFGS-B to ``TOLERANCE``, the default) or "adam" (projected
+#: Adam, its step annealed from ``LEARNING_RATE`` to zero over exactly ``max_iterations`` iterations, so that the
+#: iterates settle: a learned grid that depends less on the last bits of the arithmetic, docs/grids-and-guard.md)
+OPTIMIZERS = ("lbfgs", "adam")
 #: Adam's first step size, in the units of theta (lambdas; u and z of the grid), annealed on a half cosine to 0
 LEARNING_RATE = 0.1
 
 
 def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torch.Tensor, *, timesteps: bool = False,
-             lambdas: bool = True, objective: str = "final", max_iterations: int = 100,
+             lambdas: bool = True, objective: str = "final", max_iterations: int = 200,
              tolerance: float = TOLERANCE, gradient: str = "autograd", batch_size: int | None = None,
-             optimizer: str = "auto", progress: bool = True) -> Optimised:
+             optimizer: str = "lbfgs", progress: bool = True) -> Optimised:
     """The lambdas (``lambdas``) and grid (``timesteps``) of ``scheduler`` that minimise the mean squared distance of
     the student's states from ``noise`` to the teacher's ``targets`` (nfe, batch, ...; DDPM convention), starting
     from ``scheduler``'s. ``objective``: "all" (every state against its target, the sum the greedy fit minimises one
     step at a time) or "final" (the final samples only; the one choice with ``timesteps``, whose moving states
-    have no fixed targets). ``optimizer`` (``OPTIMIZERS``; "auto": L-BFGS for the lambdas alone, Adam where the
-    grid moves): L-BFGS runs until an iteration gains less than ``tolerance`` of the start value, or
+    have no fixed targets). ``optimizer`` (``OPTIMIZERS``): L-BFGS runs until an iteration gains less than
+    ``tolerance`` of the start value, or
     ``max_iterations`` (and twice as many objective evaluations, line searches included); Adam runs exactly
     ``max_iterations`` iterations, its step annealed to zero (one evaluation each, and one at the end). ``gradient``: "autograd"
     (exact, the default) or "fd" (finite differences in the grid; ``GRADIENTS``). ``batch_size``: micro-batches
@@ -257,7 +255,6 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     learned on its grid form (``dode.core.scheduler.to_grid_form``). Never returns a worse fit than its start: the
     best point the optimiser visits is kept (``Optimised.scheduler``)."""
     solver = _check_optimise(scheduler, timesteps, lambdas, objective, gradient, batch_size, tolerance, optimizer)
-    optimizer = resolve_optimizer(optimizer, timesteps)
     began = time.perf_counter()
     form = to_grid_form(scheduler) if timesteps else scheduler
     f, x0, bounds = objective_at_start(model, form, noise, targets, objective=objective, lambdas=lambdas,
@@ -300,13 +297,8 @@ def objective_at_start(model, form: DODEScheduler, noise: torch.Tensor, targets,
     return f, x0, bounds
 
 
-def resolve_optimizer(optimizer: str, timesteps: bool) -> str:
-    """The optimiser that runs for ``optimizer`` (``OPTIMIZERS``): "auto" is Adam where the grid moves, else L-BFGS."""
-    return ("adam" if timesteps else "lbfgs") if optimizer == "auto" else optimizer
-
-
 def _check_optimise(scheduler, timesteps: bool, lambdas: bool, objective: str, gradient: str, batch_size,
-                    tolerance, optimizer: str = "auto") -> object:
+                    tolerance, optimizer: str = "lbfgs") -> object:
     """``optimise``'s checks of its options, before any work; returns the solver."""
     solver = solver_of(scheduler)
     if timesteps and not solver.takes_grid:

@@ -176,8 +176,7 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
     (what a user who tunes diffusers' spacing gets), the paper's greedy D-ODE on the paper's spacing, D-ODE with
     ``spacing="auto"`` (guarded), and at ``learned_nfes`` for ``learned_solvers`` the refinements
     (``dode.experiments.variants.REFINED_VARIANTS``, against ``refine_teacher``, from ``learned_starts`` starting spacings, at most
-    ``learned_iterations`` iterations (L-BFGS for the lambdas alone, at most; annealed Adam for a grid), each kept
-    only where it validates better than what it replaces):
+    ``learned_iterations`` L-BFGS iterations, each kept only where it validates better than what it replaces):
     the base solver on a learned grid (lambdas 0), D-ODE auto with its lambdas refined jointly, and D-ODE with
     lambdas and grid learned together (grids only for ``GRID_SOLVERS``).
     Validation Frechet distances are in ``validation_features`` (default: the feature space of ``metric``).

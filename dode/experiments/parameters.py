@@ -59,15 +59,15 @@ REPRODUCE = {
     "01_quickstart": {"model_name": "gmm-digits", "num_samples": 1000},
     "02_distill_solvers": {
         # the paper's NFEs, judged against the exact data distribution; learned grids (the grid alone, joint
-        # lambdas, both) at every NFE from two starting spacings: the lambdas alone by L-BFGS to its tolerance
-        # (at most 50 iterations), a grid by 50 iterations of annealed Adam; the criteria's rank correlation
+        # lambdas, both) at every NFE from three starting spacings, L-BFGS to its tolerance (at most 200
+        # iterations); the criteria's rank correlation
         "exact": {"solvers": "all", "nfes": list(PAPER_NFES), "num_samples": 2000, "reference_samples": 10_000,
                   "fine_nfe": 200, "teacher": 10, "validation_size": 100, "learned_nfes": list(PAPER_NFES),
-                  "learned_solvers": "all", "learned_starts": 2, "learned_iterations": 50, "refine_teacher": "fine",
+                  "learned_solvers": "all", "learned_starts": 3, "learned_iterations": 200, "refine_teacher": "fine",
                   "criteria": ["rmse", "fd"]},
         # NFE 4-8, judged against 200-step DDIM samples of the same seeds (5000: the reference solution is most of
         # this run's time); learned grids at NFE 5 for every solver from auto's spacing alone (and, for both,
-        # the grid alone), 30 iterations (L-BFGS: at most): make reproduce's 20 minutes on 2 cores
+        # the grid alone), at most 30 iterations: within make reproduce's 20 minutes on 2 cores
         "network": {"solvers": "all", "nfes": [4, 5, 6, 8], "num_samples": 500, "reference_samples": 5000,
                     "fine_nfe": 200, "teacher": 10, "validation_size": 100, "learned_nfes": [5],
                     "learned_solvers": "all", "learned_starts": 1,
@@ -79,7 +79,7 @@ REPRODUCE = {
         "batch_sizes": [10, 25, 100, 400], "fit_repeats": 3, "matching_solvers": "all", "num_samples": 2000,
         "reference_samples": 10_000, "refine_solvers": ["ddim", "ipndm", "dpm_solver_pp_2m", "heun"],
         "refine_teacher": "fine", "seed_solvers": ["ddim", "ipndm", "dpm_solver_pp_2m", "deis"],
-        "fit_seeds": [0, 100, 200], "learned_starts": 2, "learned_iterations": 50,
+        "fit_seeds": [0, 100, 200], "learned_starts": 3, "learned_iterations": 200,
     },
 }
 
