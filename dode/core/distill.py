@@ -428,10 +428,10 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     downwards, against the teacher's final samples; only for ``GRID_SOLVERS``) or ``"timesteps"`` (the grid alone,
     every lambda 0: the base solver on a learned grid). Exact gradients (autograd, the noise levels included);
     ``refine_optimizer`` (``OPTIMIZERS``): L-BFGS to ``refine_tolerance`` (at most ``refine_iterations``), or
-    "adam", annealed over ``refine_iterations`` from every start; ``refine_batch_size``:
-    micro-batches. With the guard and no ``spacing``, from ``"auto"``: ``refine_starts`` starts, the best on the
-    validation seeds kept; "joint+timesteps" also from the grid alone, never validating worse than it; a
-    refinement worse than what it would replace is dropped (``fit_info["refine"]["kept"]``).
+    "adam", annealed over ``refine_iterations`` from every start; ``refine_batch_size``: micro-batches. With the
+    guard and no ``spacing``, from ``"auto"``: ``refine_starts`` starts, the best on the validation seeds kept;
+    "joint+timesteps" also from the grid alone, never validating worse than it; a refinement worse than what it
+    would replace is dropped (``fit_info["refine"]["kept"]``).
 
     ``fit_info``: the spacing, every candidate's validation scores, the decision, the reference, and ``"cost"``
     (model evaluations times samples, and seconds, by part). A fit that looks wrong warns (``FitWarning``).
@@ -542,10 +542,10 @@ def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | N
 
 class RefineOptions(NamedTuple):
     """How a refinement runs (``refine_fit``): ``optimizer`` (``dode.core.refine.OPTIMIZERS``). L-BFGS (the
-    default) until an iteration gains less than ``tolerance`` of its
-    start value or ``max_iterations``, with several starts each first for ``probe_iterations``; Adam for exactly
-    ``max_iterations`` from every start (an annealed run cannot be probed and continued). The fitting batch in
-    micro-batches of ``batch_size`` samples (None: whole); ``gradient``: "autograd" or "fd" (``GRADIENTS``)."""
+    default) until an iteration gains less than ``tolerance`` of its start value or ``max_iterations``, with
+    several starts each first for ``probe_iterations``; Adam for exactly ``max_iterations`` from every start (an
+    annealed run cannot be probed and continued). The fitting batch in micro-batches of ``batch_size`` samples
+    (None: whole); ``gradient``: "autograd" or "fd" (``GRADIENTS``)."""
 
     max_iterations: int = 200
     tolerance: float = TOLERANCE
@@ -562,17 +562,16 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     """``distill(refine=mode)`` from a ``distillation``, against ``teacher`` (its noise batch is the fitting batch).
 
     ``mode``: "joint", "timesteps" (a learned grid, every lambda 0: the base solver on it) or "joint+timesteps".
-    ``starts``: how many starting points (``refinement_starts``; they need ``judge``). With several and L-BFGS, each
-    is refined for ``probe_iterations``, the one that then validates best goes on until L-BFGS converges
-    (``tolerance``, at most ``max_iterations`` in all); with ``optimizer="adam"`` each runs its ``max_iterations``.
-    The best-validating of all is the result. With ``judge``, the never-worse
-    guard: the refinement comes back only where it validates better than what it would replace (the distillation's
-    result, or for "timesteps" the best-validating base among the starts); else that comes back (``Refined.kept``
-    False). "joint+timesteps" with ``judge`` also starts from the learned grid alone (``grid_alone``: a "timesteps"
-    ``refine_fit`` of the same distillation, else made here), and never validates worse than it: where no
-    refinement beats it, the grid alone (every lambda 0) is the result. ``targets``: the teacher's states at the
-    distillation's own levels, where the caller has them. ``batch_size``: micro-batches (bounded memory);
-    ``gradient``: "autograd" (exact) or "fd" (finite differences in the grid)."""
+    ``starts``: how many starting points (``refinement_starts``; they need ``judge``). With several and L-BFGS, each is
+    refined for ``probe_iterations``, the one that then validates best goes on until L-BFGS converges (``tolerance``, at
+    most ``max_iterations`` in all); with ``optimizer="adam"`` each runs its ``max_iterations``. The best-validating of
+    all is the result. With ``judge``, the never-worse guard: the refinement comes back only where it validates better
+    than what it would replace (the distillation's result, or for "timesteps" the best-validating base among the
+    starts); else that comes back (``Refined.kept`` False). "joint+timesteps" with ``judge`` also starts from the
+    learned grid alone (``grid_alone``: a "timesteps" ``refine_fit`` of the same distillation, else made here), and
+    never validates worse than it: where no refinement beats it, the grid alone (every lambda 0) is the result.
+    ``targets``: the teacher's states at the distillation's own levels, where the caller has them. ``batch_size``:
+    micro-batches (bounded memory); ``gradient``: "autograd" (exact) or "fd" (finite differences in the grid)."""
     options = RefineOptions(max_iterations, tolerance, probe_iterations, batch_size, gradient, optimizer)
     if grid_alone is None and mode == "joint+timesteps" and judge is not None:
         grid_alone = refine_fit(model, found, teacher, "timesteps", judge=judge, starts=starts, progress=progress,

@@ -121,7 +121,7 @@ class Optimised(NamedTuple):
     history: list  # the objective at every evaluation, in order
     gradient: str = "autograd"  # how d loss / d grid was had (``GRADIENTS``)
     backward_passes: int = 0  # backward passes through a whole run on the fitting batch
-    optimizer: str = "lbfgs"  # which one ran (``OPTIMIZERS``, resolved)
+    optimizer: str = "lbfgs"  # which one ran (``OPTIMIZERS``)
 
     def record(self) -> dict:
         """The refinement as ``fit_info["refine"]`` reports it."""
@@ -134,12 +134,12 @@ class Optimised(NamedTuple):
 
 
 class _Objective:
-    """theta -> (the mean squared distance to the teacher over its start value, its gradient) for the optimiser, with theta
-    the moving lambdas (lambda_1 on) and, with ``timesteps``, u and z of the grid; remembers every value (as a mean
-    squared distance) and the best point. The gradient: ``"autograd"`` (one backward pass through the run, levels
+    """theta -> (the mean squared distance to the teacher over its start value, its gradient) for the optimiser, with
+    theta the moving lambdas (lambda_1 on) and, with ``timesteps``, u and z of the grid; remembers every value (as a
+    mean squared distance) and the best point. The gradient: ``"autograd"`` (one backward pass through the run, levels
     included) or ``"fd"`` (the lambdas by autograd, each grid parameter by a forward difference: one more run each).
-    ``batch_size``: the fitting batch in micro-batches of at most that many samples, each run and differentiated
-    on its own and the gradients summed (the loss is a mean over samples, so the sum is exact)."""
+    ``batch_size``: the fitting batch in micro-batches of at most that many samples, each run and differentiated on its
+    own and the gradients summed (the loss is a mean over samples, so the sum is exact)."""
 
     def __init__(self, model, student: DODEScheduler, noise, targets, objective: str, lambdas: bool,
                  timesteps: bool, start_grid: np.ndarray, lowest: float, gradient: str = "autograd",
@@ -242,18 +242,17 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
              tolerance: float = TOLERANCE, gradient: str = "autograd", batch_size: int | None = None,
              optimizer: str = "lbfgs", progress: bool = True) -> Optimised:
     """The lambdas (``lambdas``) and grid (``timesteps``) of ``scheduler`` that minimise the mean squared distance of
-    the student's states from ``noise`` to the teacher's ``targets`` (nfe, batch, ...; DDPM convention), starting
-    from ``scheduler``'s. ``objective``: "all" (every state against its target, the sum the greedy fit minimises one
-    step at a time) or "final" (the final samples only; the one choice with ``timesteps``, whose moving states
-    have no fixed targets). ``optimizer`` (``OPTIMIZERS``): L-BFGS runs until an iteration gains less than
-    ``tolerance`` of the start value, or
-    ``max_iterations`` (and twice as many objective evaluations, line searches included); Adam runs exactly
-    ``max_iterations`` iterations, its step annealed to zero (one evaluation each, and one at the end). ``gradient``: "autograd"
-    (exact, the default) or "fd" (finite differences in the grid; ``GRADIENTS``). ``batch_size``: micro-batches
-    of at most that many samples (bounded memory on a real network; the gradient is the same). ``lambdas=False``
-    holds the lambdas at their start (with a zero start: a learned grid alone, the base solver's). DDIM's grid is
-    learned on its grid form (``dode.core.scheduler.to_grid_form``). Never returns a worse fit than its start: the
-    best point the optimiser visits is kept (``Optimised.scheduler``)."""
+    the student's states from ``noise`` to the teacher's ``targets`` (nfe, batch, ...; DDPM convention), starting from
+    ``scheduler``'s. ``objective``: "all" (every state against its target, the sum the greedy fit minimises one step at
+    a time) or "final" (the final samples only; the one choice with ``timesteps``, whose moving states have no fixed
+    targets). ``optimizer`` (``OPTIMIZERS``): L-BFGS runs until an iteration gains less than ``tolerance`` of the start
+    value, or ``max_iterations`` (and twice as many objective evaluations, line searches included); Adam runs exactly
+    ``max_iterations`` iterations, its step annealed to zero (one evaluation each, and one at the end). ``gradient``:
+    "autograd" (exact, the default) or "fd" (finite differences in the grid; ``GRADIENTS``). ``batch_size``:
+    micro-batches of at most that many samples (bounded memory on a real network; the gradient is the same).
+    ``lambdas=False`` holds the lambdas at their start (with a zero start: a learned grid alone, the base solver's).
+    DDIM's grid is learned on its grid form (``dode.core.scheduler.to_grid_form``). Never returns a worse fit than its
+    start: the best point the optimiser visits is kept (``Optimised.scheduler``)."""
     solver = _check_optimise(scheduler, timesteps, lambdas, objective, gradient, batch_size, tolerance, optimizer)
     began = time.perf_counter()
     form = to_grid_form(scheduler) if timesteps else scheduler
