@@ -299,9 +299,8 @@ def test_annealed_adam_reaches_the_closed_form_minimum_of_a_quadratic_inside_its
 
 
 def test_annealed_adam_steps_shrink_on_a_half_cosine_to_nothing():
-    """Why the grid is learned by annealed Adam: its steps shrink to nothing, so the iterates settle on a point and
-    a last-bit difference in the arithmetic (another CPU) stays small instead of being carried on by full-size
-    steps. On a linear objective Adam's normalised step is exactly 1 in every coordinate, so the path is the
+    """What ``refine_optimizer="adam"`` is for: its steps shrink to nothing, so the iterates settle on a point and
+    a last-bit difference in the arithmetic (another CPU) is not carried on by full-size steps. On a linear objective Adam's normalised step is exactly 1 in every coordinate, so the path is the
     schedule itself: step k is rate * (1 + cos(pi (k - 1) / n)) / 2, n steps travel rate * (n + 1) / 2 in all, and
     the last is rate * (1 - cos(pi / n)) / 2. The same with the box reached: the coordinate stops at its bound."""
     n, rate, slope = 50, 0.1, np.array([3.0, -0.5, 2.0])
