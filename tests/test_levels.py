@@ -16,6 +16,7 @@ from dode.core.sampling import integrate, seeded_noise
 from dode.core.scheduler import make_scheduler
 from dode.core.solvers import GRID_SOLVERS, get_solver, set_grid
 from dode.core.timegrid import TimeGrid
+from dode.experiments.checks import possible
 
 NFES = (3, 5, 8, 9, 10)
 #: the solvers whose diffusers scheduler rounds (or truncates) the model's timestep on its sigma spacings
@@ -111,14 +112,7 @@ def test_level_gap_is_where_diffusers_rounds_the_timestep(gmm, name, spacing):
 
 def _nfes(name, nfes) -> list[int]:
     """Those of ``nfes`` that solver ``name`` can make exactly (Heun: odd ones)."""
-    out = []
-    for nfe in nfes:
-        try:
-            get_solver(name).steps_for(nfe)
-        except ValueError:
-            continue
-        out.append(nfe)
-    return out
+    return [nfe for nfe in nfes if possible(name, nfe)]
 
 
 def test_set_grid_of_a_timegrid_checks_its_step_count(gmm):

@@ -5,17 +5,11 @@ import torch
 
 import dode
 from dode.core.solvers import get_solver
+from dode.experiments.checks import possible
 
 
 def valid_nfes(solver, nfes=range(1, 11)):
-    out = []
-    for nfe in nfes:
-        try:
-            get_solver(solver).steps_for(nfe)
-        except ValueError:
-            continue
-        out.append(nfe)
-    return out
+    return [nfe for nfe in nfes if possible(solver, nfe)]
 
 
 @pytest.mark.parametrize("solver", dode.SOLVERS)
