@@ -231,7 +231,8 @@ GRADIENTS = ("autograd", "fd")
 TOLERANCE = 1e-5
 #: the optimiser of ``optimise``: "lbfgs" (scipy's L-BFGS-B to ``TOLERANCE``, the default) or "adam" (projected
 #: Adam, its step annealed from ``LEARNING_RATE`` to zero over exactly ``max_iterations`` iterations, so that the
-#: iterates settle: a learned grid that depends less on the last bits of the arithmetic, docs/grids-and-guard.md)
+#: iterates settle: an experiment for learned grids that reproduce across CPUs, not shown to do better than
+#: L-BFGS there, docs/grids-and-guard.md)
 OPTIMIZERS = ("lbfgs", "adam")
 #: Adam's first step size, in the units of theta (lambdas; u and z of the grid), annealed on a half cosine to 0
 LEARNING_RATE = 0.1
@@ -341,9 +342,9 @@ def _minimise(model, f: _Objective, x0, bounds, optimizer: str, max_iterations: 
 def _adam(f: _Objective, x0, bounds, iterations: int, rate: float = LEARNING_RATE) -> scipy.optimize.OptimizeResult:
     """Projected Adam on ``f`` from ``x0``: ``iterations`` steps (beta 0.9, 0.999), the step size annealed from
     ``rate`` to 0 on a half cosine, each step clipped into ``bounds``. Near the end the steps shrink to nothing, so
-    the iterates contract onto one minimum: two runs whose arithmetic differs in the last bits end at the same
-    point to about that difference. A step to a point where the student blows up (an infinite objective) is taken
-    back and the step size halved from then on."""
+    the iterates settle; two runs whose arithmetic differs in the last bits still part along nearly flat
+    directions of the objective (measured in docs/reproducing.md). A step to a point where the student blows up
+    (an infinite objective) is taken back and the step size halved from then on."""
     low = np.array([-np.inf if b[0] is None else b[0] for b in bounds])
     high = np.array([np.inf if b[1] is None else b[1] for b in bounds])
     x = np.clip(np.asarray(x0, dtype=np.float64), low, high)
