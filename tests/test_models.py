@@ -453,7 +453,7 @@ def test_unknown_prediction_types_are_clear_errors(tmp_path, digits_model):
     DDPMScheduler().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "scheduler_config.json").read_text())
     (tmp_path / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "flow_prediction"}))
-    with pytest.raises(ValueError, match="unknown prediction type 'flow_prediction'"):
+    with pytest.raises(ValueError, match="'flow_prediction' \\(flow matching\\) is not supported for a UNet"):
         dode.load_model(tmp_path, device="cpu")
     with pytest.raises(ValueError, match="unknown prediction type 'x0'"):
         dode.models.registry.as_prediction_type(digits_model, "x0")

@@ -215,7 +215,7 @@ def _check_refine(solver: Solver, refine, optimizer: str = "lbfgs") -> None:
         raise ValueError(f"refine_optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
     if refine is not None and refine not in REFINEMENTS:
         raise ValueError(f"refine must be one of {(None, *REFINEMENTS)}, got {refine!r}")
-    if refine is not None and REFINEMENTS[refine].timesteps and solver.name not in GRID_SOLVERS:
+    if refine is not None and REFINEMENTS[refine].timesteps and not solver.takes_grid:
         raise ValueError(
             f"refine={refine!r} cannot learn a time grid for {solver.name}: its diffusers scheduler steps on "
             f"integer timesteps and no scheduler makes exactly its update on other levels. Use refine='joint', "

@@ -59,7 +59,7 @@ def greedy_fit(model, student: DODEScheduler, teacher: Teacher) -> GreedyFit:
     teacher_nfe = teacher.nfe
     targets = teacher.targets(times)
     lambdas, rmse_base, rmse_fitted = [], [], []
-    x = teacher.noise * student.init_noise_sigma
+    x = teacher.noise * getattr(student, "init_noise_sigma", 1.0)  # FlowMatch schedulers: pure noise
     with torch.no_grad():
         for k, t in enumerate(student.timesteps):
             output = model_output(model, student, x, t, k)

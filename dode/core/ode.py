@@ -5,6 +5,9 @@ u = log sigma, the ODE is dx/du = sigma * eps(x, sigma). It is integrated with a
 method at tight tolerances from the first training noise level down to the last (t = 0), followed by
 the final denoising jump x - sigma_min * eps that every solver's last step makes to sigma = 0.
 On ``gmm-digits``, whose eps is exact, this is the exact ODE solution up to the tolerance.
+
+For a flow-matching model (``gmm-digits-flow``) the ODE is its own, dx/ds = v(x, s) in the flow level s, from
+s = 1 (pure noise) down to the first training level, then the same final jump x - s_min * v.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from scipy.integrate import solve_ivp
 from tqdm.auto import tqdm
 
 from ..util.runtime import resolve_device
-from .schedule import as_prediction_type, sigma_to_timestep, training_sigmas
+from .schedule import as_prediction_type, is_flow, level_to_timestep, sigma_to_timestep, training_sigmas
 from .sampling import check_batch_size, seeded_noise
 
 
@@ -34,6 +37,8 @@ def solve_ode(model, num_samples: int, *, seed: int = 0, batch_size: int | None 
     """
     batch_size = check_batch_size(num_samples if batch_size is None else batch_size)
     device = resolve_device(device)
+    if is_flow(model.scheduler_config):
+        return _solve_flow(model, num_samples, seed, batch_size, rtol, atol, method, device, progress)
     model = as_prediction_type(model, "epsilon")  # the ODE below is written in eps
     model.to(device)
     dtype = _model_dtype(model)
@@ -61,5 +66,33 @@ def solve_ode(model, num_samples: int, *, seed: int = 0, batch_size: int | None 
             raise RuntimeError(f"the reference ODE solve failed: {solution.message}")
         x_min = solution.y[:, -1]
         x0 = torch.from_numpy(x_min).reshape(shape) - sigmas[0] * eps(x_min, sigmas[0], shape)
+        out.append(x0.float())
+    return torch.cat(out)
+
+
+def _solve_flow(model, num_samples: int, seed: int, batch_size: int, rtol: float, atol: float, method: str, device,
+                progress: bool) -> torch.Tensor:
+    """``solve_ode`` for a flow-matching model: dx/ds = v(x, s) from s = 1 to the first training level s_min, then
+    x - s_min v."""
+    model.to(device)
+    dtype = _model_dtype(model)
+    config = model.scheduler_config
+    lowest = float(training_sigmas(config)[0])
+
+    def velocity(x: np.ndarray, s: float, shape) -> torch.Tensor:
+        t = torch.tensor(float(level_to_timestep(s, config)), device=device)
+        return model(torch.from_numpy(x).reshape(shape).to(device, dtype), t).double().cpu()
+
+    out = []
+    starts = range(0, num_samples, batch_size)
+    for start in tqdm(starts, desc="exact ODE", disable=not progress or len(starts) < 2):
+        noise = seeded_noise(model.sample_shape, min(batch_size, num_samples - start), seed + start).double()
+        shape = noise.shape
+        solution = solve_ivp(lambda s, x: velocity(x, s, shape).flatten().numpy(), (1.0, lowest),
+                             noise.flatten().numpy(), method=method, rtol=rtol, atol=atol)
+        if not solution.success:
+            raise RuntimeError(f"the reference ODE solve failed: {solution.message}")
+        x_min = solution.y[:, -1]
+        x0 = torch.from_numpy(x_min).reshape(shape) - lowest * velocity(x_min, lowest, shape)
         out.append(x0.float())
     return torch.cat(out)

@@ -112,8 +112,9 @@ def model_output(model, scheduler, x: torch.Tensor, t, k: int, precision=context
                  check: bool = True) -> torch.Tensor:
     """Evaluation ``k`` of a run: the model's output at state ``x`` and timestep ``t``, in the state's dtype;
     ``check``: a NaN or inf in it raises FloatingPointError (naming the evaluation) instead of spreading."""
+    scale = getattr(scheduler, "scale_model_input", None)  # the FlowMatch schedulers have none: x as it is
     with precision:
-        output = model(scheduler.scale_model_input(x, t), t)
+        output = model(x if scale is None else scale(x, t), t)
     output = output.to(x.dtype)
     if check and not torch.isfinite(output).all():
         raise FloatingPointError(
@@ -152,7 +153,7 @@ def integrate(
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
     times = TimeGrid.of(scheduler)
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # the FlowMatch schedulers have none: pure noise
     states = [times.to_ddpm(x, times.start).cpu()] if record else None
     with torch.set_grad_enabled(grad):
         steps = scheduler.timesteps

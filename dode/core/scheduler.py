@@ -38,7 +38,8 @@ from diffusers.configuration_utils import ConfigMixin, FrozenDict
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 
 from .persistence import CONFIG_FILE, OWN_KEYS, check_save_folder, jsonable, load_record, overridden, split_record
-from .solvers import GRID_SOLVERS, get_solver, grid_form_scheduler, scheduler_class_named, set_grid, solver_of, spacing_of
+from .solvers import (GRID_SOLVERS, check_kind, flow_config, get_solver, grid_form_scheduler, scheduler_class_named,
+                      set_grid, solver_of, spacing_of)
 from .schedule import schedule_config
 from .timegrid import TimeGrid
 
@@ -423,7 +424,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
                 return steps
         solver = _solver_or_none(self.base_scheduler)
         hint = (f"dode.distill(model, {solver.name!r}, nfe, spacing=[one noise level per step])"
-                if solver is not None and solver.name in GRID_SOLVERS else "dode.distill on a spacing that gives it")
+                if solver is not None and solver.takes_grid else "dode.distill on a spacing that gives it")
         shown = "; ".join(f"num_inference_steps={n}: {[round(v, 4) for v in own]}" for n, own in fitted.items())
         raise ValueError(
             f"these lambdas were fitted on their own grid ({what} {shown}); a custom grid must be exactly that one, "
@@ -642,7 +643,9 @@ def _solver_or_none(base):
 
 def _configured(solver, model, spacing: str, overrides: dict):
     """``solver``'s diffusers scheduler on ``model``'s noise schedule and the named ``spacing``."""
-    config = {**model.scheduler_config, **solver.settings, **solver.spacings[spacing], **overrides}
+    check_kind(solver, model)
+    own = flow_config(solver, model.scheduler_config) if solver.flow else model.scheduler_config
+    config = {**own, **solver.settings, **solver.spacings[spacing], **overrides}
     return solver.scheduler_class.from_config(config)
 
 

@@ -10,6 +10,11 @@ Spacings (``SPACINGS``) are diffusers' own options: ``"leading"``, ``"trailing"`
 ``use_lu_lambdas``), each where the scheduler has it; Heun, whose sigma spacings span the range of its timestep
 spacing, also has ``"karras+leading"`` and the like (both options set). A spacing can also be an explicit list of noise levels, one
 per step, for the solvers whose steps read ``scheduler.sigmas``.
+
+Flow-matching models (``dode.core.schedule.is_flow``) have their own solvers (``FLOW_SOLVERS``): diffusers'
+FlowMatch Euler and Heun, and DPM-Solver++ and UniPC on flow sigmas. Their spacings are the sampler's ``shift``
+(``"shift3"``: shift 3, the others on the model's own; dynamic shifting with ``mu`` is the shift e^mu), and Euler's
+Karras, exponential and beta sigmas. ``solvers_for(model)`` lists the solvers of a model's kind.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from diffusers import (
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     DPMSolverSinglestepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -32,6 +39,7 @@ from diffusers import (
 
 from .timegrid import TimeGrid
 from .ipndm import IPNDMDiscreteScheduler
+from .schedule import is_flow
 
 #: every spacing name, in the order tables list them
 SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "lu", "karras+leading",
@@ -77,6 +85,8 @@ class Solver:
     #: for a solver whose scheduler steps on integer timesteps: (scheduler class, settings) of a scheduler that
     #: makes exactly its update on any grid of noise levels (``grid_form``); explicit and learned grids use it
     grid_form: tuple | None = None
+    #: a solver of flow-matching models (``FLOW_SOLVERS``); its scheduler config comes from ``flow_config``
+    flow: bool = False
 
     @property
     def takes_grid(self) -> bool:
@@ -160,12 +170,72 @@ _SOLVERS = [
            _spacing_options(_ALL), "trailing", paper="UniPC", custom_grid=True),
 ]
 
+#: the sampler shifts offered as spacings of the flow solvers (``"shift3"``: shift 3); the plain names keep the
+#: model's own shift (``scheduler_config["shift"]``). SD3 samples at 3.0; Flux's dynamic shifting at 512-1024 px
+#: is e^0.5 ... e^1.15, about 1.6 to 3.2; below 1 the steps crowd at low noise (small images)
+FLOW_SHIFTS = (0.5, 2.0, 3.0)
+
+
+def _flow_spacings(own: str, shift_key: str, sigma_spacings=()) -> dict:
+    """The spacings of a flow solver: its own grid (``own``: "linspace" from 1 to sigma_min for the FlowMatch
+    schedulers; "trailing", 1 - 1/T down to (1 - 1/T) / n, the one grid of DPM-Solver++ and UniPC's flow sigmas) on
+    the model's shift, the same at each of ``FLOW_SHIFTS``, and the sigma spacings on the model's shift."""
+    flags = {_SIGMA_FLAGS[n]: False for n in sigma_spacings}
+    options = {own: dict(flags)}
+    options.update({f"shift{k:g}": {**flags, shift_key: k} for k in FLOW_SHIFTS})
+    options.update({name: {**flags, _SIGMA_FLAGS[name]: True} for name in sigma_spacings})
+    return options
+
+
+_FLOW_SOLVERS = [
+    # diffusers' FlowMatch Euler (SD3's and Flux's default): one evaluation per step, linspace in sigma from 1 to
+    # sigma_min (its last step is the jump from sigma_min to 0)
+    Solver("flow_euler", FlowMatchEulerDiscreteScheduler, {}, _flow_spacings("linspace", "shift", _SIGMA_SPACINGS), "linspace",
+           paper="FlowMatch Euler", custom_grid=True, flow=True),
+    # Heun on the flow: two evaluations per step but the last (Euler to 0), 2n - 1 NFE
+    Solver("flow_heun", FlowMatchHeunDiscreteScheduler, {}, _flow_spacings("linspace", "shift"), "linspace",
+           nfe_of_steps=lambda steps: 2 * steps - 1, paper="FlowMatch Heun", custom_grid=True, flow=True),
+    Solver("flow_dpm_solver_pp_2m", DPMSolverMultistepScheduler,
+           dict(solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero"),
+           _flow_spacings("trailing", "flow_shift"), "trailing", paper="DPM-Solver++ (flow)", custom_grid=True, flow=True),
+    Solver("flow_unipc", UniPCMultistepScheduler, dict(solver_order=2, solver_type="bh2", final_sigmas_type="zero"),
+           _flow_spacings("trailing", "flow_shift"), "trailing", paper="UniPC (flow)", custom_grid=True, flow=True),
+]
+
 #: the solver names, in the order of the paper's tables
 SOLVERS: tuple[str, ...] = tuple(s.name for s in _SOLVERS)
-_BY_NAME = {s.name: s for s in _SOLVERS}
+#: the solvers of flow-matching models
+FLOW_SOLVERS: tuple[str, ...] = tuple(s.name for s in _FLOW_SOLVERS)
+_BY_NAME = {s.name: s for s in (*_SOLVERS, *_FLOW_SOLVERS)}
 #: the solvers that take any time grid (explicit grids, learned grids): their own scheduler's ``set_grid``, or
-#: their ``grid_form`` (DDIM)
+#: their ``grid_form`` (DDIM); every flow solver does too (``Solver.takes_grid``)
 GRID_SOLVERS: tuple[str, ...] = tuple(s.name for s in _SOLVERS if s.takes_grid)
+
+
+def solvers_for(model) -> tuple[str, ...]:
+    """The solvers of a model's kind: ``FLOW_SOLVERS`` for a flow-matching model, ``SOLVERS`` otherwise."""
+    return FLOW_SOLVERS if is_flow(model.scheduler_config) else SOLVERS
+
+
+def flow_config(solver: "Solver", config: dict) -> dict:
+    """A flow model's scheduler config (``num_train_timesteps``, ``shift``) as ``solver``'s scheduler takes it: the
+    FlowMatch schedulers' ``shift``; DPM-Solver++ and UniPC's flow sigmas, ``flow_prediction`` and ``flow_shift``."""
+    config = dict(config)
+    steps, shift = int(config.get("num_train_timesteps") or 1000), float(config.get("shift", 1.0))
+    if solver.scheduler_class in (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler):
+        return {"num_train_timesteps": steps, "shift": shift}
+    return {"num_train_timesteps": steps, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+            "flow_shift": shift}
+
+
+def check_kind(solver: "Solver", model) -> None:
+    """ValueError unless ``solver`` is of the model's kind (a flow solver for a flow-matching model)."""
+    flow = is_flow(model.scheduler_config)
+    if solver.flow != flow:
+        kind = "a flow-matching model" if flow else "a diffusion model (DDPM-style schedule)"
+        raise ValueError(f"solver {solver.name!r} is for {'flow-matching' if solver.flow else 'diffusion'} models, "
+                         f"and {getattr(model, 'name', 'this model')} is {kind}; its solvers: "
+                         f"{', '.join(solvers_for(model))}")
 
 
 def get_solver(name: str) -> Solver:
@@ -174,24 +244,27 @@ def get_solver(name: str) -> Solver:
     try:
         return _BY_NAME[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(SOLVERS)}") from None
+        raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(SOLVERS)}; for flow-matching "
+                         f"models: {', '.join(FLOW_SOLVERS)}") from None
 
 
 def solver_of(scheduler) -> Solver:
-    """The solver a (possibly D-ODE wrapped) scheduler instance belongs to, found by its class."""
+    """The solver a (possibly D-ODE wrapped) scheduler instance belongs to, found by its class (and, for DPM-Solver++
+    and UniPC, by whether it runs on flow sigmas)."""
     base = getattr(scheduler, "base_scheduler", scheduler)
-    for solver in _SOLVERS:
-        if type(base) is solver.scheduler_class:
+    flow = is_flow(base.config) if hasattr(base, "config") else False
+    for solver in (*_SOLVERS, *_FLOW_SOLVERS):
+        if type(base) is solver.scheduler_class and solver.flow == flow:
             return solver
     raise ValueError(
         f"no NFE rule for {type(base).__name__}; supported schedulers: "
-        + ", ".join(s.scheduler_class.__name__ for s in _SOLVERS)
+        + ", ".join(sorted({s.scheduler_class.__name__ for s in (*_SOLVERS, *_FLOW_SOLVERS)}))
     )
 
 
 def scheduler_class_named(name: str):
     """A scheduler class by its name: one of the solvers' (dode's own iPNDM included) or any of diffusers'."""
-    for solver in _SOLVERS:
+    for solver in (*_SOLVERS, *_FLOW_SOLVERS):
         if solver.scheduler_class.__name__ == name:
             return solver.scheduler_class
     return getattr(diffusers, name, None) if isinstance(name, str) else None
@@ -200,10 +273,9 @@ def scheduler_class_named(name: str):
 def spacing_of(scheduler) -> str | None:
     """The spacing name a scheduler's config selects (None when it matches none of its solver's)."""
     solver, config = solver_of(scheduler), getattr(scheduler, "base_scheduler", scheduler).config
-    for name, settings in solver.spacings.items():
-        if all(config.get(key) == value for key, value in settings.items()):
-            return name
-    return None
+    matching = [(len(settings), -i, name) for i, (name, settings) in enumerate(solver.spacings.items())
+                if all(config.get(key) == value for key, value in settings.items())]
+    return max(matching)[2] if matching else None  # the most specific ("shift3" over the plain flow grid)
 
 
 def grid_form_scheduler(solver: Solver, config):
@@ -222,13 +294,13 @@ def set_grid(scheduler, grid) -> None:
     diffusers hands the model a rounded timestep (``TimeGrid.evaluated``). Only for solvers with ``custom_grid``
     (their steps read ``scheduler.sigmas``).
     """
-    from .schedule import sigma_to_timestep, training_sigmas
+    from .schedule import level_to_timestep
 
     if isinstance(grid, TimeGrid):
         levels, timesteps = grid.steps, torch.tensor(grid.step_timesteps)
     else:
         levels = np.asarray(grid, dtype=np.float64)
-        timesteps = torch.from_numpy(sigma_to_timestep(levels, np.log(training_sigmas(scheduler.config)))).float()
+        timesteps = torch.from_numpy(level_to_timestep(levels, scheduler.config)).float()
     solver = _grid_solver(scheduler, levels)
     _place(scheduler, solver, torch.from_numpy(levels).float(), timesteps)
 
@@ -243,12 +315,11 @@ def set_levels(scheduler, levels: torch.Tensor) -> None:
     through the update and through the model's time input. DEIS computes its multistep coefficients with
     ``np.log``, which cuts the graph: this scheduler instance gets the same formulas in torch (``_DEIS_UPDATES``;
     use it for one run, not to keep). iPNDM reads ``sigmas`` afresh (no cache) while they carry a graph."""
-    from .schedule import differentiable_timestep, training_sigmas
+    from .schedule import differentiable_level_timestep
 
     solver = _grid_solver(scheduler, levels.detach().double().cpu().numpy())
     levels = levels.cpu()
-    log_sigmas = torch.from_numpy(np.log(training_sigmas(scheduler.config)))
-    _place(scheduler, solver, levels, differentiable_timestep(levels, log_sigmas))
+    _place(scheduler, solver, levels, differentiable_level_timestep(levels, scheduler.config))
     if isinstance(scheduler, DEISMultistepScheduler):
         for name, update in _DEIS_UPDATES.items():
             setattr(scheduler, name, update.__get__(scheduler))
@@ -275,7 +346,7 @@ def _grid_solver(scheduler, grid: np.ndarray) -> Solver:
 def _place(scheduler, solver: Solver, levels: torch.Tensor, timesteps: torch.Tensor) -> None:
     """Put ``levels`` (one per step) and the model's ``timesteps`` at them on ``scheduler``, its own final (clean)
     level kept, in the levels' dtype; Heun visits every level after the first with both stages of a step."""
-    if solver.name == "heun":
+    if solver.name in ("heun", "flow_heun"):
         levels, timesteps = levels.repeat_interleave(2)[1:], timesteps.repeat_interleave(2)[1:]
     final = scheduler.sigmas[-1:].detach().to(levels.dtype)
     device = scheduler.timesteps.device

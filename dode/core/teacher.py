@@ -27,11 +27,11 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from diffusers import EulerDiscreteScheduler
+from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from .timegrid import TimeGrid
 from ..util.runtime import resolve_device
-from .schedule import sigma_to_timestep, timestep_to_sigma, training_sigmas
+from .schedule import is_flow, level_to_timestep, timestep_to_level, training_sigmas
 from .sampling import integrate, seeded_noise
 
 
@@ -50,9 +50,8 @@ class Teacher:
         self.seed = seed
         self.device = resolve_device(device)
         self.noise = seeded_noise(model.sample_shape, batch_size, seed).to(self.device)
-        sigmas = training_sigmas(model.scheduler_config)
-        self._log_sigmas = np.log(sigmas)
-        self._training_sigmas = sigmas
+        self._config = dict(model.scheduler_config)
+        self._training_sigmas = training_sigmas(self._config)
         self._fine_runs: dict = {}
         self._plan: dict = {}  # while ``sharing``: a grid's key -> the envelope it reads its targets from
         self._shared_runs: dict = {}  # (start key, envelope) -> (levels, states) at its grids' levels
@@ -73,13 +72,14 @@ class Teacher:
         knots = [float(s) for i, s in enumerate(sigmas) if i == 0 or s != sigmas[i - 1]]
         grid = [knots[0]]
         for high, low in zip(knots[:-1], knots[1:]):
-            t_high = sigma_to_timestep(high, self._log_sigmas)
+            t_high = self._timestep(high)
             if low > 0:
-                inner = np.linspace(t_high, sigma_to_timestep(low, self._log_sigmas), self.substeps + 1)[1:-1]
-                grid += [*timestep_to_sigma(inner, self._log_sigmas), low]
-            elif t_high > 1e-6:  # the last step lands on sigma = 0: refine down to t = 0, then jump to clean
-                inner = np.linspace(t_high, 0.0, self.substeps)[1:]
-                grid += [*timestep_to_sigma(inner, self._log_sigmas), 0.0]
+                inner = np.linspace(t_high, self._timestep(low), self.substeps + 1)[1:-1]
+                grid += [*self._level(inner), low]
+            elif t_high > self._timestep(self._training_sigmas[0]) + 1e-6:
+                # the last step lands on sigma = 0: refine down to the first training timestep, then jump to clean
+                inner = np.linspace(t_high, self._timestep(self._training_sigmas[0]), self.substeps)[1:]
+                grid += [*self._level(inner), 0.0]
             else:  # from the smallest training sigma (t = 0) the model can only make the final jump
                 grid += [0.0]
         return np.asarray(grid)
@@ -100,12 +100,13 @@ class Teacher:
         knots = [k for i, k in enumerate(knots) if i == 0 or k < knots[i - 1] * (1 - 1e-9)]
 
         def t(sigma):
-            return float(sigma_to_timestep(sigma, self._log_sigmas)) if sigma > 0 else 0.0
+            return float(self._timestep(sigma)) if sigma > 0 else float(self._timestep(self._training_sigmas[0]))
 
         def step(grid, high):  # the timestep length of ``grid``'s own teacher steps just below ``high``
             j = int(np.nonzero(grid >= high * (1 - 1e-9))[0][-1])
             top, bottom = grid[j], grid[j + 1]
-            return (t(top) - t(bottom)) / self.substeps if bottom > 0 else t(top) / (self.substeps - 1)
+            h = (t(top) - t(bottom)) / self.substeps if bottom > 0 else (t(top) - t(0.0)) / (self.substeps - 1)
+            return h if h > 1e-6 else 0.0  # from the first training timestep (flow: t = 1) only the jump to clean
 
         def count(length, h):  # steps of at most h (1 where the grid's own steps there have no length)
             return int(np.ceil(length / h - 1e-9)) if h > 1e-12 else 1
@@ -113,14 +114,22 @@ class Teacher:
         levels = [start]
         for high, low in zip(knots[:-1], knots[1:]):
             t_high, t_low = t(high), t(low)
-            if low == 0.0 and t_high <= 1e-6:  # from t = 0 only the jump to clean is left
+            if low == 0.0 and t_high <= t(0.0) + 1e-6:  # from the first training timestep only the jump to clean
                 levels.append(0.0)
                 continue
             covering = [g for g in grids if g[-1] <= low * (1 + 1e-9)]
             n = max(count(t_high - t_low, step(g, high)) for g in covering)
             inner = np.linspace(t_high, t_low, n + 1)[1:] if low == 0.0 else np.linspace(t_high, t_low, n + 1)[1:-1]
-            levels += [*timestep_to_sigma(inner, self._log_sigmas), low]
+            levels += [*self._level(inner), low]
         return np.asarray(levels)
+
+    def _timestep(self, levels):
+        """The model's time input at noise levels (``level_to_timestep``)."""
+        return level_to_timestep(levels, self._config)
+
+    def _level(self, timesteps):
+        """The noise level at time inputs (``timestep_to_level``)."""
+        return timestep_to_level(timesteps, self._config)
 
     @staticmethod
     def _start_key(start: float, scale: float) -> tuple:
@@ -174,7 +183,16 @@ class Teacher:
             self._plan = previous
 
     def _euler(self, x_ddpm: torch.Tensor, grid: np.ndarray) -> torch.Tensor:
-        """DDIM along ``grid`` (descending sigmas) from a DDPM-convention state; every state, DDPM convention."""
+        """DDIM along ``grid`` (descending sigmas) from a DDPM-convention state; every state, DDPM convention. For a
+        flow-matching model, FlowMatch Euler along ``grid`` (flow levels), states as they are."""
+        if is_flow(self._config):
+            euler = FlowMatchEulerDiscreteScheduler.from_config({"num_train_timesteps": len(self._training_sigmas)})
+            euler.set_timesteps(len(grid) - 1, device=x_ddpm.device)  # then its levels are the grid's
+            euler.sigmas = torch.tensor(np.asarray(grid), dtype=torch.float32)
+            euler.timesteps = torch.from_numpy(self._timestep(np.asarray(grid[:-1]))).float().to(x_ddpm.device)
+            _, states = integrate(self.model, euler, None, x_ddpm, record=True)
+            self.nfe += len(euler.timesteps)
+            return states
         euler = EulerDiscreteScheduler.from_config(self.model.scheduler_config)
         euler.set_timesteps(sigmas=list(grid), device=x_ddpm.device)
         x_ve = x_ddpm * float(np.sqrt(1 + grid[0] ** 2))
@@ -195,7 +213,8 @@ class Teacher:
         x_start = self.noise * scale
         if self.match == "index":
             steps = self.substeps * len(wanted)
-            leading = np.arange(0, len(self._log_sigmas), len(self._log_sigmas) // steps)[:steps][::-1]
+            count = len(self._training_sigmas)
+            leading = np.arange(0, count, count // steps)[:steps][::-1]
             levels = np.append(self._training_sigmas[leading], 0.0)
             return self._euler(x_start, levels)[self.substeps :: self.substeps]
         if self.substeps != "fine":

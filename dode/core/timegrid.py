@@ -13,7 +13,8 @@ Two kinds of schedulers:
   warm-up (its second evaluation) lands on the timestep it is evaluated at. Below t = 0 the state is clean.
 
 Sigma-space schedulers (Heun, Euler) hold x0 + sigma * noise; every comparison happens in the DDPM convention
-x_t = sqrt(abar) x0 + sqrt(1 - abar) noise (``TimeGrid.to_ddpm``).
+x_t = sqrt(abar) x0 + sqrt(1 - abar) noise (``TimeGrid.to_ddpm``). Flow schedulers (a flow-matching model's) have
+flow levels s in [0, 1] and states (1 - s) x0 + s noise, compared as they are (``to_ddpm`` leaves them).
 
 Where the model is evaluated and where the update puts the state can differ: on its sigma spacings (karras,
 exponential, beta, lu) diffusers computes continuous noise levels for the update but hands the model an integer
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler
 
-from .schedule import timestep_to_sigma, training_sigmas
+from .schedule import timestep_to_level
 
 #: schedulers whose states are x0 + sigma * noise, whatever their first noise level (``init_noise_sigma`` is that
 #: level, below 1 for a grid that starts below sigma = 1)
@@ -64,9 +65,8 @@ class TimeGrid:
         if timesteps is None:
             raise ValueError(f"{type(base).__name__} has no timesteps yet: call set_timesteps first")
         n = len(timesteps)
-        init = float(torch.as_tensor(base.init_noise_sigma).detach())
-        log_sigmas = np.log(training_sigmas(base.config))
-        evaluated = timestep_to_sigma(timesteps.detach().double().cpu().numpy(), log_sigmas)
+        init = float(torch.as_tensor(getattr(base, "init_noise_sigma", 1.0)).detach())  # FlowMatch: none, 1
+        evaluated = timestep_to_level(timesteps.detach().double().cpu().numpy(), base.config)
         sigmas = getattr(base, "sigmas", None)
         if torch.is_tensor(sigmas) and len(sigmas) == n + 1:
             levels = sigmas.detach().double().cpu().numpy()  # detached: a learned grid's carry a graph

@@ -19,7 +19,7 @@ from ..core.ode import solve_ode
 from .parameters import PAPER_NFES
 from ..core.sampling import prepare_scheduler, sample
 from ..core.scheduler import DODEScheduler, make_scheduler
-from ..core.solvers import GRID_SOLVERS, SOLVERS, get_solver
+from ..core.solvers import SOLVERS, get_solver
 from ..core.teacher import Teacher
 from ..core.refine import REFINEMENTS
 from .checks import possible
@@ -228,7 +228,7 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
             alone = None  # the learned grid alone: a start of "joint+timesteps" (its cost counted there too)
             for variant in REFINED_VARIANTS:
                 mode = VARIANTS[variant].refine
-                if REFINEMENTS[mode].timesteps and solver not in GRID_SOLVERS:
+                if REFINEMENTS[mode].timesteps and not get_solver(solver).takes_grid:
                     continue
                 refined = refine_fit(model, found, refine_teacher or fit_teacher, mode, judge=judge,
                                      starts=learned_starts, max_iterations=learned_iterations,

@@ -20,13 +20,14 @@ from .checks import possible
 from .evaluate import EvaluationData, evaluate_scheduler, fitting_rmse, teacher_distances
 from ..core.distill import VALIDATION_SEED, distill, distillation, refine_fit
 from ..core.guard import Judge
-from ..core.solvers import GRID_SOLVERS
+from ..core.solvers import get_solver
 from ..core.teacher import Teacher
 from ..core.refine import REFINEMENTS
 
 #: part 2's fitting batches: repeat r starts at seed ``FIT_SEED_STEP * r``
 FIT_SEED_STEP = 10_000
-#: part 5's refinement modes, in registry order; those that learn a grid only for ``dode.core.solvers.GRID_SOLVERS``
+#: part 5's refinement modes, in registry order; those that learn a grid only for solvers that take one
+#: (``Solver.takes_grid``)
 REFINE_MODES = tuple(REFINEMENTS)
 
 
@@ -98,7 +99,7 @@ def refinement(model, data: EvaluationData, solvers, nfe: int, *, refine_teacher
     rows, fits = [], {}
     for s in solvers:
         greedy = distillation(model, s, nfe, teacher=fit_teacher, guard=False, device=device)
-        modes = list(REFINE_MODES) if s in GRID_SOLVERS else ["joint"]
+        modes = list(REFINE_MODES) if get_solver(s).takes_grid else ["joint"]
         # unguarded: no validation
         refined = {"greedy": None, **{mode: refine_fit(model, greedy, fit_teacher, mode) for mode in modes}}
         for label, refinement in refined.items():
@@ -124,7 +125,7 @@ def seed_spread(model, data: EvaluationData, solvers, nfe: int, fit_seeds, *, le
     ``learned_iterations`` L-BFGS iterations, kept only where it validates better). One row per solver, batch
     and variant ("dode-auto", "dode-learned") with the held-out scores, ``kept`` and ``fit_seconds``."""
     validation = Teacher(model, batch_size=100, seed=VALIDATION_SEED, substeps="fine", device=device)
-    solvers = [s for s in solvers if s in GRID_SOLVERS and possible(s, nfe)]
+    solvers = [s for s in solvers if get_solver(s).takes_grid and possible(s, nfe)]
     rows = []
     for s in solvers:
         for fit_seed in fit_seeds:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..util.hub import ModelNotFoundError, fetch
 from ..util.runtime import WEIGHTS_DIR
-from ..core.schedule import DDPM_SCHEDULE, schedule_config
+from ..core.schedule import DDPM_SCHEDULE, is_flow, schedule_config
 
 
 class DiffusersModel(nn.Module):
@@ -18,6 +18,10 @@ class DiffusersModel(nn.Module):
 
     def __init__(self, unet, scheduler_config, name: str):
         super().__init__()
+        if is_flow(scheduler_config):
+            raise ValueError("prediction type 'flow_prediction' (flow matching) is not supported for a UNet "
+                             "checkpoint: dode runs flow-matching models as gmm-digits-flow and SD3-style pipelines "
+                             "(dode.pipeline_model)")
         self.unet = unet
         self.scheduler_config = schedule_config(scheduler_config)
         channels, size = unet.config.in_channels, unet.config.sample_size

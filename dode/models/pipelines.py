@@ -168,7 +168,7 @@ def use_dode(pipe, scheduler):
     fitted, own = schedule_config(scheduler.config), schedule_config(pipe.scheduler.config)
     if fitted != own:
         raise ValueError(f"these lambdas were fitted for the noise schedule {fitted}, but the pipeline's is {own}")
-    if float(scheduler.init_noise_sigma) > 1 and isinstance(pipe, (DDPMPipeline, DDIMPipeline)):  # sigma space
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1 and isinstance(pipe, (DDPMPipeline, DDIMPipeline)):  # sigma space
         raise ValueError(f"{type(pipe).__name__} does not scale its noise by init_noise_sigma nor call "
                          f"scale_model_input, so the sigma-space {type(scheduler.base_scheduler).__name__} cannot "
                          "run in it")

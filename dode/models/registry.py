@@ -23,7 +23,7 @@ from ..util.hub import ModelNotFoundError
 from .networks import DiffusersModel, load_diffusers, load_unet_digits
 from ..util.runtime import WEIGHTS_DIR, resolve_device, use_threads
 from ..core.schedule import PREDICTION_TYPES, as_prediction_type, convert_prediction, training_sigmas  # noqa: F401 (API)
-from .testbeds import GaussianMixtureDenoiser, gmm_digits  # noqa: F401 (API)
+from .testbeds import GaussianMixtureDenoiser, GaussianMixtureFlow, gmm_digits, gmm_digits_flow  # noqa: F401 (API)
 
 
 class ModelEntry(NamedTuple):
@@ -34,7 +34,8 @@ class ModelEntry(NamedTuple):
     exact: bool  # its eps-prediction is exact: judged against its data (``sample_data``) and the exact ODE
     features: tuple  # the feature spaces its Frechet distances are computed in, where their weights exist
     metric: str  # the true metric that picks the best base spacing (``fd_pixel`` where its feature is missing)
-    profile: str  # the ``dode.experiments.parameters.REPRODUCE`` profile that ``make reproduce`` runs on it
+    profile: str | None  # the ``dode.experiments.parameters.REPRODUCE`` profile that ``make reproduce`` runs on it
+    # (None: ``make reproduce`` does not run it yet)
     shipped: Callable[[], bool] = lambda: True  # whether its weights are here (``make models`` makes them)
     description: str = ""
 
@@ -45,6 +46,9 @@ MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in (
     ModelEntry("unet-digits", load_unet_digits, exact=False, features=("pixel", "digits"), metric="fd_digits",
                profile="network", shipped=lambda: (WEIGHTS_DIR / "unet-digits" / "config.json").is_file(),
                description="a small diffusers UNet2DModel trained on the 8x8 digits (dode/models/weights)"),
+    ModelEntry("gmm-digits-flow", gmm_digits_flow, exact=True, features=("pixel", "digits"), metric="fd_pixel",
+               profile=None, description="gmm-digits' mixture as a rectified flow (flow matching, as SD3 and "
+               "Flux): exact velocity, exact ODE"),
 )}
 
 

@@ -1,5 +1,6 @@
 """The ``gmm-digits`` testbed: a Gaussian mixture fitted to scikit-learn's 8x8 digits, whose eps-prediction (and so
 whose probability-flow ODE) is exact. ``load_digits_data`` is the data both embedded models are built from.
+``gmm-digits-flow`` is the same mixture as a rectified flow (``GaussianMixtureFlow``): its velocity is exact.
 
 The fitted mixture is shipped (``dode/weights/gmm-digits/mixture.safetensors``, float64): scikit-learn's EM runs on
 numpy's BLAS, whose last bits depend on the CPU kernel and thread count, so a refit on every machine would be a
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ..util.runtime import WEIGHTS_DIR
-from ..core.schedule import DDPM_SCHEDULE, interpolated_sigma, training_sigmas
+from ..core.schedule import DDPM_SCHEDULE, FLOW_SCHEDULE, interpolated_sigma, training_sigmas
 
 #: The shipped gmm-digits mixture, and the settings of the fit that made it (``gmm_digits``' defaults).
 MIXTURE_FILE = WEIGHTS_DIR / "gmm-digits" / "mixture.safetensors"
@@ -111,6 +112,47 @@ class GaussianMixtureDenoiser(nn.Module):
         return x.to(dtype).reshape(n, *self.sample_shape)
 
 
+class GaussianMixtureFlow(GaussianMixtureDenoiser):
+    """The same Gaussian mixture as a rectified flow (flow matching, as SD3 and Flux are trained): its velocity is
+    exact.
+
+    For x_s = (1 - s) x0 + s eps (s in [0, 1], x0 from the mixture, eps standard normal), the state is a mixture of
+    N((1 - s) mu_k, (1 - s)^2 S_k + s^2 I), and the velocity the ODE dx/ds = v(x, s) follows is
+    v = E[eps - x0 | x_s] = (x_s - E[x0 | x_s]) / s, with E[x0 | x_s, k] = mu_k + (1 - s) S_k ((1 - s)^2 S_k +
+    s^2 I)^-1 (x_s - (1 - s) mu_k), computed in float64 through the eigendecomposition of S_k (finite at s = 1,
+    pure noise). The time input is diffusers' flow convention, t = s * num_train_timesteps (SD3's transformer
+    gets the scheduler's timesteps, its ``shift`` already applied to s); ``scheduler_config["prediction_type"]``
+    is ``"flow_prediction"``. Draws from the data (``sample_data``) are gmm-digits' own.
+    """
+
+    def __init__(self, weights, means, covariances, sample_shape, scheduler_config=None, name="gmm-flow"):
+        super().__init__(weights, means, covariances, sample_shape, scheduler_config or FLOW_SCHEDULE, name)
+
+    def level(self, t) -> torch.Tensor:
+        """The flow level s = t / num_train_timesteps of (fractional) timesteps t, float64."""
+        return torch.as_tensor(t, dtype=torch.float64, device=self.means.device) / float(
+            self.scheduler_config["num_train_timesteps"])
+
+    def flow_posterior_mean(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """E[x0 | (1 - s) x0 + s eps = x] for x of shape (B, D) and s of shape (B,), float64."""
+        a = (1 - s)[None, :, None]
+        var = a**2 * self.eigvals[:, None, :] + s[None, :, None] ** 2  # (K, B, D)
+        z = torch.matmul(x[None] - a * self.means[:, None, :], self.eigvecs)  # U_k^T (x - a mu_k): (K, B, D)
+        log_resp = torch.log(self.weights)[:, None] - 0.5 * (torch.log(var).sum(-1) + (z**2 / var).sum(-1))
+        resp = torch.softmax(log_resp, dim=0)  # (K, B)
+        shrunk = torch.matmul(z * (a * self.eigvals[:, None, :] / var), self.eigvecs.transpose(1, 2))
+        return torch.einsum("kb,kbd->bd", resp, self.means[:, None, :] + shrunk)
+
+    def forward(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        batch = x_t.shape[0]
+        s = self.level(t).reshape(-1)
+        if s.numel() == 1:
+            s = s.expand(batch)
+        x = x_t.reshape(batch, -1).double()
+        velocity = (x - self.flow_posterior_mean(x, s)) / s[:, None]
+        return velocity.reshape(x_t.shape).to(x_t.dtype)
+
+
 @functools.lru_cache(maxsize=4)
 def _fit_digits_mixture(n_components: int, reg_covar: float, random_state: int) -> Mixture:
     from sklearn.mixture import GaussianMixture
@@ -168,3 +210,10 @@ def gmm_digits(n_components: int = 10, reg_covar: float = 1e-2, random_state: in
     settings = {"n_components": n_components, "reg_covar": reg_covar, "random_state": random_state}
     params = load_mixture() if settings == MIXTURE_SETTINGS else _fit_digits_mixture(**settings)
     return GaussianMixtureDenoiser(*params, (1, 8, 8), DDPM_SCHEDULE, "gmm-digits")
+
+
+def gmm_digits_flow(shift: float = 1.0) -> GaussianMixtureFlow:
+    """The ``gmm-digits-flow`` testbed: gmm-digits' shipped mixture as a rectified flow (``GaussianMixtureFlow``),
+    the same data distribution, sampled by flow solvers; ``shift``: its samplers' default shift (SD3's is 3.0)."""
+    config = {**FLOW_SCHEDULE, "shift": float(shift)}
+    return GaussianMixtureFlow(*load_mixture(), (1, 8, 8), config, "gmm-digits-flow")
