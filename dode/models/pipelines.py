@@ -1,5 +1,6 @@
-"""D-ODE in diffusers pipelines (DDPM, DDIM, LDM, Stable Diffusion 1.x/2.x): the pipeline's denoiser as a dode
-model, with classifier-free guidance, and its D-ODE scheduler installed as ``pipe.scheduler``::
+"""D-ODE in diffusers pipelines (DDPM, DDIM, LDM, Stable Diffusion 1.x/2.x, and SD3-style flow-matching pipelines): the
+pipeline's denoiser as a dode model, with classifier-free guidance, and its D-ODE scheduler installed as
+``pipe.scheduler``::
 
     pipe = dode.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")   # or any UNet pipeline
     model = dode.pipeline_model(pipe, ["a photo of a cat", "a red car"], guidance_scale=7.5)
@@ -16,10 +17,11 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch import nn
 
 from ..util.hub import fetch
 from .networks import DiffusersModel
-from ..core.schedule import schedule_config
+from ..core.schedule import FLOW_SCHEDULE, schedule_config
 from ..core.scheduler import DODEScheduler
 
 
@@ -117,14 +119,23 @@ class PipelineModel(DiffusersModel):
 
 
 def pipeline_model(pipe, prompts=None, *, guidance_scale: float = 7.5, negative_prompt=None, prompt_embeds=None,
-                   negative_prompt_embeds=None) -> PipelineModel:
+                   negative_prompt_embeds=None, **flow_embeds) -> PipelineModel:
     """A diffusers pipeline's denoiser as a dode model, for ``dode.distill``, ``dode.sample`` and ``dode.Teacher``.
 
     Unconditional pipelines (DDPM, DDIM, LDM) take no prompts. Text-conditioned ones (Stable Diffusion) take
     ``prompts`` (a string or list; encoded by ``pipe.encode_prompt``, with ``negative_prompt``) or ready
     ``prompt_embeds`` (and ``negative_prompt_embeds``); with ``guidance_scale`` > 1 the output is the guided one.
     Sample k uses prompt k mod P: use batch sizes and sample counts that are multiples of the P prompts.
+    SD3-style pipelines (a ``transformer``: flow matching) go to ``flow_pipeline_model``, which also takes
+    ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` (``flow_embeds``); use the flow solvers
+    (``dode.core.solvers.FLOW_SOLVERS``) on them.
     """
+    if getattr(pipe, "transformer", None) is not None:  # SD3-style: the flow-matching pipelines
+        return flow_pipeline_model(pipe, prompts, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                   prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                   **flow_embeds)
+    if flow_embeds:
+        raise ValueError(f"{', '.join(flow_embeds)}: for SD3-style pipelines only")
     unet = _unet(pipe)
     given = prompts is not None or prompt_embeds is not None
     if "encoder_hidden_states" not in inspect.signature(unet.forward).parameters:
@@ -146,6 +157,108 @@ def pipeline_model(pipe, prompts=None, *, guidance_scale: float = 7.5, negative_
     return PipelineModel(pipe, prompt_embeds, negative_prompt_embeds, guidance_scale)
 
 
+def _transformer(pipe):
+    """The SD3-style transformer of a flow-matching pipeline (``SD3Transformer2DModel``), or ValueError."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or "pooled_projections" not in inspect.signature(transformer.forward).parameters or \
+            "txt_ids" in inspect.signature(transformer.forward).parameters:
+        raise ValueError(f"{type(pipe).__name__} is not an SD3-style pipeline (a transformer taking "
+                         "encoder_hidden_states and pooled_projections); Flux-style pipelines (packed latents, "
+                         "txt_ids) are not supported yet")
+    return transformer
+
+
+class FlowPipelineModel(nn.Module):
+    """An SD3-style pipeline's transformer as a dode flow model: ``model(x_t, t)`` is the velocity the pipeline hands its
+    scheduler at latents ``x_t`` and timestep ``t`` (s * 1000), guided as SD3 guides it (uncond + g (cond - uncond),
+    one batched call, when the guidance scale g > 1). Prompts as for ``PipelineModel``: row k of a batch gets prompt
+    k mod P. ``scheduler_config``: the flow schedule and the pipeline scheduler's ``shift``."""
+
+    def __init__(self, pipe, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, guidance_scale: float = 1.0):
+        super().__init__()
+        self.transformer = _transformer(pipe)
+        self.autoencoder = getattr(pipe, "vae", None)
+        config = pipe.scheduler.config
+        self.scheduler_config = {**FLOW_SCHEDULE, "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+                                 "shift": float(config.get("shift", config.get("flow_shift", 1.0)))}
+        size = self.transformer.config.sample_size
+        self.sample_shape = (self.transformer.config.in_channels, size, size)
+        self.name = pipe.name_or_path or type(pipe).__name__
+        self.guidance_scale = float(guidance_scale)
+        self.vae_scale_factor = int(getattr(pipe, "vae_scale_factor", 8))
+        if self.guided and (negative_prompt_embeds is None or negative_pooled_prompt_embeds is None):
+            raise ValueError("guidance needs negative_prompt_embeds and negative_pooled_prompt_embeds")
+        self.register_buffer("prompt_embeds", prompt_embeds)
+        self.register_buffer("pooled_prompt_embeds", pooled_prompt_embeds)
+        self.register_buffer("negative_prompt_embeds", negative_prompt_embeds if self.guided else None)
+        self.register_buffer("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds if self.guided else None)
+
+    guided = PipelineModel.guided
+    rows = PipelineModel.rows
+
+    def forward(self, x_t, t):
+        batch = len(x_t)
+        cond, pooled = self.rows(self.prompt_embeds, batch), self.rows(self.pooled_prompt_embeds, batch)
+        x = x_t.to(self.transformer.dtype)
+        if self.guided:
+            cond = torch.cat([self.rows(self.negative_prompt_embeds, batch), cond])
+            pooled = torch.cat([self.rows(self.negative_pooled_prompt_embeds, batch), pooled])
+            x = torch.cat([x, x])
+        timestep = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))
+        out = self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond,
+                               pooled_projections=pooled, return_dict=False)[0]
+        if self.guided:
+            uncond, text = out.chunk(2)
+            out = uncond + self.guidance_scale * (text - uncond)
+        return out.to(x_t.dtype)
+
+    def pipeline_inputs(self, num_samples: int, seed: int = 0) -> dict:
+        """Keyword arguments for ``pipe(...)`` that start from the noise of ``dode.sample(..., num_samples,
+        seed=seed)`` with this model's prompts, guidance and latent size; add ``num_inference_steps``."""
+        size = self.sample_shape[-1] * self.vae_scale_factor
+        inputs = {"generator": seed_generators(num_samples, seed), "height": size, "width": size,
+                  "prompt_embeds": self.rows(self.prompt_embeds, num_samples),
+                  "pooled_prompt_embeds": self.rows(self.pooled_prompt_embeds, num_samples),
+                  "guidance_scale": self.guidance_scale}
+        if self.guided:
+            inputs.update(negative_prompt_embeds=self.rows(self.negative_prompt_embeds, num_samples),
+                          negative_pooled_prompt_embeds=self.rows(self.negative_pooled_prompt_embeds, num_samples))
+        return inputs
+
+    @torch.no_grad()
+    def decode(self, samples: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Images in [-1, 1]: latents decoded as SD3 decodes them (``/ scaling_factor + shift_factor``)."""
+        if self.autoencoder is None:
+            return samples
+        config = self.autoencoder.config
+        parameter = next(self.autoencoder.parameters())
+        return torch.cat([self.autoencoder.decode((chunk.to(parameter) / config.scaling_factor)
+                                                  + (config.shift_factor or 0.0)).sample.float().cpu()
+                          for chunk in samples.split(batch_size)])
+
+
+def flow_pipeline_model(pipe, prompts=None, *, guidance_scale: float = 7.0, negative_prompt=None, prompt_embeds=None,
+                        pooled_prompt_embeds=None, negative_prompt_embeds=None,
+                        negative_pooled_prompt_embeds=None) -> FlowPipelineModel:
+    """``pipeline_model`` for an SD3-style (flow-matching) pipeline: ``prompts`` are encoded by ``pipe.encode_prompt``
+    (all three text encoders), or ready embeddings are given (``prompt_embeds`` with ``pooled_prompt_embeds``, and the
+    negative ones for guidance)."""
+    _transformer(pipe)
+    if (prompts is None) == (prompt_embeds is None):
+        raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass prompts=[...] or prompt_embeds=... "
+                         "(with pooled_prompt_embeds), not both")
+    guided = guidance_scale > 1
+    if prompts is not None:
+        (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+         negative_pooled_prompt_embeds) = pipe.encode_prompt(prompts, None, None, negative_prompt=negative_prompt,
+                                                             do_classifier_free_guidance=guided, device=pipe.device)
+    elif pooled_prompt_embeds is None:
+        raise ValueError("prompt_embeds go with pooled_prompt_embeds (SD3's two text conditionings)")
+    return FlowPipelineModel(pipe, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+                             negative_pooled_prompt_embeds, guidance_scale)
+
+
 def use_dode(pipe, scheduler):
     """Install a ``DODEScheduler`` (or the folder it was saved to) as ``pipe.scheduler``; returns the pipeline.
 
@@ -164,11 +277,15 @@ def use_dode(pipe, scheduler):
 
     if not isinstance(scheduler, DODEScheduler):
         scheduler = DODEScheduler.from_pretrained(scheduler)
-    _unet(pipe)
+    if getattr(pipe, "transformer", None) is not None:
+        _transformer(pipe)
+    else:
+        _unet(pipe)
     fitted, own = schedule_config(scheduler.config), schedule_config(pipe.scheduler.config)
     if fitted != own:
         raise ValueError(f"these lambdas were fitted for the noise schedule {fitted}, but the pipeline's is {own}")
-    if float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1 and isinstance(pipe, (DDPMPipeline, DDIMPipeline)):  # sigma space
+    sigma_space = float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1
+    if sigma_space and isinstance(pipe, (DDPMPipeline, DDIMPipeline)):
         raise ValueError(f"{type(pipe).__name__} does not scale its noise by init_noise_sigma nor call "
                          f"scale_model_input, so the sigma-space {type(scheduler.base_scheduler).__name__} cannot "
                          "run in it")

@@ -1,0 +1,106 @@
+"""D-ODE in an SD3-style (flow-matching) pipeline, built offline from tiny random components configured here: the
+pipeline's transformer as a dode flow model with classifier-free guidance (``dode.pipeline_model``), and a D-ODE
+scheduler installed with ``dode.use_dode``. With zero lambdas the pipeline's latents are bit for bit its own base
+scheduler's; with fitted lambdas they are ``dode.sample``'s."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, UniPCMultistepScheduler)
+
+import dode
+from dode.core.scheduler import DODEScheduler, make_scheduler
+from dode.models.pipelines import FlowPipelineModel
+
+
+def tiny_sd3(shift: float = 3.0) -> StableDiffusion3Pipeline:
+    """SD3's pipeline with a one-layer random transformer (8x8x4 latents) and a two-block random VAE, no text
+    encoders (prompts come as embeddings): seconds on a CPU, nothing downloaded."""
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                        pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16, shift_factor=0.06, scaling_factor=1.5)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+                                    vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    pipe = tiny_sd3()
+    gen = torch.Generator().manual_seed(1)
+    embeds = {"prompt_embeds": torch.randn(2, 5, 16, generator=gen),
+              "pooled_prompt_embeds": torch.randn(2, 8, generator=gen),
+              "negative_prompt_embeds": torch.randn(2, 5, 16, generator=gen),
+              "negative_pooled_prompt_embeds": torch.randn(2, 8, generator=gen)}
+    return pipe, dode.pipeline_model(pipe, guidance_scale=4.0, **embeds)
+
+
+def latents(pipe, model, steps: int, seed: int = 3, num: int = 4) -> torch.Tensor:
+    return pipe(**model.pipeline_inputs(num, seed=seed), num_inference_steps=steps, output_type="latent").images
+
+
+def test_the_flow_model_is_the_pipelines_guided_velocity(sd3):
+    pipe, model = sd3
+    assert isinstance(model, FlowPipelineModel) and model.sample_shape == (4, 8, 8)
+    assert model.scheduler_config == {"num_train_timesteps": 1000, "prediction_type": "flow_prediction", "shift": 3.0}
+    # the guided output, computed here from two separate transformer calls
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor(700.0)
+
+    def call(embeds, pooled):
+        return pipe.transformer(hidden_states=x, timestep=t.expand(2), encoder_hidden_states=embeds,
+                                pooled_projections=pooled).sample
+
+    with torch.no_grad():
+        cond = call(model.prompt_embeds, model.pooled_prompt_embeds)
+        uncond = call(model.negative_prompt_embeds, model.negative_pooled_prompt_embeds)
+        torch.testing.assert_close(model(x, t), uncond + 4.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_lambdas_in_the_pipeline_are_its_base_bit_for_bit(sd3):
+    pipe, model = sd3
+    base = latents(pipe, model, 4)
+    assert torch.equal(dode.sample(model, "flow_euler", 4, 4, seed=3, spacing="shift3", progress=False), base)
+    zero = DODEScheduler(make_scheduler("flow_euler", model, "shift3"), [0.0] * 4, 4)
+    original = pipe.scheduler
+    try:
+        dode.use_dode(pipe, zero)
+        assert torch.equal(latents(pipe, model, 4), base)
+    finally:
+        pipe.scheduler = original
+
+
+@pytest.mark.parametrize("solver", ["flow_euler", "flow_unipc"])
+def test_fitted_lambdas_in_the_pipeline_are_dode_sample(sd3, solver):
+    pipe, model = sd3
+    scheduler = dode.distill(model, solver, 4, batch_size=4, guard=False, progress=False)
+    assert any(v != 0 for v in scheduler.lambdas)
+    original = pipe.scheduler
+    try:
+        dode.use_dode(pipe, scheduler)
+        ours = dode.sample(model, scheduler, 4, 4, seed=3, progress=False)
+        torch.testing.assert_close(latents(pipe, model, scheduler.num_inference_steps), ours, rtol=1e-4, atol=1e-4)
+        images = pipe(**model.pipeline_inputs(4, seed=3), num_inference_steps=scheduler.num_inference_steps,
+                      output_type="pt").images
+        torch.testing.assert_close(images * 2 - 1, model.decode(ours).clamp(-1, 1), rtol=1e-4, atol=1e-4)
+    finally:
+        pipe.scheduler = original
+    assert isinstance(pipe.scheduler, (FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler))
+
+
+def test_flow_pipelines_refuse_diffusion_solvers_and_missing_embeddings(sd3):
+    pipe, model = sd3
+    with pytest.raises(ValueError, match="flow-matching model; its solvers: flow_euler"):
+        dode.distill(model, "dpm_solver_pp_2m", 4, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="with pooled_prompt_embeds"):
+        dode.pipeline_model(pipe, prompt_embeds=model.prompt_embeds, guidance_scale=1.0)
+    with pytest.raises(ValueError, match="negative_prompt_embeds and negative_pooled_prompt_embeds"):
+        dode.pipeline_model(pipe, prompt_embeds=model.prompt_embeds, pooled_prompt_embeds=model.pooled_prompt_embeds)
+    with pytest.raises(ValueError, match="batch of 3 samples does not line up with 2 prompts"):
+        model(torch.zeros(3, 4, 8, 8), torch.tensor(500.0))
