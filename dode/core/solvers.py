@@ -190,14 +190,15 @@ def _flow_spacings(own: str, shift_key: str, sigma_spacings=()) -> dict:
 _FLOW_SOLVERS = [
     # diffusers' FlowMatch Euler (SD3's and Flux's default): one evaluation per step, linspace in sigma from 1 to
     # sigma_min (its last step is the jump from sigma_min to 0)
-    Solver("flow_euler", FlowMatchEulerDiscreteScheduler, {}, _flow_spacings("linspace", "shift", _SIGMA_SPACINGS), "linspace",
-           paper="FlowMatch Euler", custom_grid=True, flow=True),
+    Solver("flow_euler", FlowMatchEulerDiscreteScheduler, {}, _flow_spacings("linspace", "shift", _SIGMA_SPACINGS),
+           "linspace", paper="FlowMatch Euler", custom_grid=True, flow=True),
     # Heun on the flow: two evaluations per step but the last (Euler to 0), 2n - 1 NFE
     Solver("flow_heun", FlowMatchHeunDiscreteScheduler, {}, _flow_spacings("linspace", "shift"), "linspace",
            nfe_of_steps=lambda steps: 2 * steps - 1, paper="FlowMatch Heun", custom_grid=True, flow=True),
     Solver("flow_dpm_solver_pp_2m", DPMSolverMultistepScheduler,
            dict(solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero"),
-           _flow_spacings("trailing", "flow_shift"), "trailing", paper="DPM-Solver++ (flow)", custom_grid=True, flow=True),
+           _flow_spacings("trailing", "flow_shift"), "trailing", paper="DPM-Solver++ (flow)", custom_grid=True,
+           flow=True),
     Solver("flow_unipc", UniPCMultistepScheduler, dict(solver_order=2, solver_type="bh2", final_sigmas_type="zero"),
            _flow_spacings("trailing", "flow_shift"), "trailing", paper="UniPC (flow)", custom_grid=True, flow=True),
 ]

@@ -169,10 +169,10 @@ def _transformer(pipe):
 
 
 class FlowPipelineModel(nn.Module):
-    """An SD3-style pipeline's transformer as a dode flow model: ``model(x_t, t)`` is the velocity the pipeline hands its
-    scheduler at latents ``x_t`` and timestep ``t`` (s * 1000), guided as SD3 guides it (uncond + g (cond - uncond),
-    one batched call, when the guidance scale g > 1). Prompts as for ``PipelineModel``: row k of a batch gets prompt
-    k mod P. ``scheduler_config``: the flow schedule and the pipeline scheduler's ``shift``."""
+    """An SD3-style pipeline's transformer as a dode flow model: ``model(x_t, t)`` is the velocity the pipeline hands
+    its scheduler at latents ``x_t`` and timestep ``t`` (s * 1000), guided as SD3 guides it (uncond + g (cond -
+    uncond), one batched call, when the guidance scale g > 1). Prompts as for ``PipelineModel``: row k of a batch gets
+    prompt k mod P. ``scheduler_config``: the flow schedule and the pipeline scheduler's ``shift``."""
 
     def __init__(self, pipe, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, guidance_scale: float = 1.0):
