@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # here; pyproject.toml keeps an open range for users who bring their own.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup notebook-filter test reproduce verify bench guard-reference count-interpolation flow-table models lab clean test-inception
+.PHONY: setup notebook-filter test reproduce verify bench guard-reference count-interpolation models lab clean test-inception
 
 setup: $(STAMP) notebook-filter
 
@@ -62,11 +62,6 @@ bench: setup
 # ARGS="--models gmm-digits" for one model, ARGS="--report-only" to rewrite the report from the saved table.
 guard-reference: setup
 	DODE_NUM_THREADS=1 $(PY) -m dode.tools.guard_reference --out results $(ARGS)
-
-# D-ODE on the flow-matching testbed gmm-digits-flow: every flow solver at NFE 3-10, the best base spacing against
-# D-ODE auto and a learned grid (results/flow/table.md, results/figures/flow.png); ~5 min on 2 CPU cores.
-flow-table: setup
-	DODE_NUM_THREADS=1 $(PY) -m dode.tools.flow_table --out results $(ARGS)
 
 # Lambdas for step counts without a fit, interpolated over the noise level, against the base and the count's own fit
 # (results/count_interpolation.md; seconds).

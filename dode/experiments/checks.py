@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..core.solvers import SOLVERS, get_solver
+from ..core.solvers import FLOW_SOLVERS, SOLVERS, get_solver
 from ..util.runtime import resolve_device
 
 
@@ -93,7 +93,9 @@ def _checks():
     from ..evaluation.metrics import FEATURES
 
     solvers = lambda value, name: list(SOLVERS) if value == "all" else _names(value, name, SOLVERS)  # noqa: E731
+    flow = lambda value, name: list(FLOW_SOLVERS) if value == "all" else _names(value, name, FLOW_SOLVERS)  # noqa: E731
     return {
+        "flow_solvers": flow,
         "model_name": lambda v, n: _model_name(v),
         "models": lambda v, n: [_model_name(m) for m in ([v] if isinstance(v, str) else v)],
         "solvers": solvers, "matching_solvers": solvers, "refine_solvers": solvers, "learned_solvers": solvers,
@@ -138,7 +140,8 @@ def check_parameters(**parameters):
         raise TypeError(f"check_parameters does not know {unknown}; it checks {', '.join(sorted(checks))}")
     checked = {name: checks[name](value, name) for name, value in parameters.items()}
     checked["num_threads"] = use_threads(parameters.get("num_threads"))
-    solvers = checked.get("solvers", [checked["solver"]] if isinstance(checked.get("solver"), str) else None)
+    solvers = checked.get("solvers", checked.get("flow_solvers",
+                                                 [checked["solver"]] if isinstance(checked.get("solver"), str) else None))
     nfes = checked.get("nfes", [checked["nfe"]] if "nfe" in checked else None)
     skipped = []
     if solvers is not None and nfes is not None:

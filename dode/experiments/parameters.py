@@ -45,6 +45,10 @@ DEFAULTS = {
         "fit_seeds": [0, 100], "learned_starts": 2, "learned_iterations": 10, "num_samples": 300,
         "reference_samples": 3000, "seed": 1000, **_RUN,
     },
+    "07_flow": {
+        "model_name": "gmm-digits-flow", "flow_solvers": "all", "nfes": [3, 5], "num_samples": 300,
+        "reference_samples": 3000, "learned_iterations": 10, "learned_starts": 1, "seed": 1000, **_RUN,
+    },
     # a pretrained diffusers checkpoint at the paper's scale: for a GPU (make reproduce does not run it)
     "06_pretrained": {
         "model_name": "google/ddpm-cifar10-32", "pipeline": False, "prompts": None, "guidance_scale": 7.5,
@@ -74,6 +78,9 @@ REPRODUCE = {
                     "learned_iterations": 30, "refine_teacher": "fine", "criteria": []},
     },
     "04_trajectories": {"solvers": "all", "nfe": 5, "grid_nfes": [3, 5, 10], "grid_samples": 16},
+    # the flow testbed at the paper's NFEs: every flow solver, 2000 held-out seeds, learned grids 1 x 30 iterations
+    "07_flow": {"model_name": "gmm-digits-flow", "nfes": list(PAPER_NFES), "num_samples": 2000,
+                "reference_samples": 10_000, "learned_iterations": 30, "learned_starts": 1},
     "05_ablations": {
         "model_name": "gmm-digits", "solver": "ddim", "nfe": 5, "teacher_scales": [2, 5, 10, 20, "fine"],
         "batch_sizes": [10, 25, 100, 400], "fit_repeats": 3, "matching_solvers": "all", "num_samples": 2000,

@@ -79,6 +79,8 @@ def plan(results: Path, models: list[str]) -> list[Run]:
     for model in models:
         runs.append(Run(f"04_trajectories-{model}", "04_trajectories.ipynb", {
             "model_name": model, **parameters.reproduce("04_trajectories")}))
+    flow = parameters.reproduce("07_flow")
+    runs.append(Run(f"07_flow-{flow['model_name']}", "07_flow.ipynb", flow))
     ablations = parameters.reproduce("05_ablations")
     runs.append(Run(f"05_ablations-{ablations['model_name']}", "05_ablations.ipynb", ablations))
     return runs
