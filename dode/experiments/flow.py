@@ -68,13 +68,16 @@ def summary(results: pd.DataFrame, metric: str = "fd_pixel") -> pd.DataFrame:
 def prose(best: pd.DataFrame) -> str:
     """What the summary table says, generated from it."""
     wins = int((best["D-ODE auto"] <= best["best base"]).sum())
-    close = int((best["D-ODE learned"] <= best["D-ODE auto"] * 1.02).sum())
+    learned = best["D-ODE learned"] / best["D-ODE auto"]
     low = best[best.NFE <= 5]
     low_ratio = (low["D-ODE auto"] / low["best base"]).median() if len(low) else float("nan")
+    # the learned grids move by a few percent under another CPU kernel (docs/flow.md): counts with wide margins
     return (f"D-ODE auto is at or below the best base spacing in {wins} of {len(best)} solver x NFE cells; its median "
             f"distance is {(best['D-ODE auto'] / best['best base']).median():.2f} of the best base's "
             f"({low_ratio:.2f} at NFE 5 and below). The learned grid (kept only where it validates better on the "
-            f"validation seeds, which are not these) is at most 2 % above D-ODE auto in {close} of {len(best)} cells.")
+            f"validation seeds, which are not these) is within 5 % of D-ODE auto or below it in "
+            f"{int((learned <= 1.05).sum())} of {len(best)} cells, and 25 % or more below it in "
+            f"{int((learned <= 0.75).sum())}.")
 
 
 def figure(best: pd.DataFrame, title: str):
