@@ -1,17 +1,25 @@
-"""D-ODE in an SD3-style (flow-matching) pipeline, built offline from tiny random components configured here: the
-pipeline's transformer as a dode flow model with classifier-free guidance (``dode.pipeline_model``), and a D-ODE
-scheduler installed with ``dode.use_dode``. With zero lambdas the pipeline's latents are bit for bit its own base
-scheduler's; with fitted lambdas they are ``dode.sample``'s."""
+"""D-ODE in SD3- and Flux-style (flow-matching) pipelines, built offline from tiny random components configured here:
+the pipeline's transformer as a dode flow model with its guidance (``dode.pipeline_model``), and a D-ODE scheduler
+installed with ``dode.use_dode``. With zero lambdas the pipeline's latents are bit for bit its own base scheduler's;
+with fitted lambdas they are ``dode.sample``'s."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                       StableDiffusion3Pipeline, UniPCMultistepScheduler)
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline, UniPCMultistepScheduler)
 
 import dode
 from dode.core.scheduler import DODEScheduler, make_scheduler
-from dode.models.pipelines import FlowPipelineModel
+from dode.models.pipelines import FlowPipelineModel, FluxPipelineModel
+
+
+def tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=16, shift_factor=0.06, scaling_factor=1.5)
 
 
 def tiny_sd3(shift: float = 3.0) -> StableDiffusion3Pipeline:
@@ -21,12 +29,9 @@ def tiny_sd3(shift: float = 3.0) -> StableDiffusion3Pipeline:
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
                                         num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
                                         pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=16, shift_factor=0.06, scaling_factor=1.5)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
-                                    vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                    text_encoder_3=None, tokenizer_3=None)
+                                    vae=tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -104,3 +109,61 @@ def test_flow_pipelines_refuse_diffusion_solvers_and_missing_embeddings(sd3):
         dode.pipeline_model(pipe, prompt_embeds=model.prompt_embeds, pooled_prompt_embeds=model.pooled_prompt_embeds)
     with pytest.raises(ValueError, match="batch of 3 samples does not line up with 2 prompts"):
         model(torch.zeros(3, 4, 8, 8), torch.tensor(500.0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flux-style: packed latents, embedded guidance, dynamic shifting
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flux():
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)  # Flux's own scheduler
+    pipe = FluxPipeline(scheduler=scheduler, vae=tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(1)
+    model = dode.pipeline_model(pipe, prompt_embeds=torch.randn(2, 5, 16, generator=gen),
+                                pooled_prompt_embeds=torch.randn(2, 8, generator=gen), guidance_scale=3.5,
+                                height=16, width=16)
+    return pipe, model
+
+
+def test_the_flux_model_unpacks_the_pipelines_latents_and_its_shift_is_e_to_the_mu(flux):
+    pipe, model = flux
+    assert isinstance(model, FluxPipelineModel) and model.sample_shape == (4, 8, 8)
+    # 16 packed tokens: mu = 0.5 + (16 - 256) (1.15 - 0.5) / (4096 - 256), Flux's calculate_shift
+    mu = 0.5 + (16 - 256) * 0.65 / 3840
+    assert model.mu == pytest.approx(mu) and model.scheduler_config["shift"] == pytest.approx(math.exp(mu))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(model.unpack(model.pack(x)), x)
+    # the pipeline's levels: linspace(1, 1/n, n) through the dynamic shift, which is the static shift map at e^mu
+    s = torch.linspace(1.0, 0.25, 4).double()
+    torch.testing.assert_close(torch.tensor(model.pipeline_grid(4)).double(),
+                               math.exp(mu) * s / (1 + (math.exp(mu) - 1) * s), rtol=1e-6, atol=1e-7)
+
+
+def test_flux_pipeline_with_zero_and_fitted_lambdas(flux):
+    pipe, model = flux
+    grid = model.pipeline_grid(4)
+    base = latents(pipe, model, 4)
+    assert torch.equal(model.pack(dode.sample(model, "flow_euler", 4, 4, seed=3, spacing=grid, progress=False)), base)
+    original = pipe.scheduler
+    try:
+        dode.use_dode(pipe, DODEScheduler(original, [0.0] * 4, 4))  # the pipeline's own scheduler, every lambda 0
+        assert torch.equal(latents(pipe, model, 4), base)
+        fitted = dode.distill(model, "flow_euler", 4, spacing=grid, batch_size=4, guard=False, progress=False)
+        assert any(v != 0 for v in fitted.lambdas)
+        dode.use_dode(pipe, fitted)  # the pipeline passes its unshifted sigmas and mu: the fitted grid, accepted
+        ours = dode.sample(model, fitted, 4, 4, seed=3, progress=False)
+        torch.testing.assert_close(latents(pipe, model, 4), model.pack(ours), rtol=1e-4, atol=1e-4)
+        images = pipe(**model.pipeline_inputs(4, seed=3), num_inference_steps=4, output_type="pt").images
+        torch.testing.assert_close(images * 2 - 1, model.decode(ours).clamp(-1, 1), rtol=1e-4, atol=1e-4)
+        # at another image size the pipeline's mu (and grid) is another one: a clear error, not other samples
+        with pytest.raises(ValueError, match="fitted at shift 1.58.*dynamic shift e\\^mu"):
+            pipe(**{**model.pipeline_inputs(4, seed=3), "height": 32, "width": 32}, num_inference_steps=4,
+                 output_type="latent")
+    finally:
+        pipe.scheduler = original

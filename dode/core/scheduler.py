@@ -381,6 +381,8 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         """
         self._begin = None
         self._passthrough = False
+        if kwargs.get("mu") is not None and not self._is_base():
+            self._check_mu(kwargs.pop("mu"))  # a Flux pipeline's dynamic shift: the fitted one, or ValueError
         if timesteps is not None or sigmas is not None:
             if self._is_base():  # the base solver: any grid the base takes
                 custom = {"timesteps": timesteps} if timesteps is not None else {"sigmas": sigmas}
@@ -399,6 +401,20 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
             set_grid(self.base_scheduler, self.grid)
         # 4. the next step is the first model evaluation: lambda_0, no previous output
         self._reset()
+
+    def _check_mu(self, mu: float) -> None:
+        """A pipeline's dynamic shift ``mu`` (Flux: exponential, shift e^mu) for fitted lambdas: their base was fitted
+        at a static shift (``dode.pipeline_model`` of a Flux pipeline sets it to e^mu at the model's resolution),
+        which must be e^mu; else ValueError saying what to do."""
+        config = self.base_scheduler.config
+        if config.get("use_dynamic_shifting"):
+            raise ValueError("fitted lambdas on a base with dynamic shifting: dode fits at a static shift; build the "
+                             "model with dode.pipeline_model(pipe), whose shift is the pipeline's e^mu")
+        shift = float(config.get("shift", config.get("flow_shift", 1.0)))
+        if not math.isclose(shift, math.exp(mu), rel_tol=1e-6):
+            raise ValueError(f"these lambdas were fitted at shift {shift:g}, but the pipeline asks for the dynamic "
+                             f"shift e^mu = {math.exp(mu):g} (mu = {mu:g}; it depends on the image size): fit them on "
+                             "dode.pipeline_model(pipe, ..., height=..., width=...) at the size you sample")
 
     def _is_base(self) -> bool:
         return not self._fits and self.grid is None and all(v == 0.0 for v in self.lambdas)
@@ -419,8 +435,9 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
                 if given and given[-1] == 0.0 and len(given) == len(own) + 1:
                     given = given[:-1]
             fitted[steps] = own
-            if len(own) == len(given) and all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-4)
-                                               for a, b in zip(own, given)):
+            candidates = [given] if timesteps is not None else [given, _as_made(probe.base_scheduler, given)]
+            if any(len(own) == len(g) and all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-4) for a, b in zip(own, g))
+                   for g in candidates if g is not None):
                 return steps
         solver = _solver_or_none(self.base_scheduler)
         hint = (f"dode.distill(model, {solver.name!r}, nfe, spacing=[one noise level per step])"
@@ -631,6 +648,19 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"{where} is inconsistent: {FITS_KEY} has no fit for num_inference_steps="
                              f"{scheduler.num_inference_steps}, the count in use")
         return cls.combine([scheduler, *others])
+
+
+def _as_made(base, sigmas: list):
+    """The levels ``base`` makes of custom ``sigmas`` (a flow scheduler shifts them: a Flux pipeline passes its
+    unshifted linspace), or None where its ``set_timesteps`` takes no sigmas."""
+    if not sigmas or "sigmas" not in inspect.signature(base.set_timesteps).parameters:
+        return None
+    probe = copy.deepcopy(base)
+    try:
+        probe.set_timesteps(sigmas=list(sigmas))
+    except (ValueError, TypeError):  # it takes sigmas only in some configurations (UniPC: flow sigmas)
+        return None
+    return [float(v) for v in TimeGrid.of(probe).steps]
 
 
 def _solver_or_none(base):

@@ -218,12 +218,19 @@ def solvers_for(model) -> tuple[str, ...]:
     return FLOW_SOLVERS if is_flow(model.scheduler_config) else SOLVERS
 
 
+#: the scheduler-config keys a Flux pipeline computes its dynamic shift ``mu`` from (FlowMatch Euler's)
+_DYNAMIC_SHIFT_KEYS = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
+
+
 def flow_config(solver: "Solver", config: dict) -> dict:
     """A flow model's scheduler config (``num_train_timesteps``, ``shift``) as ``solver``'s scheduler takes it: the
     FlowMatch schedulers' ``shift``; DPM-Solver++ and UniPC's flow sigmas, ``flow_prediction`` and ``flow_shift``."""
     config = dict(config)
     steps, shift = int(config.get("num_train_timesteps") or 1000), float(config.get("shift", 1.0))
-    if solver.scheduler_class in (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler):
+    if solver.scheduler_class is FlowMatchEulerDiscreteScheduler:  # and what a Flux pipeline reads to compute its mu
+        return {"num_train_timesteps": steps, "shift": shift,
+                **{key: config[key] for key in _DYNAMIC_SHIFT_KEYS if key in config}}
+    if solver.scheduler_class is FlowMatchHeunDiscreteScheduler:
         return {"num_train_timesteps": steps, "shift": shift}
     return {"num_train_timesteps": steps, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
             "flow_shift": shift}

@@ -140,8 +140,8 @@ def check_parameters(**parameters):
         raise TypeError(f"check_parameters does not know {unknown}; it checks {', '.join(sorted(checks))}")
     checked = {name: checks[name](value, name) for name, value in parameters.items()}
     checked["num_threads"] = use_threads(parameters.get("num_threads"))
-    solvers = checked.get("solvers", checked.get("flow_solvers",
-                                                 [checked["solver"]] if isinstance(checked.get("solver"), str) else None))
+    single = [checked["solver"]] if isinstance(checked.get("solver"), str) else None
+    solvers = checked.get("solvers", checked.get("flow_solvers", single))
     nfes = checked.get("nfes", [checked["nfe"]] if "nfe" in checked else None)
     skipped = []
     if solvers is not None and nfes is not None:

@@ -20,8 +20,8 @@ class DiffusersModel(nn.Module):
         super().__init__()
         if is_flow(scheduler_config):
             raise ValueError("prediction type 'flow_prediction' (flow matching) is not supported for a UNet "
-                             "checkpoint: dode runs flow-matching models as gmm-digits-flow and SD3-style pipelines "
-                             "(dode.pipeline_model)")
+                             "checkpoint: dode runs flow-matching models as gmm-digits-flow and SD3- and Flux-style "
+                             "pipelines (dode.pipeline_model)")
         self.unet = unet
         self.scheduler_config = schedule_config(scheduler_config)
         channels, size = unet.config.in_channels, unet.config.sample_size

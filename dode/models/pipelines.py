@@ -1,6 +1,6 @@
-"""D-ODE in diffusers pipelines (DDPM, DDIM, LDM, Stable Diffusion 1.x/2.x, and SD3-style flow-matching pipelines): the
-pipeline's denoiser as a dode model, with classifier-free guidance, and its D-ODE scheduler installed as
-``pipe.scheduler``::
+"""D-ODE in diffusers pipelines (DDPM, DDIM, LDM, Stable Diffusion 1.x/2.x, and the SD3- and Flux-style flow-matching
+pipelines: docs/flow.md): the pipeline's denoiser as a dode model, with its guidance, and its D-ODE scheduler installed
+as ``pipe.scheduler``::
 
     pipe = dode.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")   # or any UNet pipeline
     model = dode.pipeline_model(pipe, ["a photo of a cat", "a red car"], guidance_scale=7.5)
@@ -14,8 +14,11 @@ latents are ``latents`` (``output_type="latent"``); ``model.decode(latents)`` gi
 """
 from __future__ import annotations
 
+import copy
 import inspect
+import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -126,16 +129,16 @@ def pipeline_model(pipe, prompts=None, *, guidance_scale: float = 7.5, negative_
     ``prompts`` (a string or list; encoded by ``pipe.encode_prompt``, with ``negative_prompt``) or ready
     ``prompt_embeds`` (and ``negative_prompt_embeds``); with ``guidance_scale`` > 1 the output is the guided one.
     Sample k uses prompt k mod P: use batch sizes and sample counts that are multiples of the P prompts.
-    SD3-style pipelines (a ``transformer``: flow matching) go to ``flow_pipeline_model``, which also takes
-    ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` (``flow_embeds``); use the flow solvers
-    (``dode.core.solvers.FLOW_SOLVERS``) on them.
+    SD3- and Flux-style pipelines (a ``transformer``: flow matching) go to ``flow_pipeline_model``, which also takes
+    ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` and, for Flux, ``height``, ``width`` and
+    ``true_cfg_scale`` (``flow_embeds``); use the flow solvers (``dode.core.solvers.FLOW_SOLVERS``) on them.
     """
-    if getattr(pipe, "transformer", None) is not None:  # SD3-style: the flow-matching pipelines
+    if getattr(pipe, "transformer", None) is not None:  # SD3- and Flux-style: the flow-matching pipelines
         return flow_pipeline_model(pipe, prompts, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                    **flow_embeds)
     if flow_embeds:
-        raise ValueError(f"{', '.join(flow_embeds)}: for SD3-style pipelines only")
+        raise ValueError(f"{', '.join(flow_embeds)}: for flow-matching (SD3- and Flux-style) pipelines only")
     unet = _unet(pipe)
     given = prompts is not None or prompt_embeds is not None
     if "encoder_hidden_states" not in inspect.signature(unet.forward).parameters:
@@ -157,15 +160,29 @@ def pipeline_model(pipe, prompts=None, *, guidance_scale: float = 7.5, negative_
     return PipelineModel(pipe, prompt_embeds, negative_prompt_embeds, guidance_scale)
 
 
-def _transformer(pipe):
-    """The SD3-style transformer of a flow-matching pipeline (``SD3Transformer2DModel``), or ValueError."""
+def _transformer(pipe, kind: str = "sd3"):
+    """The transformer of a flow-matching pipeline: SD3-style (``SD3Transformer2DModel``: encoder_hidden_states and
+    pooled_projections) or, with ``kind="flux"``, Flux-style (``FluxTransformer2DModel``: packed latents, txt_ids and
+    img_ids); ValueError otherwise."""
     transformer = getattr(pipe, "transformer", None)
-    if transformer is None or "pooled_projections" not in inspect.signature(transformer.forward).parameters or \
-            "txt_ids" in inspect.signature(transformer.forward).parameters:
-        raise ValueError(f"{type(pipe).__name__} is not an SD3-style pipeline (a transformer taking "
-                         "encoder_hidden_states and pooled_projections); Flux-style pipelines (packed latents, "
-                         "txt_ids) are not supported yet")
+    parameters = inspect.signature(transformer.forward).parameters if transformer is not None else {}
+    found = None if "pooled_projections" not in parameters else "flux" if "txt_ids" in parameters else "sd3"
+    if found != kind:
+        raise ValueError(f"{type(pipe).__name__} is not an {'SD3' if kind == 'sd3' else 'Flux'}-style pipeline; dode "
+                         "runs SD3-style (encoder_hidden_states, pooled_projections) and Flux-style (packed latents, "
+                         "txt_ids, img_ids) flow-matching pipelines")
     return transformer
+
+
+def _flow_kind(pipe) -> str | None:
+    """"sd3" or "flux" for a flow-matching pipeline with a transformer dode runs, else None."""
+    for kind in ("sd3", "flux"):
+        try:
+            _transformer(pipe, kind)
+            return kind
+        except ValueError:
+            continue
+    return None
 
 
 class FlowPipelineModel(nn.Module):
@@ -238,16 +255,138 @@ class FlowPipelineModel(nn.Module):
                           for chunk in samples.split(batch_size)])
 
 
+class FluxPipelineModel(nn.Module):
+    """A Flux-style pipeline's transformer as a dode flow model at one image size: ``model(x_t, t)`` is the velocity
+    at latents ``x_t`` (unpacked, (C, H, W); the pipeline packs them into 2x2 patches, which the scheduler's
+    element-wise steps do not see) and timestep ``t`` (s * 1000; Flux's transformer gets t / 1000), with the
+    embedded guidance (``guidance_scale``, where the transformer has ``guidance_embeds``) and, with negative
+    embeddings and ``true_cfg_scale`` > 1, Flux's true classifier-free guidance.
+
+    The pipeline samples on sigmas linspace(1, 1/n, n) shifted by e^mu, mu from the image size
+    (``calculate_shift``): ``scheduler_config["shift"]`` is that e^mu, and ``pipeline_grid(n)`` the levels the
+    pipeline uses at ``num_inference_steps=n`` (fit D-ODE on them: ``dode.distill(model, "flow_euler", n,
+    spacing=model.pipeline_grid(n))``)."""
+
+    def __init__(self, pipe, prompt_embeds, pooled_prompt_embeds, *, height: int | None = None,
+                 width: int | None = None, guidance_scale: float = 3.5, negative_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, true_cfg_scale: float = 1.0):
+        super().__init__()
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        self.transformer = _transformer(pipe, "flux")
+        self.pipe_class, self.autoencoder = type(pipe), getattr(pipe, "vae", None)
+        self.vae_scale_factor = int(getattr(pipe, "vae_scale_factor", 8))
+        self.height = int(height or pipe.default_sample_size * self.vae_scale_factor)
+        self.width = int(width or pipe.default_sample_size * self.vae_scale_factor)
+        rows, cols = (2 * (int(v) // (self.vae_scale_factor * 2)) for v in (self.height, self.width))
+        self.sample_shape = (self.transformer.config.in_channels // 4, rows, cols)
+        config = pipe.scheduler.config
+        self.mu = calculate_shift(rows * cols // 4, config.get("base_image_seq_len", 256),
+                                  config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                  config.get("max_shift", 1.15))
+        shift = math.exp(self.mu) if config.get("use_dynamic_shifting") else float(config.get("shift", 1.0))
+        self.scheduler_config = {**FLOW_SCHEDULE, "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+                                 "shift": shift, **{k: config[k] for k in ("base_image_seq_len", "max_image_seq_len",
+                                                                          "base_shift", "max_shift") if k in config}}
+        self._scheduler = copy.deepcopy(pipe.scheduler)
+        self.name = pipe.name_or_path or type(pipe).__name__
+        self.guidance_scale, self.true_cfg_scale = float(guidance_scale), float(true_cfg_scale)
+        if self.true_cfg and (negative_prompt_embeds is None or negative_pooled_prompt_embeds is None):
+            raise ValueError("true_cfg_scale > 1 needs negative_prompt_embeds and negative_pooled_prompt_embeds")
+        negatives = (negative_prompt_embeds, negative_pooled_prompt_embeds) if self.true_cfg else (None, None)
+        for name, value in (("prompt_embeds", prompt_embeds), ("pooled_prompt_embeds", pooled_prompt_embeds),
+                            ("negative_prompt_embeds", negatives[0]), ("negative_pooled_prompt_embeds", negatives[1])):
+            self.register_buffer(name, value)
+        self.register_buffer("img_ids", pipe._prepare_latent_image_ids(1, rows // 2, cols // 2, "cpu",
+                                                                       prompt_embeds.dtype), persistent=False)
+        self.register_buffer("txt_ids", torch.zeros(prompt_embeds.shape[1], 3, dtype=prompt_embeds.dtype),
+                             persistent=False)
+
+    rows = PipelineModel.rows
+
+    @property
+    def true_cfg(self) -> bool:
+        return self.true_cfg_scale > 1
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, H, W) as the pipeline holds them (B, H W / 4, 4 C)."""
+        return self.pipe_class._pack_latents(x, len(x), *self.sample_shape)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        return self.pipe_class._unpack_latents(packed, self.height, self.width, self.vae_scale_factor)
+
+    def _call(self, packed, timestep, embeds, pooled):
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], self.guidance_scale, device=packed.device, dtype=torch.float32)
+            guidance = guidance.expand(len(packed))
+        return self.transformer(hidden_states=packed, timestep=timestep / 1000, guidance=guidance,
+                                pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=self.txt_ids,
+                                img_ids=self.img_ids, return_dict=False)[0]
+
+    def forward(self, x_t, t):
+        batch = len(x_t)
+        packed = self.pack(x_t.to(self.transformer.dtype))
+        timestep = torch.as_tensor(t, device=packed.device).reshape(-1).expand(batch).to(packed.dtype)
+        out = self._call(packed, timestep, self.rows(self.prompt_embeds, batch),
+                         self.rows(self.pooled_prompt_embeds, batch))
+        if self.true_cfg:
+            negative = self._call(packed, timestep, self.rows(self.negative_prompt_embeds, batch),
+                                  self.rows(self.negative_pooled_prompt_embeds, batch))
+            out = negative + self.true_cfg_scale * (out - negative)
+        return self.unpack(out).to(x_t.dtype)
+
+    def pipeline_grid(self, num_inference_steps: int) -> list:
+        """The flow levels the pipeline steps through at ``num_inference_steps`` (its sigmas after the shift)."""
+        scheduler = copy.deepcopy(self._scheduler)
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        scheduler.set_timesteps(num_inference_steps, sigmas=sigmas,
+                                **({"mu": self.mu} if scheduler.config.get("use_dynamic_shifting") else {}))
+        return [float(v) for v in scheduler.sigmas[:-1]]
+
+    def pipeline_inputs(self, num_samples: int, seed: int = 0) -> dict:
+        """Keyword arguments for ``pipe(...)`` that start from the noise of ``dode.sample(..., num_samples,
+        seed=seed)`` at this model's size, prompts and guidance; add ``num_inference_steps``. Its latents
+        (``output_type="latent"``) are ``model.pack`` of dode's samples."""
+        inputs = {"generator": seed_generators(num_samples, seed), "height": self.height, "width": self.width,
+                  "prompt_embeds": self.rows(self.prompt_embeds, num_samples),
+                  "pooled_prompt_embeds": self.rows(self.pooled_prompt_embeds, num_samples),
+                  "guidance_scale": self.guidance_scale}
+        if self.true_cfg:
+            inputs.update(negative_prompt_embeds=self.rows(self.negative_prompt_embeds, num_samples),
+                          negative_pooled_prompt_embeds=self.rows(self.negative_pooled_prompt_embeds, num_samples),
+                          true_cfg_scale=self.true_cfg_scale)
+        return inputs
+
+    decode = FlowPipelineModel.decode
+
+
 def flow_pipeline_model(pipe, prompts=None, *, guidance_scale: float = 7.0, negative_prompt=None, prompt_embeds=None,
                         pooled_prompt_embeds=None, negative_prompt_embeds=None,
-                        negative_pooled_prompt_embeds=None) -> FlowPipelineModel:
-    """``pipeline_model`` for an SD3-style (flow-matching) pipeline: ``prompts`` are encoded by ``pipe.encode_prompt``
-    (all three text encoders), or ready embeddings are given (``prompt_embeds`` with ``pooled_prompt_embeds``, and the
-    negative ones for guidance)."""
-    _transformer(pipe)
+                        negative_pooled_prompt_embeds=None, **flux_options) -> nn.Module:
+    """``pipeline_model`` for a flow-matching pipeline: ``prompts`` are encoded by ``pipe.encode_prompt``, or ready
+    embeddings are given (``prompt_embeds`` with ``pooled_prompt_embeds``, and the negative ones for guidance).
+    SD3-style: a ``FlowPipelineModel`` (classifier-free guidance at ``guidance_scale``). Flux-style: a
+    ``FluxPipelineModel`` at one image size (``flux_options``: ``height``, ``width``, ``true_cfg_scale``; the
+    embedded guidance is ``guidance_scale``)."""
+    kind = _flow_kind(pipe) or _transformer(pipe)  # the second raises, naming what dode runs
+    flux = {key: flux_options.pop(key) for key in ("height", "width", "true_cfg_scale") if key in flux_options}
+    if flux_options or (flux and kind != "flux"):
+        raise TypeError(f"unexpected options {sorted({*flux_options, *flux})} for {type(pipe).__name__}")
     if (prompts is None) == (prompt_embeds is None):
         raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass prompts=[...] or prompt_embeds=... "
                          "(with pooled_prompt_embeds), not both")
+    if kind == "flux":
+        if prompts is not None:
+            prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(prompts, None, device=pipe.device)
+            if negative_prompt is not None:
+                negative_prompt_embeds, negative_pooled_prompt_embeds, _ = pipe.encode_prompt(
+                    negative_prompt, None, device=pipe.device)
+        elif pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds go with pooled_prompt_embeds (Flux's two text conditionings)")
+        return FluxPipelineModel(pipe, prompt_embeds, pooled_prompt_embeds, guidance_scale=guidance_scale,
+                                 negative_prompt_embeds=negative_prompt_embeds,
+                                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, **flux)
     guided = guidance_scale > 1
     if prompts is not None:
         (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
@@ -278,7 +417,7 @@ def use_dode(pipe, scheduler):
     if not isinstance(scheduler, DODEScheduler):
         scheduler = DODEScheduler.from_pretrained(scheduler)
     if getattr(pipe, "transformer", None) is not None:
-        _transformer(pipe)
+        _flow_kind(pipe) or _transformer(pipe)  # the second raises, naming what dode runs
     else:
         _unet(pipe)
     fitted, own = schedule_config(scheduler.config), schedule_config(pipe.scheduler.config)
