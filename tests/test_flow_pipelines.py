@@ -73,10 +73,13 @@ def test_zero_lambdas_in_the_pipeline_are_its_base_bit_for_bit(sd3):
     base = latents(pipe, model, 4)
     assert torch.equal(dode.sample(model, "flow_euler", 4, 4, seed=3, spacing="shift3", progress=False), base)
     zero = DODEScheduler(make_scheduler("flow_euler", model, "shift3"), [0.0] * 4, 4)
+    images = pipe(**model.pipeline_inputs(4, seed=3), num_inference_steps=4, output_type="pt").images
     original = pipe.scheduler
     try:
         dode.use_dode(pipe, zero)
         assert torch.equal(latents(pipe, model, 4), base)
+        assert torch.equal(pipe(**model.pipeline_inputs(4, seed=3), num_inference_steps=4, output_type="pt").images,
+                           images)
     finally:
         pipe.scheduler = original
 
@@ -167,3 +170,26 @@ def test_flux_pipeline_with_zero_and_fitted_lambdas(flux):
                  output_type="latent")
     finally:
         pipe.scheduler = original
+
+
+def test_flux_true_guidance_is_the_negative_plus_the_scaled_difference(flux):
+    """Flux's true classifier-free guidance (negative embeddings, ``true_cfg_scale`` > 1): the model is two transformer
+    calls combined as the pipeline combines them, and the pipeline with it samples what ``dode.sample`` does."""
+    pipe, plain = flux
+    gen = torch.Generator().manual_seed(9)
+    negative = {"negative_prompt_embeds": torch.randn(2, 5, 16, generator=gen),
+                "negative_pooled_prompt_embeds": torch.randn(2, 8, generator=gen)}
+    embeds = {"prompt_embeds": plain.prompt_embeds, "pooled_prompt_embeds": plain.pooled_prompt_embeds}
+    model = dode.pipeline_model(pipe, **embeds, guidance_scale=3.5, height=16, width=16, true_cfg_scale=2.5,
+                                **negative)
+    negative_model = dode.pipeline_model(pipe, prompt_embeds=negative["negative_prompt_embeds"],
+                                         pooled_prompt_embeds=negative["negative_pooled_prompt_embeds"],
+                                         guidance_scale=3.5, height=16, width=16)
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor(600.0)
+    with torch.no_grad():
+        cond, uncond = plain(x, t), negative_model(x, t)
+        torch.testing.assert_close(model(x, t), uncond + 2.5 * (cond - uncond), rtol=1e-5, atol=1e-5)
+    ours = dode.sample(model, "flow_euler", 4, 4, seed=3, spacing=model.pipeline_grid(4), progress=False)
+    torch.testing.assert_close(latents(pipe, model, 4), model.pack(ours), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="true_cfg_scale > 1 needs negative_prompt_embeds"):
+        dode.pipeline_model(pipe, **embeds, true_cfg_scale=2.0)
