@@ -163,6 +163,15 @@ within each solver and NFE, and how often the criterion's pick is the true best)
 
 {correlation.to_markdown(index=False, floatfmt=".3f")}
 """))
+    for name in sorted(manifest["runs"]):  # notebook 07: a flow-matching model's table and its prose
+        page = results / name.removeprefix("07_flow-") / "flow.md"
+        if name.startswith("07_flow-") and page.is_file():
+            model, body = name.removeprefix("07_flow-"), page.read_text().split("\n", 2)[2].strip()
+            sections.append(f"## {model}: flow matching, `fd_pixel` (lower is better)\n\n{body}\n\nEvery base spacing "
+                            f"and fit in `{model}/flow.csv`; the figure in `figures/flow-{model}.png` (docs/flow.md).\n")
+            run = manifest["runs"][name]
+            claims.append(f"- **{model}** (flow matching, `fd_pixel`; notebook 07 at `{run.get('git_commit', '?')[:7]}`, "
+                          f"{run['wall_seconds']} s): {body.split(chr(10) * 2)[-1]}")
     runs = "\n".join(f"| {name} | `{r['notebook']}` | {r['wall_seconds']} | {r['finished']} |"
                      for name, r in manifest["runs"].items())
     text = f"""# Results
