@@ -189,3 +189,15 @@ def test_flow_learned_grid_keeps_the_levels_and_never_validates_worse(flow):
     np.testing.assert_allclose(TimeGrid.of(fitted).evaluated, grid, rtol=1e-6)
     validation = fitted.fit_info["validation"]
     assert validation["guarded"] <= validation["base"]
+
+
+@pytest.mark.parametrize("solver", ["flow_euler", "flow_dpm_solver_pp_2m"])
+def test_a_flow_dode_scheduler_saves_and_loads_as_itself(flow, solver, tmp_path):
+    fitted = dode.distill(flow, solver, 5, refine="joint+timesteps", refine_iterations=5, refine_starts=1,
+                          progress=False)
+    fitted.save_pretrained(tmp_path)
+    loaded = DODEScheduler.from_pretrained(tmp_path)
+    assert get_solver(dode.core.solvers.solver_of(loaded).name).flow
+    assert loaded.lambdas == fitted.lambdas and loaded.grid == fitted.grid
+    assert torch.equal(dode.sample(flow, loaded, 5, 8, seed=2, progress=False),
+                       dode.sample(flow, fitted, 5, 8, seed=2, progress=False))
