@@ -201,3 +201,14 @@ def test_a_flow_dode_scheduler_saves_and_loads_as_itself(flow, solver, tmp_path)
     assert loaded.lambdas == fitted.lambdas and loaded.grid == fitted.grid
     assert torch.equal(dode.sample(flow, loaded, 5, 8, seed=2, progress=False),
                        dode.sample(flow, fitted, 5, 8, seed=2, progress=False))
+
+
+def test_notebook_parameters_take_flow_solvers():
+    from dode.experiments.checks import check_parameters
+
+    assert check_parameters(model_name="gmm-digits-flow", solver="flow_euler", nfe=5).solver == "flow_euler"
+    assert check_parameters(flow_solvers="all", nfes=[3, 4]).flow_solvers == list(FLOW_SOLVERS)
+    skipped = check_parameters(flow_solvers=["flow_heun"], nfes=[3, 4]).skipped
+    assert [(c["solver"], c["nfe"]) for c in skipped] == [("flow_heun", 4)]  # Heun makes odd NFE only
+    with pytest.raises(ValueError, match="flow_solvers: unknown \\['ddim'\\]"):
+        check_parameters(flow_solvers=["ddim"])

@@ -102,7 +102,8 @@ def _checks():
         "seed_solvers": solvers,
         "learned_starts": lambda v, n: _positive_ints(v, n)[0], "learned_iterations": lambda v, n: _positive_ints(v, n)[0],
         "fit_seeds": _seeds,
-        "solver": lambda v, n: _names(v, n, SOLVERS)[0] if isinstance(v, str) else _names(v, n, SOLVERS),
+        "solver": lambda v, n: (_names([v], n, SOLVERS + FLOW_SOLVERS)[0] if isinstance(v, str)
+                                else _names(v, n, SOLVERS)),
         "pca_solver": lambda v, n: _names([v], n, SOLVERS)[0],
         "nfes": _positive_ints, "grid_nfes": _positive_ints, "batch_sizes": _positive_ints,
         "learned_nfes": lambda v, n: _positive_ints(v, n, empty=True),
