@@ -122,7 +122,7 @@ class PipelineModel(DiffusersModel):
 
 
 def pipeline_model(pipe, prompts=None, *, guidance_scale: float = 7.5, negative_prompt=None, prompt_embeds=None,
-                   negative_prompt_embeds=None, **flow_embeds) -> PipelineModel:
+                   negative_prompt_embeds=None, **flow_embeds) -> nn.Module:
     """A diffusers pipeline's denoiser as a dode model, for ``dode.distill``, ``dode.sample`` and ``dode.Teacher``.
 
     Unconditional pipelines (DDPM, DDIM, LDM) take no prompts. Text-conditioned ones (Stable Diffusion) take
