@@ -446,11 +446,21 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
                          reference=reference, device=device, progress=progress)
     if refine is None:
         return found.scheduler
+    return refined_scheduler(model, found, refine, iterations=refine_iterations, starts=refine_starts,
+                             tolerance=refine_tolerance, batch_size=refine_batch_size, optimizer=refine_optimizer,
+                             progress=progress)
+
+
+def refined_scheduler(model, found: "Distillation", refine: str, *, iterations: int = 200, starts: int = STARTS,
+                      tolerance: float = TOLERANCE, batch_size: int | None = None, optimizer: str = "lbfgs",
+                      progress: bool = True) -> DODEScheduler:
+    """What ``distill(refine=refine)`` returns, from its ``distillation`` ``found`` (which may have given its own
+    ``scheduler`` first: D-ODE auto and its refinement from one fit): ``refine_fit`` against the fit's teacher and
+    targets, with ``starts`` starts where ``found`` is an auto fit (one otherwise)."""
     with found.sharing():  # a start on a candidate's grid reads the targets its fit had, without another teacher run
         return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
-                          max_iterations=refine_iterations, starts=refine_starts if found.auto else 1,
-                          tolerance=refine_tolerance, batch_size=refine_batch_size, optimizer=refine_optimizer,
-                          progress=progress).scheduler
+                          max_iterations=iterations, starts=starts if found.auto else 1, tolerance=tolerance,
+                          batch_size=batch_size, optimizer=optimizer, progress=progress).scheduler
 
 
 @dataclass

@@ -33,23 +33,31 @@ def solve_ode(model, num_samples: int, *, seed: int = 0, batch_size: int | None 
               atol: float = 1e-7, method: str = "RK45", device="auto", progress: bool = True) -> torch.Tensor:
     """Samples from the noise of seeds seed, seed + 1, ... by an adaptive ODE solver; (num_samples, *shape).
 
-    Starts, like the solvers in ``dode.SOLVERS``, from x_T = noise at the last training timestep.
+    Starts, like the solvers in ``dode.SOLVERS``, from x_T = noise at the last training timestep (a flow model's:
+    s = 1).
     """
     batch_size = check_batch_size(num_samples if batch_size is None else batch_size)
     device = resolve_device(device)
-    if is_flow(model.scheduler_config):
-        return _solve_flow(model, num_samples, seed, batch_size, rtol, atol, method, device, progress)
-    model = as_prediction_type(model, "epsilon")  # the ODE below is written in eps
+    flow = is_flow(model.scheduler_config)
+    if not flow:
+        model = as_prediction_type(model, "epsilon")  # the ODE below is written in eps
     model.to(device)
     dtype = _model_dtype(model)
-    sigmas = training_sigmas(model.scheduler_config)
-    log_sigmas = np.log(sigmas)
+    levels = training_sigmas(model.scheduler_config)
+    log_sigmas = np.log(levels)
 
-    def eps(x_ve: np.ndarray, sigma: float, shape) -> torch.Tensor:
-        t = torch.tensor(float(sigma_to_timestep(sigma, log_sigmas)), device=device)
-        x_t = torch.from_numpy(x_ve).reshape(shape).to(device, dtype) / np.sqrt(1 + sigma**2)
+    def output(x: np.ndarray, level: float, shape) -> torch.Tensor:
+        """eps at the variance-exploding state x (diffusion), or the velocity at x (flow), at noise level ``level``."""
+        if flow:
+            t = torch.tensor(float(level_to_timestep(level, model.scheduler_config)), device=device)
+            return model(torch.from_numpy(x).reshape(shape).to(device, dtype), t).double().cpu()
+        t = torch.tensor(float(sigma_to_timestep(level, log_sigmas)), device=device)
+        x_t = torch.from_numpy(x).reshape(shape).to(device, dtype) / np.sqrt(1 + level**2)
         return model(x_t, t).double().cpu()
 
+    # diffusion: dx/du = sigma eps in u = log sigma, from the VE state; flow: dx/ds = v from the noise itself
+    span = (levels[-1], levels[0]) if flow else (log_sigmas[-1], log_sigmas[0])
+    scale = 1.0 if flow else np.sqrt(1 + levels[-1] ** 2)
     out = []
     starts = range(0, num_samples, batch_size)
     for start in tqdm(starts, desc="exact ODE", disable=not progress or len(starts) < 2):
@@ -57,42 +65,15 @@ def solve_ode(model, num_samples: int, *, seed: int = 0, batch_size: int | None 
         shape = noise.shape
 
         def rhs(u, x):
+            if flow:
+                return output(x, u, shape).flatten().numpy()
             sigma = float(np.exp(u))
-            return (sigma * eps(x, sigma, shape)).flatten().numpy()
+            return (sigma * output(x, sigma, shape)).flatten().numpy()
 
-        x_start = (noise * np.sqrt(1 + sigmas[-1] ** 2)).flatten().numpy()
-        solution = solve_ivp(rhs, (log_sigmas[-1], log_sigmas[0]), x_start, method=method, rtol=rtol, atol=atol)
+        solution = solve_ivp(rhs, span, (noise * scale).flatten().numpy(), method=method, rtol=rtol, atol=atol)
         if not solution.success:
             raise RuntimeError(f"the reference ODE solve failed: {solution.message}")
-        x_min = solution.y[:, -1]
-        x0 = torch.from_numpy(x_min).reshape(shape) - sigmas[0] * eps(x_min, sigmas[0], shape)
-        out.append(x0.float())
-    return torch.cat(out)
-
-
-def _solve_flow(model, num_samples: int, seed: int, batch_size: int, rtol: float, atol: float, method: str, device,
-                progress: bool) -> torch.Tensor:
-    """``solve_ode`` for a flow-matching model: dx/ds = v(x, s) from s = 1 to the first training level s_min, then
-    x - s_min v."""
-    model.to(device)
-    dtype = _model_dtype(model)
-    config = model.scheduler_config
-    lowest = float(training_sigmas(config)[0])
-
-    def velocity(x: np.ndarray, s: float, shape) -> torch.Tensor:
-        t = torch.tensor(float(level_to_timestep(s, config)), device=device)
-        return model(torch.from_numpy(x).reshape(shape).to(device, dtype), t).double().cpu()
-
-    out = []
-    starts = range(0, num_samples, batch_size)
-    for start in tqdm(starts, desc="exact ODE", disable=not progress or len(starts) < 2):
-        noise = seeded_noise(model.sample_shape, min(batch_size, num_samples - start), seed + start).double()
-        shape = noise.shape
-        solution = solve_ivp(lambda s, x: velocity(x, s, shape).flatten().numpy(), (1.0, lowest),
-                             noise.flatten().numpy(), method=method, rtol=rtol, atol=atol)
-        if not solution.success:
-            raise RuntimeError(f"the reference ODE solve failed: {solution.message}")
-        x_min = solution.y[:, -1]
-        x0 = torch.from_numpy(x_min).reshape(shape) - lowest * velocity(x_min, lowest, shape)
+        x_min = solution.y[:, -1]  # then the final jump to clean, as every solver's last step makes it
+        x0 = torch.from_numpy(x_min).reshape(shape) - levels[0] * output(x_min, levels[0], shape)
         out.append(x0.float())
     return torch.cat(out)
