@@ -5,6 +5,9 @@ Per solver and NFE, on held-out seeds judged by ``dode.experiments.evaluate`` (f
 distribution and the exact ODE):
 
 - **base**: the solver on each of its spacings (the shifts, and Euler's sigma spacings); the table keeps the best;
+- **Flux's grid**: FlowMatch Euler and Heun on sigmas linspace(1, 1/n, n), the grid Flux's pipeline hands its
+  scheduler (``sigmas=``), which none of their named spacings makes (DPM-Solver++ and UniPC's "trailing" is it), so
+  that neither ``auto`` nor the best base above can choose it: a base a user can configure, kept apart;
 - **D-ODE auto**: ``dode.distill(model, solver, nfe, spacing="auto")``, the paper's greedy fit on every spacing, the
   best on the validation seeds after the never-worse guard;
 - **D-ODE learned**: the same with ``refine="joint+timesteps"`` (lambdas and grid together), kept only where it
@@ -14,17 +17,18 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from .checks import possible
 from .evaluate import EvaluationData, evaluate_scheduler
 from ..core.distill import distillation, refined_scheduler
-from ..core.scheduler import make_scheduler
+from ..core.scheduler import grid_scheduler, make_scheduler
 from ..core.solvers import FLOW_SOLVERS, get_solver
 
 #: the table's columns after ``summary``: the variants, in order
-COLUMNS = ("best base", "D-ODE auto", "D-ODE learned")
+COLUMNS = ("best base", "Flux's grid", "D-ODE auto", "D-ODE learned")
 
 
 def flow_table(model, data: EvaluationData, *, solvers=FLOW_SOLVERS, nfes=(3, 4, 5, 6, 8, 10), iterations: int = 30,
@@ -40,6 +44,11 @@ def flow_table(model, data: EvaluationData, *, solvers=FLOW_SOLVERS, nfes=(3, 4,
             row = evaluate_scheduler(model, make_scheduler(solver, model, spacing), nfe, data, seed=seed,
                                      features=features, device=device)
             rows.append({"solver": solver, "nfe": nfe, "variant": "base", "spacing": spacing, **row})
+        if "trailing" not in get_solver(solver).spacings:  # Flux's grid, as an explicit one
+            steps = get_solver(solver).steps_for(nfe)
+            flux = grid_scheduler(solver, model, np.linspace(1.0, 1.0 / steps, steps))
+            row = evaluate_scheduler(model, flux, nfe, data, seed=seed, features=features, device=device)
+            rows.append({"solver": solver, "nfe": nfe, "variant": "base-flux-grid", "spacing": "explicit", **row})
         # D-ODE auto, then its refinement from the same fit (what distill(refine=...) would fit again)
         began = time.perf_counter()
         found = distillation(model, solver, nfe, spacing="auto", device=device, progress=False)
@@ -62,9 +71,10 @@ def summary(results: pd.DataFrame, metric: str = "fd_pixel") -> pd.DataFrame:
         base = cell[cell.variant == "base"].sort_values(metric).iloc[0]
         auto = cell[cell.variant == "dode"].iloc[0]
         learned = cell[cell.variant == "dode-learned"].iloc[0]
+        flux = cell.loc[cell.variant == "base-flux-grid", metric]
         out.append({"solver": get_solver(solver).paper, "NFE": nfe, "best base spacing": base.spacing,
-                    "best base": base[metric], "D-ODE auto": auto[metric], "auto spacing": auto.spacing,
-                    "D-ODE learned": learned[metric]})
+                    "best base": base[metric], "Flux's grid": flux.iloc[0] if len(flux) else np.nan,
+                    "D-ODE auto": auto[metric], "auto spacing": auto.spacing, "D-ODE learned": learned[metric]})
     return pd.DataFrame(out)
 
 
@@ -75,24 +85,31 @@ def prose(best: pd.DataFrame) -> str:
     low = best[best.NFE <= 5]
     low_ratio = (low["D-ODE auto"] / low["best base"]).median() if len(low) else float("nan")
     # the learned grids move by a few percent under another CPU kernel (docs/flow.md): counts with wide margins
+    flux = best[best["Flux's grid"].notna()]
+    grid = flux["Flux's grid"]
+    against_flux = "" if flux.empty else (
+        f" Against Flux's grid (FlowMatch Euler and Heun on sigmas linspace(1, 1/n, n), which no named spacing "
+        f"makes, so auto cannot choose it), D-ODE auto is at or below it in {int((flux['D-ODE auto'] <= grid).sum())} "
+        f"of {len(flux)} cells and the learned grid in {int((flux['D-ODE learned'] <= grid).sum())}.")
     return (f"D-ODE auto is at or below the best base spacing in {wins} of {len(best)} solver x NFE cells; its median "
             f"distance is {(best['D-ODE auto'] / best['best base']).median():.2f} of the best base's "
-            f"({low_ratio:.2f} at NFE 5 and below). The learned grid (kept only where it validates better on the "
-            f"validation seeds, which are not these) is within 5 % of D-ODE auto or below it in "
+            f"({low_ratio:.2f} at NFE 5 and below).{against_flux} The learned grid (kept only where it validates "
+            f"better on the validation seeds, which are not these) is within 5 % of D-ODE auto or below it in "
             f"{int((learned <= 1.05).sum())} of {len(best)} cells, and 25 % or more below it in "
             f"{int((learned <= 0.75).sum())}.")
 
 
 def figure(best: pd.DataFrame, title: str):
-    """Per solver: the best base, D-ODE auto and the learned grid against NFE (log scale)."""
+    """Per solver: the best base, Flux's grid (Euler and Heun), D-ODE auto and the learned grid against NFE (log)."""
     import matplotlib.pyplot as plt
 
     solvers = list(dict.fromkeys(best.solver))
     fig, axes = plt.subplots(1, len(solvers), figsize=(3.2 * len(solvers), 3.0), sharey=True, squeeze=False)
     for ax, solver in zip(axes[0], solvers):
         cell = best[best.solver == solver]
-        for column, style in zip(COLUMNS, ("o--", "s-", "^-")):
-            ax.plot(cell.NFE, cell[column], style, label=column)
+        for column, style in zip(COLUMNS, ("o--", "x:", "s-", "^-")):
+            if cell[column].notna().any():
+                ax.plot(cell.NFE, cell[column], style, label=column)
         ax.set_yscale("log")
         ax.set_title(solver, fontsize=9)
         ax.set_xlabel("NFE")
