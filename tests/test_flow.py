@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
@@ -16,7 +16,8 @@ from dode.core.refine import _Objective, params_from_grid
 from dode.core.sampling import seeded_noise
 from dode.core.schedule import is_flow, level_to_timestep, training_sigmas
 from dode.core.scheduler import DODEScheduler, grid_scheduler, make_scheduler
-from dode.core.solvers import FLOW_SHIFTS, FLOW_SOLVERS, get_solver, solvers_for
+from dode.core.flowmatch import TrailingFlowMatchEulerScheduler, TrailingFlowMatchHeunScheduler
+from dode.core.solvers import FLOW_SHIFTS, FLOW_SOLVERS, get_solver, solver_of, solvers_for, spacing_of
 from dode.core.timegrid import TimeGrid
 from dode.experiments.checks import possible
 
@@ -112,6 +113,51 @@ def test_flow_spacings_are_the_shift_and_named_by_what_they_set(flow):
                                        rtol=1e-5 if ends == 0 else 1e-2)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_trailing_is_fluxs_grid_on_flowmatch_euler_and_heun(shift):
+    """FlowMatch Euler and Heun's "trailing" spacing steps on linspace(1, 1/n, n) through the shift map: for Euler,
+    diffusers' scheduler handed those sigmas (as Flux's pipeline hands them) bit for bit; for Heun, the closed form,
+    each level but the first twice; dode.sample on it is the base on that explicit grid (``set_grid``'s path)."""
+    model = dode.models.testbeds.gmm_digits_flow(shift)
+    for steps in (1, 3, 4, 7):
+        euler = make_scheduler("flow_euler", model, "trailing")
+        assert type(euler) is TrailingFlowMatchEulerScheduler and spacing_of(euler) == "trailing"
+        euler.set_timesteps(steps)
+        plain = FlowMatchEulerDiscreteScheduler.from_config(euler.config)
+        plain.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps))
+        assert torch.equal(euler.sigmas, plain.sigmas) and torch.equal(euler.timesteps, plain.timesteps)
+        s = np.linspace(1.0, 1.0 / steps, steps)
+        levels = shift * s / (1 + (shift - 1) * s)
+        heun = make_scheduler("flow_heun", model, "trailing")
+        assert type(heun) is TrailingFlowMatchHeunScheduler and solver_of(heun).name == "flow_heun"
+        heun.set_timesteps(steps)
+        own = FlowMatchHeunDiscreteScheduler.from_config(heun.config)
+        own.set_timesteps(steps)  # the parent's layout on its own grid: same length, same repeats
+        assert heun.sigmas.shape == own.sigmas.shape and heun.timesteps.shape == own.timesteps.shape
+        np.testing.assert_allclose(TimeGrid.of(heun).steps, levels, rtol=1e-6)
+        np.testing.assert_allclose(heun.timesteps.numpy(), 1000 * np.concatenate([levels[:1], levels[1:].repeat(2)]),
+                                   rtol=1e-6)
+        nfe = 2 * steps - 1
+        torch.testing.assert_close(
+            dode.sample(model, "flow_heun", nfe, 4, seed=5, spacing="trailing", progress=False),
+            dode.sample(model, grid_scheduler("flow_heun", model, levels), nfe, 4, seed=5, progress=False),
+            rtol=1e-6, atol=1e-6)
+    # the other spacings keep diffusers' own classes, and are not taken for trailing
+    linspace = make_scheduler("flow_euler", model, "linspace")
+    assert type(linspace) is FlowMatchEulerDiscreteScheduler
+    assert spacing_of(linspace) == ("linspace" if shift == 1 else "shift3")  # at shift 3 the two configs are one
+
+
+def test_a_dode_scheduler_on_trailing_saves_and_loads_on_its_own_class(flow, tmp_path):
+    fitted = dode.distill(flow, "flow_heun", 3, spacing="trailing", guard=False, progress=False)
+    assert fitted.spacing == "trailing" and any(v != 0 for v in fitted.lambdas)
+    fitted.save_pretrained(tmp_path)
+    loaded = DODEScheduler.from_pretrained(tmp_path)
+    assert type(loaded.base_scheduler) is TrailingFlowMatchHeunScheduler and loaded.spacing == "trailing"
+    assert torch.equal(dode.sample(flow, loaded, 3, 8, seed=2, progress=False),
+                       dode.sample(flow, fitted, 3, 8, seed=2, progress=False))
+
+
 def test_dynamic_shifting_is_the_shift_map_at_e_to_the_mu():
     """Flux's resolution-dependent shift (exponential, ``mu``) moves the unshifted levels s to e^mu s / (1 + (e^mu - 1)
     s), the static shift map at shift e^mu, which is why the shift spacings cover it."""
@@ -143,6 +189,7 @@ def test_flow_greedy_fit_follows_the_teacher_and_auto_beats_every_base(flow):
                 continue
             fitted = dode.distill(flow, solver, nfe, spacing="auto", progress=False)
             validation = fitted.fit_info["validation"]
+            assert [c["spacing"] for c in validation["candidates"]] == list(get_solver(solver).spacings)
             best_base = min(c["base"] for c in validation["candidates"])
             assert validation["guarded"] <= best_base, (solver, nfe)
             greedy = dode.distill(flow, solver, nfe, spacing=fitted.spacing, guard=False, progress=False)
@@ -212,3 +259,27 @@ def test_notebook_parameters_take_flow_solvers():
     assert [(c["solver"], c["nfe"]) for c in skipped] == [("flow_heun", 4)]  # Heun makes odd NFE only
     with pytest.raises(ValueError, match="flow_solvers: unknown \\['ddim'\\]"):
         check_parameters(flow_solvers=["ddim"])
+
+
+def test_flow_summary_keeps_the_best_base_and_the_trailing_one_and_its_prose_counts_them():
+    """``summary`` and ``prose`` of notebook 07 on a made-up results table, against the counts done by hand."""
+    import pandas as pd
+
+    from dode.experiments.flow import prose, summary
+
+    cells = {("flow_euler", 3): [("base", "linspace", 5.0), ("base", "trailing", 2.0), ("base", "shift3", 3.0),
+                                 ("dode", "trailing", 1.0), ("dode-learned", "trailing", 0.5)],
+             ("flow_heun", 5): [("base", "linspace", 0.8), ("base", "trailing", 0.9), ("base", "shift3", 1.5),
+                                ("dode", "linspace", 0.7), ("dode-learned", "linspace", 0.72)],
+             ("flow_unipc", 4): [("base", "trailing", 0.6), ("base", "shift3", 0.7), ("dode", "trailing", 0.65),
+                                 ("dode-learned", "trailing", 0.66)]}
+    rows = [{"solver": solver, "nfe": nfe, "variant": variant, "spacing": spacing, "fd_pixel": fd}
+            for (solver, nfe), cell in cells.items() for variant, spacing, fd in cell]
+    best = summary(pd.DataFrame(rows))
+    assert best["best base spacing"].tolist() == ["trailing", "linspace", "trailing"]
+    assert best["best base"].tolist() == [2.0, 0.8, 0.6]
+    assert best["trailing base"].tolist() == [2.0, 0.9, 0.6]
+    text = prose(best)
+    assert "at or below the best base spacing in 2 of 3 solver x NFE cells" in text  # UniPC's auto loses
+    assert "The best base is the trailing grid" in text and "in 2 cells, and D-ODE auto fits on it in 2" in text
+    assert "within 5 % of D-ODE auto or below it in 3 of 3 cells, and 25 % or more below it in 1" in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
@@ -13,6 +14,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipel
 
 import dode
 from dode.core.scheduler import DODEScheduler, make_scheduler
+from dode.core.timegrid import TimeGrid
 from dode.models.pipelines import FlowPipelineModel, FluxPipelineModel
 
 
@@ -168,6 +170,26 @@ def test_flux_pipeline_with_zero_and_fitted_lambdas(flux):
         with pytest.raises(ValueError, match="fitted at shift 1.58.*dynamic shift e\\^mu"):
             pipe(**{**model.pipeline_inputs(4, seed=3), "height": 32, "width": 32}, num_inference_steps=4,
                  output_type="latent")
+    finally:
+        pipe.scheduler = original
+
+
+def test_flux_pipeline_grid_is_the_trailing_spacing_and_a_fit_on_it_drives_the_pipeline(flux):
+    """On a Flux model (shift e^mu), FlowMatch Euler's named "trailing" spacing is the pipeline's grid (to float32 rounding), so
+    ``spacing="trailing"`` (and ``auto``, which tries it) fits on what the pipeline samples."""
+    pipe, model = flux
+    for steps in (3, 4, 6):
+        scheduler = dode.make_scheduler("flow_euler", model, "trailing")
+        scheduler.set_timesteps(steps)
+        # the static shift e^mu against the pipeline's dynamic (exponential) one: equal up to float32 rounding
+        np.testing.assert_allclose(TimeGrid.of(scheduler).steps, model.pipeline_grid(steps), rtol=3e-7)
+    original = pipe.scheduler
+    try:
+        fitted = dode.distill(model, "flow_euler", 4, spacing="trailing", batch_size=4, guard=False, progress=False)
+        assert fitted.spacing == "trailing" and any(v != 0 for v in fitted.lambdas)
+        dode.use_dode(pipe, fitted)
+        ours = dode.sample(model, fitted, 4, 4, seed=3, progress=False)
+        torch.testing.assert_close(latents(pipe, model, 4), model.pack(ours), rtol=1e-4, atol=1e-4)
     finally:
         pipe.scheduler = original
 

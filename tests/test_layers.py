@@ -24,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dode"
 LAYERS = ("util", "evaluation", "core", "models", "experiments", "tools")
 #: the core's modules, bottom to top: a module imports only modules of a lower rank
 CORE = {
-    "schedule": 1, "timegrid": 2, "ipndm": 2, "solvers": 3, "persistence": 4, "scheduler": 5, "sampling": 6,
+    "schedule": 1, "timegrid": 2, "ipndm": 2, "flowmatch": 2, "solvers": 3, "persistence": 4, "scheduler": 5, "sampling": 6,
     "teacher": 7, "ode": 7, "fit": 8, "refine": 8, "reference": 8, "guard": 9, "distill": 10,
 }
 #: what ``import dode`` must not load: evaluation and reporting load where they are used

@@ -676,7 +676,7 @@ def _configured(solver, model, spacing: str, overrides: dict):
     check_kind(solver, model)
     own = flow_config(solver, model.scheduler_config) if solver.flow else model.scheduler_config
     config = {**own, **solver.settings, **solver.spacings[spacing], **overrides}
-    return solver.scheduler_class.from_config(config)
+    return solver.class_for(spacing).from_config(config)
 
 
 def make_scheduler(name: str, model, spacing: str | None = None, **overrides):

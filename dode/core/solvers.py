@@ -37,6 +37,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from .flowmatch import TrailingFlowMatchEulerScheduler, TrailingFlowMatchHeunScheduler
 from .timegrid import TimeGrid
 from .ipndm import IPNDMDiscreteScheduler
 from .schedule import is_flow
@@ -87,6 +88,18 @@ class Solver:
     grid_form: tuple | None = None
     #: a solver of flow-matching models (``FLOW_SOLVERS``); its scheduler config comes from ``flow_config``
     flow: bool = False
+    #: spacing name -> the scheduler class that makes it where that is not ``scheduler_class`` (a grid no config
+    #: option gives: FlowMatch Euler and Heun's "trailing", ``dode.core.flowmatch``)
+    spacing_classes: dict = field(default_factory=dict)
+
+    def class_for(self, spacing: str) -> type:
+        """The scheduler class of a named spacing."""
+        return self.spacing_classes.get(spacing, self.scheduler_class)
+
+    @property
+    def classes(self) -> tuple:
+        """Every scheduler class of this solver: its own, then its spacings'."""
+        return (self.scheduler_class, *self.spacing_classes.values())
 
     @property
     def takes_grid(self) -> bool:
@@ -176,12 +189,13 @@ _SOLVERS = [
 FLOW_SHIFTS = (0.5, 2.0, 3.0)
 
 
-def _flow_spacings(own: str, shift_key: str, sigma_spacings=()) -> dict:
+def _flow_spacings(own: str, shift_key: str, sigma_spacings=(), trailing: bool = False) -> dict:
     """The spacings of a flow solver: its own grid (``own``: "linspace" from 1 to sigma_min for the FlowMatch
     schedulers; "trailing", 1 - 1/T down to (1 - 1/T) / n, the one grid of DPM-Solver++ and UniPC's flow sigmas) on
-    the model's shift, the same at each of ``FLOW_SHIFTS``, and the sigma spacings on the model's shift."""
+    the model's shift; with ``trailing``, Flux's linspace(1, 1/n, n) on the model's shift too (its class in
+    ``Solver.spacing_classes``); the own grid at each of ``FLOW_SHIFTS``; the sigma spacings on the model's shift."""
     flags = {_SIGMA_FLAGS[n]: False for n in sigma_spacings}
-    options = {own: dict(flags)}
+    options = {own: dict(flags), **({"trailing": dict(flags)} if trailing else {})}
     options.update({f"shift{k:g}": {**flags, shift_key: k} for k in FLOW_SHIFTS})
     options.update({name: {**flags, _SIGMA_FLAGS[name]: True} for name in sigma_spacings})
     return options
@@ -189,12 +203,14 @@ def _flow_spacings(own: str, shift_key: str, sigma_spacings=()) -> dict:
 
 _FLOW_SOLVERS = [
     # diffusers' FlowMatch Euler (SD3's and Flux's default): one evaluation per step, linspace in sigma from 1 to
-    # sigma_min (its last step is the jump from sigma_min to 0)
-    Solver("flow_euler", FlowMatchEulerDiscreteScheduler, {}, _flow_spacings("linspace", "shift", _SIGMA_SPACINGS),
-           "linspace", paper="FlowMatch Euler", custom_grid=True, flow=True),
+    # sigma_min (its last step is the jump from sigma_min to 0); "trailing": Flux's pipeline grid, 1 to 1/n
+    Solver("flow_euler", FlowMatchEulerDiscreteScheduler, {},
+           _flow_spacings("linspace", "shift", _SIGMA_SPACINGS, trailing=True), "linspace", paper="FlowMatch Euler",
+           custom_grid=True, flow=True, spacing_classes={"trailing": TrailingFlowMatchEulerScheduler}),
     # Heun on the flow: two evaluations per step but the last (Euler to 0), 2n - 1 NFE
-    Solver("flow_heun", FlowMatchHeunDiscreteScheduler, {}, _flow_spacings("linspace", "shift"), "linspace",
-           nfe_of_steps=lambda steps: 2 * steps - 1, paper="FlowMatch Heun", custom_grid=True, flow=True),
+    Solver("flow_heun", FlowMatchHeunDiscreteScheduler, {}, _flow_spacings("linspace", "shift", trailing=True),
+           "linspace", nfe_of_steps=lambda steps: 2 * steps - 1, paper="FlowMatch Heun", custom_grid=True, flow=True,
+           spacing_classes={"trailing": TrailingFlowMatchHeunScheduler}),
     Solver("flow_dpm_solver_pp_2m", DPMSolverMultistepScheduler,
            dict(solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero"),
            _flow_spacings("trailing", "flow_shift"), "trailing", paper="DPM-Solver++ (flow)", custom_grid=True,
@@ -262,27 +278,28 @@ def solver_of(scheduler) -> Solver:
     base = getattr(scheduler, "base_scheduler", scheduler)
     flow = is_flow(base.config) if hasattr(base, "config") else False
     for solver in (*_SOLVERS, *_FLOW_SOLVERS):
-        if type(base) is solver.scheduler_class and solver.flow == flow:
+        if type(base) in solver.classes and solver.flow == flow:
             return solver
     raise ValueError(
         f"no NFE rule for {type(base).__name__}; supported schedulers: "
-        + ", ".join(sorted({s.scheduler_class.__name__ for s in (*_SOLVERS, *_FLOW_SOLVERS)}))
+        + ", ".join(sorted({c.__name__ for s in (*_SOLVERS, *_FLOW_SOLVERS) for c in s.classes}))
     )
 
 
 def scheduler_class_named(name: str):
     """A scheduler class by its name: one of the solvers' (dode's own iPNDM included) or any of diffusers'."""
-    for solver in (*_SOLVERS, *_FLOW_SOLVERS):
-        if solver.scheduler_class.__name__ == name:
-            return solver.scheduler_class
+    for cls in (c for solver in (*_SOLVERS, *_FLOW_SOLVERS) for c in solver.classes):
+        if cls.__name__ == name:
+            return cls
     return getattr(diffusers, name, None) if isinstance(name, str) else None
 
 
 def spacing_of(scheduler) -> str | None:
     """The spacing name a scheduler's config selects (None when it matches none of its solver's)."""
-    solver, config = solver_of(scheduler), getattr(scheduler, "base_scheduler", scheduler).config
+    base = getattr(scheduler, "base_scheduler", scheduler)
+    solver, config = solver_of(scheduler), base.config
     matching = [(len(settings), -i, name) for i, (name, settings) in enumerate(solver.spacings.items())
-                if all(config.get(key) == value for key, value in settings.items())]
+                if solver.class_for(name) is type(base) and all(config.get(k) == v for k, v in settings.items())]
     return max(matching)[2] if matching else None  # the most specific ("shift3" over the plain flow grid)
 
 

@@ -4,10 +4,9 @@ against D-ODE.
 Per solver and NFE, on held-out seeds judged by ``dode.experiments.evaluate`` (for gmm-digits-flow: the data
 distribution and the exact ODE):
 
-- **base**: the solver on each of its spacings (the shifts, and Euler's sigma spacings); the table keeps the best;
-- **Flux's grid**: FlowMatch Euler and Heun on sigmas linspace(1, 1/n, n), the grid Flux's pipeline hands its
-  scheduler (``sigmas=``), which none of their named spacings makes (DPM-Solver++ and UniPC's "trailing" is it), so
-  that neither ``auto`` nor the best base above can choose it: a base a user can configure, kept apart;
+- **base**: the solver on each of its spacings (FlowMatch's own "linspace", "trailing", the shifts, and Euler's sigma
+  spacings); the table keeps the best, and shows "trailing" apart: from 1 down to 1/n, the grid Flux's pipeline
+  hands FlowMatch Euler (``dode.core.flowmatch``), and DPM-Solver++ and UniPC's one flow grid (from 0.999);
 - **D-ODE auto**: ``dode.distill(model, solver, nfe, spacing="auto")``, the paper's greedy fit on every spacing, the
   best on the validation seeds after the never-worse guard;
 - **D-ODE learned**: the same with ``refine="joint+timesteps"`` (lambdas and grid together), kept only where it
@@ -24,11 +23,11 @@ from tqdm.auto import tqdm
 from .checks import possible
 from .evaluate import EvaluationData, evaluate_scheduler
 from ..core.distill import distillation, refined_scheduler
-from ..core.scheduler import grid_scheduler, make_scheduler
+from ..core.scheduler import make_scheduler
 from ..core.solvers import FLOW_SOLVERS, get_solver
 
 #: the table's columns after ``summary``: the variants, in order
-COLUMNS = ("best base", "Flux's grid", "D-ODE auto", "D-ODE learned")
+COLUMNS = ("best base", "trailing base", "D-ODE auto", "D-ODE learned")
 
 
 def flow_table(model, data: EvaluationData, *, solvers=FLOW_SOLVERS, nfes=(3, 4, 5, 6, 8, 10), iterations: int = 30,
@@ -44,11 +43,6 @@ def flow_table(model, data: EvaluationData, *, solvers=FLOW_SOLVERS, nfes=(3, 4,
             row = evaluate_scheduler(model, make_scheduler(solver, model, spacing), nfe, data, seed=seed,
                                      features=features, device=device)
             rows.append({"solver": solver, "nfe": nfe, "variant": "base", "spacing": spacing, **row})
-        if "trailing" not in get_solver(solver).spacings:  # Flux's grid, as an explicit one
-            steps = get_solver(solver).steps_for(nfe)
-            flux = grid_scheduler(solver, model, np.linspace(1.0, 1.0 / steps, steps))
-            row = evaluate_scheduler(model, flux, nfe, data, seed=seed, features=features, device=device)
-            rows.append({"solver": solver, "nfe": nfe, "variant": "base-flux-grid", "spacing": "explicit", **row})
         # D-ODE auto, then its refinement from the same fit (what distill(refine=...) would fit again)
         began = time.perf_counter()
         found = distillation(model, solver, nfe, spacing="auto", device=device, progress=False)
@@ -64,16 +58,16 @@ def flow_table(model, data: EvaluationData, *, solvers=FLOW_SOLVERS, nfes=(3, 4,
 
 
 def summary(results: pd.DataFrame, metric: str = "fd_pixel") -> pd.DataFrame:
-    """Per solver and NFE: the best base spacing and its ``metric``, D-ODE auto's (and its spacing) and the learned
-    grid's."""
+    """Per solver and NFE: the best base spacing and its ``metric``, the base on "trailing" (Flux's grid), D-ODE auto's
+    (and its spacing) and the learned grid's."""
     out = []
     for (solver, nfe), cell in results.groupby(["solver", "nfe"], sort=False):
         base = cell[cell.variant == "base"].sort_values(metric).iloc[0]
         auto = cell[cell.variant == "dode"].iloc[0]
         learned = cell[cell.variant == "dode-learned"].iloc[0]
-        flux = cell.loc[cell.variant == "base-flux-grid", metric]
+        trailing = cell.loc[(cell.variant == "base") & (cell.spacing == "trailing"), metric]
         out.append({"solver": get_solver(solver).paper, "NFE": nfe, "best base spacing": base.spacing,
-                    "best base": base[metric], "Flux's grid": flux.iloc[0] if len(flux) else np.nan,
+                    "best base": base[metric], "trailing base": trailing.iloc[0] if len(trailing) else np.nan,
                     "D-ODE auto": auto[metric], "auto spacing": auto.spacing, "D-ODE learned": learned[metric]})
     return pd.DataFrame(out)
 
@@ -85,22 +79,19 @@ def prose(best: pd.DataFrame) -> str:
     low = best[best.NFE <= 5]
     low_ratio = (low["D-ODE auto"] / low["best base"]).median() if len(low) else float("nan")
     # the learned grids move by a few percent under another CPU kernel (docs/flow.md): counts with wide margins
-    flux = best[best["Flux's grid"].notna()]
-    grid = flux["Flux's grid"]
-    against_flux = "" if flux.empty else (
-        f" Against Flux's grid (FlowMatch Euler and Heun on sigmas linspace(1, 1/n, n), which no named spacing "
-        f"makes, so auto cannot choose it), D-ODE auto is at or below it in {int((flux['D-ODE auto'] <= grid).sum())} "
-        f"of {len(flux)} cells and the learned grid in {int((flux['D-ODE learned'] <= grid).sum())}.")
+    trailing = best["best base spacing"] == "trailing"
     return (f"D-ODE auto is at or below the best base spacing in {wins} of {len(best)} solver x NFE cells; its median "
             f"distance is {(best['D-ODE auto'] / best['best base']).median():.2f} of the best base's "
-            f"({low_ratio:.2f} at NFE 5 and below).{against_flux} The learned grid (kept only where it validates "
+            f"({low_ratio:.2f} at NFE 5 and below). The best base is the trailing grid (for FlowMatch Euler and Heun "
+            f"Flux's, linspace(1, 1/n, n)) in {int(trailing.sum())} cells, and D-ODE auto fits on it in "
+            f"{int((best['auto spacing'] == 'trailing').sum())}. The learned grid (kept only where it validates "
             f"better on the validation seeds, which are not these) is within 5 % of D-ODE auto or below it in "
             f"{int((learned <= 1.05).sum())} of {len(best)} cells, and 25 % or more below it in "
             f"{int((learned <= 0.75).sum())}.")
 
 
 def figure(best: pd.DataFrame, title: str):
-    """Per solver: the best base, Flux's grid (Euler and Heun), D-ODE auto and the learned grid against NFE (log)."""
+    """Per solver: the best base, the base on the trailing grid, D-ODE auto and the learned grid against NFE (log)."""
     import matplotlib.pyplot as plt
 
     solvers = list(dict.fromkeys(best.solver))
