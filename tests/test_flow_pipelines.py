@@ -194,6 +194,24 @@ def test_flux_pipeline_grid_is_the_trailing_spacing_and_a_fit_on_it_drives_the_p
         pipe.scheduler = original
 
 
+@pytest.mark.parametrize("solver", ["flow_dpm_solver_pp_2m", "flow_unipc"])
+def test_flux_pipeline_with_multistep_flow_solvers_fitted_on_its_grid(flux, solver):
+    """DPM-Solver++ and UniPC on flow sigmas in a Flux pipeline: fitted on the pipeline's levels (their own
+    "trailing" grid starts at 0.999, not 1), the pipeline's sigmas and mu are accepted and its latents are
+    ``dode.sample``'s to 1e-4."""
+    pipe, model = flux
+    grid = model.pipeline_grid(4)
+    original = pipe.scheduler
+    try:
+        fitted = dode.distill(model, solver, 4, spacing=grid, batch_size=4, guard=False, progress=False)
+        assert any(v != 0 for v in fitted.lambdas)
+        dode.use_dode(pipe, fitted)
+        ours = dode.sample(model, fitted, 4, 4, seed=3, progress=False)
+        torch.testing.assert_close(latents(pipe, model, 4), model.pack(ours), rtol=1e-4, atol=1e-4)
+    finally:
+        pipe.scheduler = original
+
+
 def test_flux_true_guidance_is_the_negative_plus_the_scaled_difference(flux):
     """Flux's true classifier-free guidance (negative embeddings, ``true_cfg_scale`` > 1): the model is two transformer
     calls combined as the pipeline combines them, and the pipeline with it samples what ``dode.sample`` does."""
@@ -215,3 +233,79 @@ def test_flux_true_guidance_is_the_negative_plus_the_scaled_difference(flux):
     torch.testing.assert_close(latents(pipe, model, 4), model.pack(ours), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="true_cfg_scale > 1 needs negative_prompt_embeds"):
         dode.pipeline_model(pipe, **embeds, true_cfg_scale=2.0)
+
+
+# -- prompts encoded by the pipelines' own (tiny, random) text encoders: the path a user with prompt strings takes --
+
+def tiny_clip(folder, with_projection: bool, seed: int):
+    """A two-layer random CLIP text encoder (hidden size 8, projection 4) and a character-level CLIP tokenizer,
+    written and built here (nothing downloaded)."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                            num_attention_heads=2, projection_dim=4, max_position_embeddings=77,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    encoder = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+    return encoder, tokenizer
+
+
+def tiny_t5(d_model: int = 16):
+    """A one-layer random T5 encoder and a word-level tokenizer (``tokenizers``), built here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "photo", "of", "cat", "red", "car", "blurry"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=512)
+    torch.manual_seed(7)
+    config = T5Config(vocab_size=len(words), d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    return T5EncoderModel(config).eval(), tokenizer
+
+
+PROMPTS, NEGATIVE = ["a photo of a cat", "a red car"], ["blurry", "blurry"]
+
+
+def test_sd3_prompts_encoded_by_its_text_encoders_give_the_pipelines_latents(tmp_path):
+    """``dode.pipeline_model(pipe, prompts, negative_prompt=...)`` on an SD3 pipeline with two CLIP text encoders
+    (no T5: SD3 then pads with zeros): with zero lambdas, ``dode.sample`` is the pipeline called with the prompt
+    strings, to float rounding (the pipeline encodes four rows, dode the two prompts once)."""
+    pipe = tiny_sd3()
+    (pipe.text_encoder, pipe.tokenizer) = tiny_clip(tmp_path / "clip1", True, 1)
+    (pipe.text_encoder_2, pipe.tokenizer_2) = tiny_clip(tmp_path / "clip2", True, 2)
+    pipe.tokenizer_max_length = 77
+    model = dode.pipeline_model(pipe, PROMPTS, negative_prompt=NEGATIVE, guidance_scale=4.0)
+    assert isinstance(model, FlowPipelineModel) and model.prompt_embeds.shape[0] == 2
+    ours = dode.sample(model, "flow_euler", 4, 4, seed=3, progress=False)
+    inputs = {k: v for k, v in model.pipeline_inputs(4, seed=3).items() if "prompt_embeds" not in k}
+    theirs = pipe(prompt=PROMPTS * 2, negative_prompt=NEGATIVE * 2, num_inference_steps=4, output_type="latent",
+                  **inputs).images
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_prompts_encoded_by_its_text_encoders_give_the_pipelines_latents(tmp_path, flux):
+    """The same for Flux (a CLIP and a T5 text encoder), with the fixture's transformer and guidance."""
+    pipe, embedded = flux
+    prompted = FluxPipeline(scheduler=pipe.scheduler, vae=pipe.vae, transformer=pipe.transformer,
+                            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    prompted.set_progress_bar_config(disable=True)
+    prompted.text_encoder, prompted.tokenizer = tiny_clip(tmp_path / "clip", False, 3)
+    prompted.text_encoder_2, prompted.tokenizer_2 = tiny_t5()
+    prompted.tokenizer_max_length = 77
+    model = dode.pipeline_model(prompted, PROMPTS, guidance_scale=3.5, height=16, width=16)
+    assert isinstance(model, FluxPipelineModel)
+    ours = dode.sample(model, "flow_euler", 4, 4, seed=3, spacing=model.pipeline_grid(4), progress=False)
+    inputs = {k: v for k, v in model.pipeline_inputs(4, seed=3).items() if "prompt_embeds" not in k}
+    theirs = prompted(prompt=PROMPTS * 2, num_inference_steps=4, output_type="latent", **inputs).images
+    torch.testing.assert_close(theirs, model.pack(ours), rtol=1e-5, atol=1e-5)
