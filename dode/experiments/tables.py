@@ -27,10 +27,14 @@ def paper_table(results: pd.DataFrame, metric: str = "fd", variants=VARIANTS) ->
     return table
 
 
+#: what the learned table's fit seconds count (notebook 03's caption, results/README.md's prose)
+FIT_SECONDS = ("a refinement's own, on top of the auto fit it starts from; D-ODE on a learned grid's include the "
+               "learned grid alone, its first start")
+
+
 def learned_table(results: pd.DataFrame, metric: str = "fd") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(quality, cost) over ``LEARNED_ROWS`` at the NFEs where the learned rows exist: ``metric``, and the
-    seconds each row's fit took (the refinements' own, on top of the auto fit they start from; the best base is
-    picked on evaluation data, no fit). A cell a solver cannot have (no grid for PLMS) is empty."""
+    seconds each row's fit took (``FIT_SECONDS``; the best base is picked on evaluation data, no fit). A cell a solver cannot have (no grid for PLMS) is empty."""
     nfes = sorted(set(results.loc[results["variant"].isin(REFINED_VARIANTS), "nfe"]))
     rows = results[results["nfe"].isin(nfes)]
     quality = paper_table(rows, metric, LEARNED_ROWS)

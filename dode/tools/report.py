@@ -46,6 +46,8 @@ def headline(summary, metric: str, floor: float, tolerance: float = 0.01, costs:
 def learned_claims(results, metric: str) -> str:
     """Prose on the learned grids from a model's ``results.csv`` rows (empty where it holds none): what the lambdas
     add on top of a learned grid, what the grid adds on top of the lambdas, and what each fit costs."""
+    from ..experiments.tables import FIT_SECONDS
+
     wide = results.pivot_table(index=["solver", "nfe"], columns="variant", values=metric)
     seconds = results.pivot_table(index=["solver", "nfe"], columns="variant", values="fit_seconds")
     if "dode-learned" not in wide or "learned-grid" not in wide:
@@ -68,7 +70,7 @@ def learned_claims(results, metric: str) -> str:
     lines.append("Median fit seconds per solver and NFE: " + ", ".join(
         f"{name} {costs[v]:.1f} s" for v, name in (("dode-auto", "greedy D-ODE auto"), ("learned-grid", "grid alone"),
                                                   ("dode-joint", "joint lambdas"), ("dode-learned", "lambdas and grid"))
-        if v in costs) + " (each refinement on top of the auto fit it starts from).")
+        if v in costs) + f" ({FIT_SECONDS}).")
     return " ".join(lines)
 
 
