@@ -283,3 +283,32 @@ def test_flow_summary_keeps_the_best_base_and_the_trailing_one_and_its_prose_cou
     assert "at or below the best base spacing in 2 of 3 solver x NFE cells" in text  # UniPC's auto loses
     assert "The best base is the trailing grid" in text and "in 2 cells, and D-ODE auto fits on it in 2" in text
     assert "within 5 % of D-ODE auto or below it in 3 of 3 cells, and 25 % or more below it in 1" in text
+
+
+def test_flow_unipc_moves_a_first_level_of_one_below_it_as_diffusers_does(flow):
+    """At s = 1 (alpha 0) UniPC's update takes log alpha = -inf and becomes another method. diffusers' UniPC on flow
+    sigmas moves a first sigma of 1 to 1 - 1e-6; so do dode's explicit grids (``set_grid``) and the refinement's
+    differentiable levels (``set_levels``), where that level's gradient is then 0."""
+    from dode.core.solvers import set_levels
+
+    grid = [1.0, 0.75, 0.5, 0.25]
+    ours = grid_scheduler("flow_unipc", flow, grid)
+    ours.set_timesteps(4)
+    theirs = make_scheduler("flow_unipc", flow)
+    theirs.set_timesteps(sigmas=np.array(grid))
+    assert torch.equal(ours.base_scheduler.sigmas, theirs.sigmas)
+    at_one = dode.sample(flow, grid_scheduler("flow_unipc", flow, grid), 4, 50, seed=3, progress=False)
+    below = dode.sample(flow, grid_scheduler("flow_unipc", flow, [1 - 1e-6, *grid[1:]]), 4, 50, seed=3,
+                        progress=False)
+    assert torch.equal(at_one, below)
+    scheduler = make_scheduler("flow_unipc", flow)
+    scheduler.set_timesteps(4)
+    levels = torch.tensor(grid, dtype=torch.float64, requires_grad=True)
+    set_levels(scheduler, levels)
+    assert float(scheduler.sigmas[0].detach()) == pytest.approx(1 - 1e-6, abs=1e-12)
+    scheduler.sigmas[:4].sum().backward()
+    assert levels.grad.tolist() == [0.0, 1.0, 1.0, 1.0]
+    # DPM-Solver++ on flow sigmas keeps its levels: diffusers does not move them either
+    dpm = grid_scheduler("flow_dpm_solver_pp_2m", flow, grid)
+    dpm.set_timesteps(4)
+    assert float(dpm.base_scheduler.sigmas[0]) == 1.0

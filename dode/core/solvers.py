@@ -324,7 +324,7 @@ def set_grid(scheduler, grid) -> None:
     if isinstance(grid, TimeGrid):
         levels, timesteps = grid.steps, torch.tensor(grid.step_timesteps)
     else:
-        levels = np.asarray(grid, dtype=np.float64)
+        levels = _below_one(scheduler, np.asarray(grid, dtype=np.float64))
         timesteps = torch.from_numpy(level_to_timestep(levels, scheduler.config)).float()
     solver = _grid_solver(scheduler, levels)
     _place(scheduler, solver, torch.from_numpy(levels).float(), timesteps)
@@ -343,11 +343,26 @@ def set_levels(scheduler, levels: torch.Tensor) -> None:
     from .schedule import differentiable_level_timestep
 
     solver = _grid_solver(scheduler, levels.detach().double().cpu().numpy())
-    levels = levels.cpu()
+    levels = _below_one(scheduler, levels.cpu())
     _place(scheduler, solver, levels, differentiable_level_timestep(levels, scheduler.config))
     if isinstance(scheduler, DEISMultistepScheduler):
         for name, update in _DEIS_UPDATES.items():
             setattr(scheduler, name, update.__get__(scheduler))
+
+
+#: where diffusers' UniPC on flow sigmas puts a level of 1 (pure noise, alpha 0: its update takes log alpha)
+_UNIPC_TOP = 1.0 - 1e-6
+
+
+def _below_one(scheduler, levels):
+    """``levels`` (numpy or torch, differentiable) as UniPC on flow sigmas steps on them: a first level of 1 or
+    above 1 - 1e-6 moved to 1 - 1e-6, as diffusers' ``set_timesteps`` moves it (at exactly 1 log alpha is -inf and
+    the multistep update becomes another method); every other scheduler's as they are."""
+    if not (isinstance(scheduler, UniPCMultistepScheduler) and scheduler.config.get("use_flow_sigmas")):
+        return levels
+    if isinstance(levels, np.ndarray):
+        return np.concatenate([np.minimum(levels[:1], _UNIPC_TOP), levels[1:]])
+    return torch.cat([levels[:1].clamp(max=_UNIPC_TOP), levels[1:]])
 
 
 def _grid_solver(scheduler, grid: np.ndarray) -> Solver:
