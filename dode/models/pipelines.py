@@ -24,6 +24,7 @@ from torch import nn
 
 from ..util.hub import fetch
 from .networks import DiffusersModel
+from ..core.flowmatch import trailing_sigmas
 from ..core.schedule import FLOW_SCHEDULE, schedule_config
 from ..core.scheduler import DODEScheduler
 
@@ -339,7 +340,7 @@ class FluxPipelineModel(nn.Module):
     def pipeline_grid(self, num_inference_steps: int) -> list:
         """The flow levels the pipeline steps through at ``num_inference_steps`` (its sigmas after the shift)."""
         scheduler = copy.deepcopy(self._scheduler)
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        sigmas = trailing_sigmas(num_inference_steps)  # Flux's: linspace(1, 1/n, n)
         scheduler.set_timesteps(num_inference_steps, sigmas=sigmas,
                                 **({"mu": self.mu} if scheduler.config.get("use_dynamic_shifting") else {}))
         return [float(v) for v in scheduler.sigmas[:-1]]
