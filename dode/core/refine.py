@@ -21,6 +21,13 @@ noise is the schedule's own); the rest are parametrised so that the grid stays s
 first level and the smallest training noise level: the gaps between consecutive log-levels are ``softmax([z, 0])``
 of that span, so any ``z`` is a valid grid (``z`` is kept in a box so that no two levels merge in float32).
 Several starts and the never-worse guard on validation seeds are ``dode.core.distill.refine_fit``'s.
+
+On a float64 fitting batch (``dode.Teacher(precision="float64")``) the optimiser sees the objective and its
+gradient rounded to ``ROUNDING_BITS`` bits (``rounded``): far coarser than the float64 arithmetic's own
+differences between CPU kernels (about 1e-14 here), so those last bits no longer steer L-BFGS's path and line
+searches. scipy's L-BFGS-B still computes its own steps on numpy's BLAS, whose kernel moves the iterates in
+their last bits, and a flat valley can amplify that (docs/reproducing.md). In float32 the arithmetic's own
+differences (about 1e-7) are too close to any useful rounding, so nothing is rounded there.
 """
 from __future__ import annotations
 
@@ -46,6 +53,10 @@ _MIN_GAP = 0.02  # smallest share of the log-sigma span between two grid levels 
 #: share of the log-span to the smallest training level
 _FIRST_SPAN = 0.75
 _Z_BOUND = 8.0  # |z| bound: no gap is below about e^-16 of another, so the levels stay distinct in float32
+#: on a float64 fitting batch, the objective and its gradient reach the optimiser rounded to this many bits below
+#: their largest entry (a relative 1e-6): L-BFGS loses nothing it uses (its tolerance is 1e-5), and what float64
+#: rounding leaves between CPU kernels (about 1e-14) crosses a rounding boundary about once in 1e8 numbers
+ROUNDING_BITS = 20
 
 
 class Refinement(NamedTuple):
@@ -81,6 +92,19 @@ def params_from_grid(grid: np.ndarray, lowest: float) -> np.ndarray:
     positions = np.log(grid[0] / np.append(grid, lowest)) / np.log(grid[0] / lowest)
     gaps = np.maximum(np.diff(positions), _MIN_GAP)
     return np.clip(np.log(gaps[:-1] / gaps[-1]), -_Z_BOUND, _Z_BOUND)
+
+
+def rounded(values, bits: int = ROUNDING_BITS) -> np.ndarray:
+    """``values`` (float64) rounded to the nearest multiple of 2^(e - bits), where 2^(e-1) <= their largest
+    magnitude < 2^e: the same relative precision for every entry of a gradient, exactly representable, so two
+    inputs that differ below that step give the same output unless they straddle a rounding boundary. Zeros and
+    non-finite arrays come back unchanged."""
+    values = np.asarray(values, dtype=np.float64)
+    largest = float(np.max(np.abs(values))) if values.size else 0.0
+    if largest == 0.0 or not math.isfinite(largest):
+        return values
+    exponent = math.frexp(largest)[1] - bits
+    return np.ldexp(np.round(np.ldexp(values, -exponent)), exponent)
 
 
 def _student_states(model, student: DODEScheduler, noise: torch.Tensor, lambdas, grid) -> list[torch.Tensor]:
@@ -183,11 +207,15 @@ class _Objective:
         if not (math.isfinite(value) and gradient is not None and np.isfinite(gradient).all()):
             value, gradient = math.inf, np.zeros(len(theta))  # a trial too far out: both optimisers back off from inf
         self.history.append(value)
-        if value < self.best:
-            self.best, self.best_theta = value, theta.copy()
+        scaled, gradient, seen = value / self.scale, gradient / self.scale, value
+        if self.noise.dtype == torch.float64 and math.isfinite(value):  # what the optimiser sees: the same anywhere
+            scaled, gradient = float(rounded([scaled])[0]), rounded(gradient)
+            seen = scaled * self.scale  # and the best point by it (the start is scale: 1 exactly)
+        if seen < self.best:
+            self.best, self.best_theta = seen, theta.copy()
         self.bar.set_postfix(mse=f"{value:.3g}", refresh=False)
         self.bar.update()
-        return value / self.scale, gradient / self.scale
+        return scaled, gradient
 
     def _value_and_gradient(self, theta):
         """(the mean squared distance, its gradient in theta): autograd through every micro-batch's run."""

@@ -20,6 +20,11 @@ Identical grids (Heun's at NFE 3: twelve spacings, three grids) read one run.
 teacher with C x NFE steps on its own grid (DDIM's original ``range(0, T, T // (C NFE))``, which starts at
 t = T - T / (C NFE), not at the student's first time), from the same noise, and every C-th state as the
 target whether or not it lies at the student's time. Only the final (clean) state is then aligned.
+
+``precision="float64"``: the noise batch, and so every teacher state, the fits on it and the refinements of
+them, in float64 (the seeds' float32 draws, widened exactly). For a model that computes in float64 (the
+embedded gmm-digits) a fit then moves between CPU kernel paths by float64's rounding instead of float32's, and
+``dode.core.refine`` rounds what its optimiser sees far above that (docs/reproducing.md says what remains).
 """
 from __future__ import annotations
 
@@ -35,21 +40,28 @@ from .schedule import is_flow, level_to_timestep, timestep_to_level, training_si
 from .sampling import integrate, seeded_noise
 
 
+#: ``Teacher(precision=...)``: the dtype of its noise batch and states
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+
+
 class Teacher:
     def __init__(self, model, *, batch_size: int = 100, seed: int = 0, substeps: int | str = 10, match: str = "time",
-                 device="auto"):
+                 device="auto", precision: str = "float32"):
         if substeps != "fine" and (isinstance(substeps, bool) or not isinstance(substeps, int) or substeps < 1):
             raise ValueError(f"teacher substeps must be a positive integer C (steps per student step) or 'fine', got "
                              f"{substeps!r}")
         if match not in ("time", "index") or (match == "index" and substeps == "fine"):
             raise ValueError(f"match must be 'time', or 'index' with an integer C; got match={match!r}, substeps={substeps!r}")
+        if not isinstance(precision, str) or precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
         self.model = model
+        self.precision = precision
         self.substeps = substeps
         self.match = match
         self.batch_size = batch_size
         self.seed = seed
         self.device = resolve_device(device)
-        self.noise = seeded_noise(model.sample_shape, batch_size, seed).to(self.device)
+        self.noise = seeded_noise(model.sample_shape, batch_size, seed).to(self.device, PRECISIONS[precision])
         self._config = dict(model.scheduler_config)
         self._training_sigmas = training_sigmas(self._config)
         self._fine_runs: dict = {}
@@ -59,7 +71,7 @@ class Teacher:
 
     def __repr__(self):
         return (f"Teacher(substeps={self.substeps!r}, match={self.match!r}, batch_size={self.batch_size}, seed={self.seed}, "
-                f"nfe so far={self.nfe})")
+                f"precision={self.precision!r}, nfe so far={self.nfe})")
 
     @property
     def label(self) -> str:

@@ -88,6 +88,14 @@ def _spacing(value):
                      f"{', '.join(SPACINGS)}")
 
 
+def _precision(value, name):
+    from ..core.teacher import PRECISIONS
+
+    if not isinstance(value, str) or value not in PRECISIONS:
+        raise ValueError(f"{name}: {value!r}; valid: {', '.join(map(repr, PRECISIONS))}")
+    return value
+
+
 def _checks():
     from ..core.guard import CRITERIA
     from ..evaluation.metrics import FEATURES
@@ -114,6 +122,7 @@ def _checks():
         "teacher": _teacher_value, "refine_teacher": _teacher_value,
         "teacher_scales": lambda v, n: [_teacher_value(t, n) for t in ([v] if not isinstance(v, (list, tuple)) else v)],
         "spacing": lambda v, n: _spacing(v),
+        "precision": _precision,
         "device": lambda v, n: (resolve_device(v), v)[1],
         "num_threads": lambda v, n: v,
     }
