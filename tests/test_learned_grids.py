@@ -179,9 +179,12 @@ def test_every_refinement_is_kept_only_where_it_validates_better_than_what_it_re
     refined, info = result.scheduler, result.scheduler.fit_info["refine"]
     assert info == result.record and result.kept is better and result.score == info["validation"]
     assert info["validation_before"] == before and info["kept"] is better
-    # two probes (joint+timesteps: and the learned grid alone's), the best one continued
-    assert len(info["steps"]) == 3 + (mode == "joint+timesteps") and info["steps"][-1]["continued"]
-    assert ("grid_alone" in info) is (mode == "joint+timesteps")
+    # two probes (joint+timesteps: and the learned grid alone's, and the joint lambdas' where kept), the best continued
+    both = mode == "joint+timesteps"
+    assert len(info["steps"]) == 3 + both * (1 + better) and info["steps"][-1]["continued"]
+    assert ("grid_alone" in info) is both and ("joint" in info) is both
+    if both:
+        assert info["joint"]["kept"] is better
     if better:
         assert info["validation"] < before
     elif REFINEMENTS[mode].lambdas:  # the fit itself comes back
@@ -198,8 +201,9 @@ def test_distill_learns_ddims_grid_and_the_result_round_trips(gmm, validation, t
                            refine="joint+timesteps", refine_iterations=6, refine_starts=2, progress=False)
     info = learned.fit_info["refine"]
     assert info["validation"] <= info["validation_before"] or not info["kept"]
-    # the learned grid alone and two spacings, each for all 6 iterations (fewer than a probe's 10: no probing)
-    assert len(info["steps"]) == 3 and "grid_alone" in info
+    # the learned grid alone, the joint lambdas where kept and two spacings, each for all 6 iterations (fewer than a
+    # probe's 10: no probing)
+    assert len(info["steps"]) == 3 + info["joint"]["kept"] and "grid_alone" in info
     if info["kept"]:
         assert isinstance(learned.base_scheduler, dode.IPNDMDiscreteScheduler) and learned.grid is not None
     learned.save_pretrained(tmp_path)
@@ -234,12 +238,43 @@ def test_joint_and_timesteps_never_validates_worse_than_the_learned_grid_alone(g
     assert info["steps"][0]["spacing"] == alone.spacing and info["steps"][0]["start_validation"] == alone.score
     cost = result.scheduler.fit_info["cost"]
     assert info["grid_alone"]["sample_evaluations"] == alone.record["sample_evaluations"] > 0
+    assert not info["joint"]["kept"]  # the judge scores every joint fit worse: not a start, not a floor
     assert result.seconds >= alone.seconds and cost["sample_evaluations"]["refine"] == (
-        info["sample_evaluations"] + alone.record["sample_evaluations"])
+        info["sample_evaluations"] + alone.record["sample_evaluations"] + info["joint"]["sample_evaluations"])
     # without a grid alone given, refine_fit learns one first: the same first start
     again = refine_fit(gmm, auto, teacher, "joint+timesteps", judge=judge, starts=2, max_iterations=4,
                        probe_iterations=2, progress=False)
     assert again.scheduler.grid == result.scheduler.grid and again.record["grid_alone_kept"]
+
+
+class _FavoursOne:
+    """A judge that scores schedulers with ``lambdas`` on the schedule's own grid at ``low`` and any other at ``high``."""
+
+    def __init__(self, lambdas, low, high):
+        self.lambdas, self.low, self.high = list(lambdas), low, high
+
+    def __call__(self, scheduler, *args, **kwargs):
+        return self.low if list(scheduler.lambdas) == self.lambdas and scheduler.grid is None else self.high
+
+
+def test_joint_and_timesteps_never_validates_worse_than_the_joint_lambdas(gmm, auto_fit):
+    """Where every refinement of lambdas and grid validates worse than the joint lambdas (the grid held, the other
+    special case), the joint lambdas are the result of "joint+timesteps", and they were one of its starts."""
+    auto, teacher = auto_fit
+    joint = refine_fit(gmm, auto, teacher, "joint", judge=_Scores(0.5 * auto.score), starts=1, max_iterations=4,
+                       progress=False)
+    assert joint.kept and joint.scheduler.lambdas != auto.scheduler.lambdas
+    alone = refine_fit(gmm, auto, teacher, "timesteps", judge=_Scores(0.9 * auto.score), starts=1, max_iterations=4,
+                       progress=False)
+    judge = _FavoursOne(joint.scheduler.lambdas, 0.5 * auto.score, 2.0 * auto.score)
+    result = refine_fit(gmm, auto, teacher, "joint+timesteps", judge=judge, starts=2, max_iterations=4,
+                        probe_iterations=2, grid_alone=alone, joint=joint, progress=False)
+    info = result.record
+    assert result.kept and info["joint_kept"] and "grid_alone_kept" not in info and result.score == joint.score
+    assert result.scheduler.lambdas == joint.scheduler.lambdas and result.scheduler.grid is None
+    assert [(s["spacing"], s["start_validation"]) for s in info["steps"][:2]] == [
+        (alone.spacing, alone.score), (joint.spacing, joint.score)]
+    assert info["joint"]["sample_evaluations"] == joint.record["sample_evaluations"] > 0
 
 
 def test_a_refinement_without_a_spacing_starts_from_auto(gmm, validation):

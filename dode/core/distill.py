@@ -180,17 +180,21 @@ def _version() -> str | None:
         return None
 
 
-def _teacher(model, teacher, batch_size, seed, device, what: str) -> Teacher:
-    """``teacher`` itself where it is a Teacher (checked against the other arguments), else a new one with C = it."""
+def _teacher(model, teacher, batch_size, seed, device, what: str, precision: str | None = None) -> Teacher:
+    """``teacher`` itself where it is a Teacher (checked against the other arguments), else a new one with C = it
+    (in ``precision``, default float32)."""
     if isinstance(teacher, Teacher):
         if batch_size not in (None, teacher.batch_size) or seed not in (None, teacher.seed):
             raise ValueError(f"the given {what} Teacher fixes batch_size={teacher.batch_size}, seed={teacher.seed}; "
                              f"got batch_size={batch_size}, seed={seed}")
+        if precision not in (None, teacher.precision):
+            raise ValueError(f"the given {what} Teacher is in precision={teacher.precision!r}; got "
+                             f"precision={precision!r}")
         if teacher.model is not model:
             raise ValueError(f"the given {what} Teacher was built for another model")
         return teacher
     return Teacher(model, batch_size=check_batch_size(100 if batch_size is None else batch_size),
-                   seed=0 if seed is None else seed, substeps=teacher, device=device)
+                   seed=0 if seed is None else seed, substeps=teacher, device=device, precision=precision or "float32")
 
 
 def _judge(model, teacher: Teacher, validation, criterion: str, features: str, device, reference: Reference,
@@ -335,7 +339,7 @@ def _decide(candidates: list, judge: Judge, solver: Solver, auto: bool, margin: 
 def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
                  teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
                  margin: float = MARGIN, reference: Reference = REFERENCE, device="auto",
-                 progress: bool = True) -> Distillation:
+                 precision: str | None = None, progress: bool = True) -> Distillation:
     """``distill`` without refinement, as a value: every candidate spacing's fit and scores, and the decision
     (``Distillation.scheduler`` is what ``distill`` returns). The arguments are ``distill``'s."""
     solver = get_solver(solver)
@@ -343,7 +347,7 @@ def distillation(model, solver, nfe: int, *, spacing=None, batch_size: int | Non
     auto = isinstance(spacing, str) and spacing == "auto"
     device = resolve_device(device)
     model.to(device)
-    teacher = _teacher(model, teacher, batch_size, seed, device, "fitting")
+    teacher = _teacher(model, teacher, batch_size, seed, device, "fitting", precision)
     began = time.perf_counter()
     judge = _judge(model, teacher, validation, criterion, features, device, reference, progress) if guard or auto else None
     candidates, shared, apart = fit_candidates(model, solver, nfe, spacings, teacher, progress and auto)
@@ -378,8 +382,9 @@ def _distill_counts(single, arguments: dict) -> DODEScheduler:
         _check(solver, n, given["spacing"], given["guard"], given["criterion"], given["margin"])
     device = given["device"] = resolve_device(given["device"])
     model.to(device)
-    given["teacher"] = _teacher(model, given["teacher"], given["batch_size"], given["seed"], device, "fitting")
-    given["batch_size"] = given["seed"] = None  # the teacher's
+    given["teacher"] = _teacher(model, given["teacher"], given["batch_size"], given["seed"], device, "fitting",
+                                given["precision"])
+    given["batch_size"] = given["seed"] = given["precision"] = None  # the teacher's
     if given["validation"] is None and given["guard"]:
         given["validation"] = Teacher(model, batch_size=100, seed=VALIDATION_SEED, substeps="fine", device=device)
     counts = tqdm(nfes, desc=f"{solver.name}: one fit per NFE", disable=not given["progress"] or len(nfes) < 2)
@@ -391,7 +396,7 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
             margin: float = MARGIN, reference: Reference = REFERENCE, device="auto",
             refine: str | None = None, refine_iterations: int = 200, refine_starts: int = STARTS,
             refine_tolerance: float = TOLERANCE, refine_batch_size: int | None = None,
-            refine_optimizer: str = "lbfgs", progress: bool = True) -> DODEScheduler:
+            refine_optimizer: str = "lbfgs", precision: str | None = None, progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
 
     ``nfe``: model evaluations, or a list of them: then one DODEScheduler holds each count's fit (one teacher, one
@@ -431,7 +436,8 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     "adam", annealed over ``refine_iterations`` from every start; ``refine_batch_size``: micro-batches. With the
     guard and no ``spacing``, from ``"auto"``: ``refine_starts`` starts, the best on the validation seeds kept;
     "joint+timesteps" also from the grid alone, never validating worse than it; a refinement worse than what it
-    would replace is dropped (``fit_info["refine"]["kept"]``).
+    would replace is dropped (``fit_info["refine"]["kept"]``). ``precision``: of the fitting batch and all fitted on it
+    (``dode.Teacher``'s, default float32); "float64" narrows what CPU kernels change in a fit (docs/reproducing.md).
 
     ``fit_info``: the spacing, every candidate's validation scores, the decision, the reference, and ``"cost"``
     (model evaluations times samples, and seconds, by part). A fit that looks wrong warns (``FitWarning``).
@@ -443,7 +449,7 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
         spacing = "auto"
     found = distillation(model, solver, nfe, spacing=spacing, batch_size=batch_size, seed=seed, teacher=teacher,
                          guard=guard, validation=validation, criterion=criterion, features=features, margin=margin,
-                         reference=reference, device=device, progress=progress)
+                         reference=reference, device=device, precision=precision, progress=progress)
     if refine is None:
         return found.scheduler
     return refined_scheduler(model, found, refine, iterations=refine_iterations, starts=refine_starts,
@@ -568,7 +574,8 @@ class RefineOptions(NamedTuple):
 def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge: Judge | None = None,
                targets=None, max_iterations: int = 200, starts: int = 1, probe_iterations: int = 10,
                tolerance: float = TOLERANCE, batch_size: int | None = None, gradient: str = "autograd",
-               grid_alone: "Refined | None" = None, optimizer: str = "lbfgs", progress: bool = True) -> Refined:
+               grid_alone: "Refined | None" = None, joint: "Refined | None" = None, optimizer: str = "lbfgs",
+               progress: bool = True) -> Refined:
     """``distill(refine=mode)`` from a ``distillation``, against ``teacher`` (its noise batch is the fitting batch).
 
     ``mode``: "joint", "timesteps" (a learned grid, every lambda 0: the base solver on it) or "joint+timesteps".
@@ -578,22 +585,27 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     all is the result. With ``judge``, the never-worse guard: the refinement comes back only where it validates better
     than what it would replace (the distillation's result, or for "timesteps" the best-validating base among the
     starts); else that comes back (``Refined.kept`` False). "joint+timesteps" with ``judge`` also starts from the
-    learned grid alone (``grid_alone``: a "timesteps" ``refine_fit`` of the same distillation, else made here), and
-    never validates worse than it: where no refinement beats it, the grid alone (every lambda 0) is the result.
+    learned grid alone (``grid_alone``: a "timesteps" ``refine_fit`` of the same distillation, else made here) and
+    from the joint lambdas (``joint``: a "joint" ``refine_fit`` of it, else made here; where it was kept), and never
+    validates worse than either, its special cases (every lambda 0; the grid held): where no refinement beats them,
+    the better of them is the result.
     ``targets``: the teacher's states at the distillation's own levels, where the caller has them. ``batch_size``:
     micro-batches (bounded memory); ``gradient``: "autograd" (exact) or "fd" (finite differences in the grid)."""
     options = RefineOptions(max_iterations, tolerance, probe_iterations, batch_size, gradient, optimizer)
-    if grid_alone is None and mode == "joint+timesteps" and judge is not None:
-        grid_alone = refine_fit(model, found, teacher, "timesteps", judge=judge, starts=starts, progress=progress,
-                                **options._asdict())
+    special = {}  # "joint+timesteps"'s special cases: its starts and floors, their costs part of its own
+    if mode == "joint+timesteps" and judge is not None:
+        for name, given, what in (("grid_alone", grid_alone, "timesteps"), ("joint", joint, "joint")):
+            special[name] = given if given is not None else refine_fit(
+                model, found, teacher, what, judge=judge, targets=targets if what == "joint" else None, starts=starts,
+                progress=progress, **options._asdict())
     with count_evaluations(model) as counted:
-        refined = _refine_fit(model, found, teacher, mode, judge, targets, starts, options, grid_alone, progress)
+        refined = _refine_fit(model, found, teacher, mode, judge, targets, starts, options, special, progress)
     refined.record["sample_evaluations"] = counted.sample_evaluations
     cost = (counted.sample_evaluations, refined.seconds)
-    if grid_alone is not None:  # its cost is part of this one's
-        refined.record["grid_alone"] = {"sample_evaluations": grid_alone.record["sample_evaluations"],
-                                        "seconds": grid_alone.seconds, "validation": grid_alone.score}
-        cost = (cost[0] + grid_alone.record["sample_evaluations"], cost[1] + grid_alone.seconds)
+    for name, part in special.items():
+        refined.record[name] = {"sample_evaluations": part.record["sample_evaluations"], "seconds": part.seconds,
+                                "validation": part.score, "kept": part.kept}
+        cost = (cost[0] + part.record["sample_evaluations"], cost[1] + part.seconds)
         refined.seconds = cost[1]
     # fit_info: the distillation's record on the start's spacing, its cost with the refinement's, and the refinement's
     refined.scheduler.fit_info = {**found.record(refined.spacing, cost), "refine": refined.record}
@@ -601,13 +613,14 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
 
 
 def _refine_fit(model, found: Distillation, teacher: Teacher, mode: str, judge: Judge | None, targets, starts: int,
-                options: RefineOptions, grid_alone: Refined | None, progress: bool) -> Refined:
+                options: RefineOptions, special: dict, progress: bool) -> Refined:
     if mode not in REFINEMENTS:
         raise ValueError(f"mode must be one of {tuple(REFINEMENTS)}, got {mode!r}")
     began = time.perf_counter()
     points = refinement_starts(model, found, mode, starts if judge is not None else 1)
-    if grid_alone is not None:  # the learned grid alone, lambda 0: a start, and the floor of the result
-        points = [_Start(copy.deepcopy(grid_alone.scheduler), grid_alone.spacing, grid_alone.score), *points]
+    # the learned grid alone (lambda 0) and the kept joint lambdas (the grid held): starts, and floors of the result
+    special = {name: part for name, part in special.items() if name == "grid_alone" or part.kept}
+    points = [*(_Start(copy.deepcopy(part.scheduler), part.spacing, part.score) for part in special.values()), *points]
     probing = len(points) > 1 and options.probe_iterations < options.max_iterations and options.optimizer == "lbfgs"
     own = targets if not REFINEMENTS[mode].timesteps else None
     first = options._replace(max_iterations=options.probe_iterations) if probing else options
@@ -631,26 +644,28 @@ def _refine_fit(model, found: Distillation, teacher: Teacher, mode: str, judge: 
     record = {**best.record(), "steps": steps, "iterations": sum(step["iterations"] for step in steps),
               "evaluations": sum(step["evaluations"] for step in steps),
               "student_runs": sum(a.found.student_runs for a in attempts) + runs}
-    return _guarded(found, mode, judge, points, best, grid_alone, record, began)
+    return _guarded(found, mode, judge, points, best, special, record, began)
 
 
-def _guarded(found: Distillation, mode: str, judge: Judge, points: list, best: _Attempt,
-             grid_alone: Refined | None, record: dict, began: float) -> Refined:
+def _guarded(found: Distillation, mode: str, judge: Judge, points: list, best: _Attempt, special: dict,
+             record: dict, began: float) -> Refined:
     """The never-worse guard of ``refine_fit``: ``best`` where it validates at least as well as what it would
-    replace (the fit itself, or for a learned grid alone the best base among the starts) and as the grid alone;
-    else the better of those."""
+    replace (the fit itself, or for a learned grid alone the best base among the starts) and as each of its
+    ``special`` cases (the grid alone, the joint lambdas); else the best of those."""
     if REFINEMENTS[mode].lambdas:
         baseline = _Start(found.scheduler, found.kept.label, found.score)
     else:
         baseline = min(points, key=lambda p: float("inf") if p.score is None else p.score)
     before = baseline.score if baseline.score is not None else judge(baseline.scheduler)
     record.update(validation_before=before, seconds_total=time.perf_counter() - began)
-    floor = grid_alone.score if grid_alone is not None else math.inf
+    name, floor = min(((n, part.score) for n, part in special.items()), key=lambda item: item[1],
+                      default=(None, math.inf))
     if best.score <= min(before, floor):
         return _refined(found, best.found.scheduler, best.start.spacing, True, best.score, {**record, "kept": True})
-    if floor <= before:  # the learned grid alone beats every refinement and the fit: it is the result
-        record.update(kept=True, grid_alone_kept=True)
-        return _refined(found, copy.deepcopy(grid_alone.scheduler), grid_alone.spacing, True, floor, record)
+    if floor <= before:  # a special case beats every refinement and the fit: it is the result
+        record.update({"kept": True, f"{name}_kept": True})
+        part = special[name]
+        return _refined(found, copy.deepcopy(part.scheduler), part.spacing, True, floor, record)
     # the baseline's scheduler is a copy of its own (Candidate.at), returned to nobody else
     return _refined(found, baseline.scheduler, baseline.spacing, False, best.score, {**record, "kept": False})
 

@@ -225,15 +225,17 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                 "dode-auto": (auto_row, auto, (shrink, auto_seconds, None, found.score))}
         if nfe in learned_nfes and solver in learned_solvers:
             judge = Judge(model, validation, criterion, device, validation_features)
-            alone = None  # the learned grid alone: a start of "joint+timesteps" (its cost counted there too)
+            made = {}  # the grid alone and the joint lambdas: starts of "joint+timesteps" (their cost counted there too)
             for variant in REFINED_VARIANTS:
                 mode = VARIANTS[variant].refine
                 if REFINEMENTS[mode].timesteps and not get_solver(solver).takes_grid:
                     continue
+                both = mode == "joint+timesteps"
                 refined = refine_fit(model, found, refine_teacher or fit_teacher, mode, judge=judge,
                                      starts=learned_starts, max_iterations=learned_iterations,
-                                     grid_alone=alone if mode == "joint+timesteps" else None, progress=False)
-                alone = refined if mode == "timesteps" else alone
+                                     grid_alone=made.get("timesteps") if both else None,
+                                     joint=made.get("joint") if both else None, progress=False)
+                made[mode] = refined
                 spacing = "learned" if refined.kept and REFINEMENTS[mode].timesteps else refined.spacing
                 fits[variant] = ({"spacing": spacing, **_scores(model, refined.scheduler, nfe, data, **score)},
                                  refined.scheduler, (shrink, refined.seconds, refined.kept, refined.score))

@@ -29,7 +29,7 @@ def paper_table(results: pd.DataFrame, metric: str = "fd", variants=VARIANTS) ->
 
 #: what the learned table's fit seconds count (notebook 03's caption, results/README.md's prose)
 FIT_SECONDS = ("a refinement's own, on top of the auto fit it starts from; D-ODE on a learned grid's include the "
-               "learned grid alone, its first start")
+               "learned grid alone and the joint lambdas, two of its starts")
 
 
 def learned_table(results: pd.DataFrame, metric: str = "fd") -> tuple[pd.DataFrame, pd.DataFrame]:
