@@ -435,9 +435,9 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     ``refine_optimizer`` (``OPTIMIZERS``): L-BFGS to ``refine_tolerance`` (at most ``refine_iterations``), or
     "adam", annealed over ``refine_iterations`` from every start; ``refine_batch_size``: micro-batches. With the
     guard and no ``spacing``, from ``"auto"``: ``refine_starts`` starts, the best on the validation seeds kept;
-    "joint+timesteps" also from the grid alone, never validating worse than it; a refinement worse than what it
-    would replace is dropped (``fit_info["refine"]["kept"]``). ``precision``: of the fitting batch and all fitted on it
-    (``dode.Teacher``'s, default float32); "float64" narrows what CPU kernels change in a fit (docs/reproducing.md).
+    "joint+timesteps" also from the grid alone and the joint lambdas, never validating worse than either; a refinement
+    worse than what it would replace is dropped (``fit_info["refine"]["kept"]``). ``precision``: of the fitting batch
+    and all fitted on it (``dode.Teacher``'s, default float32); "float64" narrows what CPU kernels change in a fit.
 
     ``fit_info``: the spacing, every candidate's validation scores, the decision, the reference, and ``"cost"``
     (model evaluations times samples, and seconds, by part). A fit that looks wrong warns (``FitWarning``).
