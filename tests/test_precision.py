@@ -31,7 +31,7 @@ def test_rounded_is_the_nearest_multiple_of_the_step_below_the_largest_entry():
         np.testing.assert_array_equal(rounded(centred), rounded(centred * (1 + 1e-12)))
     np.testing.assert_array_equal(rounded(np.zeros(3)), np.zeros(3))
     np.testing.assert_array_equal(rounded([np.inf, 1.0]), [np.inf, 1.0])
-    assert rounded([0.3], bits=2)[0] == 0.25  # 2^-2 below 0.3's 2^-1 <= 0.3 < 2^0 ... step 2^(0-2)
+    assert rounded([0.3], bits=2)[0] == 0.25  # 2^-2 <= 0.3 < 2^-1: steps of 2^(-1-2) = 0.125, the nearest 0.25
 
 
 def test_a_float64_teacher_widens_the_seeds_draws_and_follows_the_float32_one(gmm):

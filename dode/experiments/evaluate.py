@@ -225,16 +225,16 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                 "dode-auto": (auto_row, auto, (shrink, auto_seconds, None, found.score))}
         if nfe in learned_nfes and solver in learned_solvers:
             judge = Judge(model, validation, criterion, device, validation_features)
-            made = {}  # the grid alone and the joint lambdas: starts of "joint+timesteps" (their cost counted there too)
+            # the grid alone and the joint lambdas: starts of "joint+timesteps" (their cost counted there too; the
+            # other modes ignore them)
+            made = {}
             for variant in REFINED_VARIANTS:
                 mode = VARIANTS[variant].refine
                 if REFINEMENTS[mode].timesteps and not get_solver(solver).takes_grid:
                     continue
-                both = mode == "joint+timesteps"
                 refined = refine_fit(model, found, refine_teacher or fit_teacher, mode, judge=judge,
                                      starts=learned_starts, max_iterations=learned_iterations,
-                                     grid_alone=made.get("timesteps") if both else None,
-                                     joint=made.get("joint") if both else None, progress=False)
+                                     grid_alone=made.get("timesteps"), joint=made.get("joint"), progress=False)
                 made[mode] = refined
                 spacing = "learned" if refined.kept and REFINEMENTS[mode].timesteps else refined.spacing
                 fits[variant] = ({"spacing": spacing, **_scores(model, refined.scheduler, nfe, data, **score)},
