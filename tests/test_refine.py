@@ -349,3 +349,24 @@ def test_adam_is_chosen_by_name_runs_exactly_its_iterations_and_backs_off_from_a
     assert found.history[-1] < float("inf")  # its last point is a finite one
     assert refine(gmm, greedy, teacher.noise, targets, timesteps=timesteps, max_iterations=2, progress=False,
                   objective="final" if timesteps else "all").record()["optimizer"] == "lbfgs"  # the default
+
+
+def test_a_refinement_by_default_copies_the_fine_teacher_and_the_paper_fit_keeps_c_10(gmm):
+    """distill's default teacher: C = 10 (the paper's) for the greedy fit, "fine" with refine=, exactly as if given;
+    and the reason: at 3 steps the fine teacher's final samples are far nearer the exact ODE solution than C = 10's,
+    and a refinement copies the teacher's final samples."""
+    options = dict(batch_size=8, validation=dode.Teacher(gmm, batch_size=8, seed=500, substeps="fine"),
+                   refine_iterations=3, refine_starts=1, progress=False)
+    default = dode.distill(gmm, "ddim", 3, refine="joint+timesteps", **options)
+    fine = dode.distill(gmm, "ddim", 3, refine="joint+timesteps", teacher="fine", **options)
+    assert default.fit_info["teacher"] == "fine"
+    assert default.lambdas == fine.lambdas and default.grid == fine.grid
+    paper = dode.distill(gmm, "ddim", 3, batch_size=8, guard=False)
+    assert paper.fit_info["teacher"] == "C=10"
+    assert paper.lambdas == dode.distill(gmm, "ddim", 3, batch_size=8, guard=False, teacher=10).lambdas
+    exact = reference_solution(gmm, 0, 8, progress=False).samples.double()
+    grid = make_scheduler("ddim", gmm, "trailing")
+    grid.set_timesteps(3)
+    errors = {c: float((dode.Teacher(gmm, batch_size=8, seed=0, substeps=c).targets(grid)[-1].double() - exact)
+                       .pow(2).mean().sqrt()) for c in (10, "fine")}
+    assert errors["fine"] < errors[10] / 5

@@ -392,7 +392,7 @@ def _distill_counts(single, arguments: dict) -> DODEScheduler:
 
 
 def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
-            teacher=10, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
+            teacher=None, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
             margin: float = MARGIN, reference: Reference = REFERENCE, device="auto",
             refine: str | None = None, refine_iterations: int = 200, refine_starts: int = STARTS,
             refine_tolerance: float = TOLERANCE, refine_batch_size: int | None = None,
@@ -411,9 +411,9 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     paper's spacing gets the paper's fit.
 
     The fitting batch is ``batch_size`` samples (default 100) from seeds ``seed``, ``seed + 1``, ... (default 0).
-    ``teacher``: an integer C (DDIM with each student step split into C steps, the paper's choice, default 10),
-    ``"fine"`` (every training timestep), or a ``dode.Teacher`` to share one teacher run between fits (its
-    noise batch is then the fitting batch).
+    ``teacher``: C (DDIM, each student step split in C; default 10, the paper's), ``"fine"`` (every training
+    timestep; the default with ``refine``, which copies the teacher's final samples), or a ``dode.Teacher`` to share
+    one teacher run between fits (its noise batch is then the fitting batch).
 
     ``guard`` (default on): never hand back something worse than the base on validation seeds. The fitted
     lambdas are scaled by the common factor in [0, 1] that validates best (a line search; 0 is the base itself),
@@ -442,6 +442,7 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     ``fit_info``: the spacing, every candidate's validation scores, the decision, the reference, and ``"cost"``
     (model evaluations times samples, and seconds, by part). A fit that looks wrong warns (``FitWarning``).
     """
+    teacher = teacher if teacher is not None else 10 if refine is None else "fine"
     if isinstance(nfe, (list, tuple)):  # one fit per count, in one scheduler
         return _distill_counts(distill, locals())
     _check_refine(get_solver(solver), refine, refine_optimizer)
