@@ -133,12 +133,15 @@ def test_set_grid_rejects_integer_timestep_schedulers_and_bad_grids(gmm):
 
 
 def _fitting_loss(model, dode_scheduler, teacher, objective):
-    """The refinement objective recomputed through the public sampling path (dode.sample with a trajectory)."""
+    """The refinement objective recomputed through the public sampling path (dode.sample with a trajectory): "all"
+    against the teacher's states, "final" against the reference solver's samples of the same seeds."""
     _, trajectory = dode.sample(model, dode_scheduler, dode_scheduler.nfe, teacher.batch_size, seed=teacher.seed,
                                 return_trajectory=True, progress=False)
     probe = copy.deepcopy(dode_scheduler)
     probe.set_timesteps(probe.num_inference_steps)
-    targets = teacher.targets(probe)
+    targets = teacher.targets(probe) if objective == "all" else [
+        dode.sample(model, dode.REFERENCE.solver, dode.REFERENCE.steps, teacher.batch_size, seed=teacher.seed,
+                    spacing=dode.REFERENCE.spacing, progress=False)]
     states = trajectory.states[1:]
     pairs = [(states[-1], targets[-1])] if objective == "final" else list(zip(states, targets))
     return float(np.mean([torch.mean((x.double() - y.double()) ** 2) for x, y in pairs]))
@@ -188,7 +191,11 @@ def test_a_learned_grid_is_monotone_keeps_its_ends_improves_the_fit_and_round_tr
     assert grid[0] <= default[0] * (1 + 1e-9)  # the first level may only come down
     assert np.all(np.diff(grid) < 0) and grid[-1] > training_sigmas(gmm.scheduler_config)[0]
     assert not np.allclose(grid, default)
-    assert _fitting_loss(gmm, learned, teacher, "final") < _fitting_loss(gmm, greedy, teacher, "final")
+    before, after = (_fitting_loss(gmm, d, teacher, "final") for d in (greedy, learned))
+    assert after < before  # against the reference solution of the fitting seeds (final_targets)
+    info = learned.fit_info["refine"]
+    assert info["mse_start"] == pytest.approx(before, rel=1e-4)
+    assert info["mse_refined"] == pytest.approx(after, rel=1e-4)
     learned.save_pretrained(tmp_path)
     loaded = dode.DODEScheduler.from_pretrained(tmp_path)
     assert loaded.grid == learned.grid and loaded.lambdas == learned.lambdas

@@ -92,8 +92,14 @@ def test_refinement_rows_modes_and_fit_errors(gmm, data):
     joint = refine_fit(gmm, distillation(gmm, "ddim", NFE, teacher=teacher, guard=False), teacher,
                        "joint").scheduler  # unguarded, from the same greedy fit
     assert ddim.set_index("fit").loc["joint", "lambdas"] == [round(v, 3) for v in joint.lambdas]
-    errors = ddim.set_index("fit")["fit_rmse_teacher"]
-    assert errors["joint+timesteps"] <= errors["greedy"]  # it fits the teacher's final samples
+    errors = ddim.set_index("fit")["fit_rmse_reference"]
+    assert errors["joint+timesteps"] <= errors["greedy"]  # it fits the batch's reference solution
+    reference = dode.sample(gmm, dode.REFERENCE.solver, dode.REFERENCE.steps, 100, seed=0,
+                            spacing=dode.REFERENCE.spacing, progress=False)  # the same, another way
+    fitted = fits["ddim", "joint+timesteps"]
+    assert errors["joint+timesteps"] == pytest.approx(
+        float(torch.sqrt(torch.mean((dode.sample(gmm, fitted, NFE, 100, seed=0, progress=False).double()
+                                     - reference.double()) ** 2))), rel=1e-5)
     assert ddim.set_index("fit").loc["timesteps", "lambdas"] == [0.0] * NFE  # the grid alone
     assert ddim.set_index("fit").loc["timesteps", "grid"] != ddim.set_index("fit").loc["greedy", "grid"]
     base = table[table.fit == "none (base)"].set_index("solver")

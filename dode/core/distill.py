@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import NamedTuple
 
+import torch
 from tqdm.auto import tqdm
 
 from ..util.runtime import resolve_device
 from .fit import GreedyFit, greedy_fit
 from .guard import CRITERIA, MARGIN, FitWarning, Judge, best_factor, choose, decision, insanity, scaled
-from .reference import REFERENCE, Reference
+from .reference import REFERENCE, Reference, reference_solution
 from .refine import OPTIMIZERS, REFINEMENTS, TOLERANCE, Optimised, optimise
 from .sampling import check_batch_size, count_evaluations
-from .scheduler import DODEScheduler, grid_scheduler, make_scheduler, to_grid_form
+from .scheduler import DODEScheduler, grid_scheduler, make_scheduler
 from .solvers import GRID_SOLVERS, Solver, get_solver
 from .teacher import Teacher
 from .timegrid import TimeGrid
@@ -412,7 +413,7 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
 
     The fitting batch is ``batch_size`` samples (default 100) from seeds ``seed``, ``seed + 1``, ... (default 0).
     ``teacher``: C (DDIM, each student step split in C; default 10, the paper's), ``"fine"`` (every training
-    timestep; the default with ``refine``, which copies the teacher's final samples), or a ``dode.Teacher`` to share
+    timestep; the default with ``refine``: the greedy and joint fits it starts from), or a ``dode.Teacher`` to share
     one teacher run between fits (its noise batch is then the fitting batch).
 
     ``guard`` (default on): never hand back something worse than the base on validation seeds. The fitted
@@ -430,8 +431,8 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
 
     ``refine``: None (the paper's greedy fit), ``"joint"`` (then all lambdas together, against the teacher's
     state after every step), ``"joint+timesteps"`` (lambdas and the noise level of every step, the first only
-    downwards, against the teacher's final samples; only for ``GRID_SOLVERS``) or ``"timesteps"`` (the grid alone,
-    every lambda 0: the base solver on a learned grid). Exact gradients (autograd, the noise levels included);
+    downwards, against the fitting batch's ``reference`` solution, as the guard judges; only for ``GRID_SOLVERS``) or
+    ``"timesteps"`` (the grid alone, every lambda 0: the base solver on a learned grid). Exact gradients (autograd, the noise levels included);
     ``refine_optimizer`` (``OPTIMIZERS``): L-BFGS to ``refine_tolerance`` (at most ``refine_iterations``), or
     "adam", annealed over ``refine_iterations`` from every start; ``refine_batch_size``: micro-batches. With the
     guard and no ``spacing``, from ``"auto"``: ``refine_starts`` starts, the best on the validation seeds kept;
@@ -543,11 +544,13 @@ class _Attempt(NamedTuple):
 
 def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | None, options: "RefineOptions",
              targets=None, progress: bool = True) -> _Attempt:
-    """One refinement from ``start`` against ``teacher`` (``targets``: its states at the start's levels, where
-    known), scored by ``judge``."""
+    """One refinement from ``start`` on ``teacher``'s batch, scored by ``judge``: "joint" against the teacher's
+    states (``targets``: at the start's levels, where known), a grid against ``final_targets``."""
     mode_options = REFINEMENTS[mode]._asdict()
-    if targets is None:
-        probe = copy.deepcopy(to_grid_form(start.scheduler) if mode_options["timesteps"] else start.scheduler)
+    if mode_options["objective"] == "final":  # what the guard judges by: the ODE's solution, from pure noise
+        targets = final_targets(model, teacher, options.reference)
+    elif targets is None:
+        probe = copy.deepcopy(start.scheduler)
         probe.set_timesteps(probe.num_inference_steps, device=teacher.noise.device)
         targets = teacher.targets(TimeGrid.of(probe))
     found = optimise(model, start.scheduler, teacher.noise, targets, **mode_options,
@@ -557,12 +560,24 @@ def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | N
     return _Attempt(start, found, None if judge is None else judge(found.scheduler))
 
 
+def final_targets(model, teacher: Teacher, reference: Reference = REFERENCE) -> torch.Tensor:
+    """What a refinement of the grid (objective "final") matches: the reference solution of the fitting batch
+    (``reference_solution`` of the teacher's seeds, computed once per process), the ODE solved from pure noise at
+    the first training noise level, as the guard's validation reference is. Not the teacher's own final samples:
+    those start where each start's grid starts (lower for a "leading" grid), and at C = 10 carry the teacher's own
+    error. (1, batch, *shape), in the batch's dtype."""
+    solution = reference_solution(model, teacher.seed, teacher.batch_size, reference, teacher.noise.device,
+                                  progress=False)
+    return solution.samples.to(teacher.noise.dtype).unsqueeze(0)
+
+
 class RefineOptions(NamedTuple):
     """How a refinement runs (``refine_fit``): ``optimizer`` (``dode.core.refine.OPTIMIZERS``). L-BFGS (the
     default) until an iteration gains less than ``tolerance`` of its start value or ``max_iterations``, with
     several starts each first for ``probe_iterations``; Adam for exactly ``max_iterations`` from every start (an
     annealed run cannot be probed and continued). The fitting batch in micro-batches of ``batch_size`` samples
-    (None: whole); ``gradient``: "autograd" or "fd" (``GRADIENTS``)."""
+    (None: whole); ``gradient``: "autograd" or "fd" (``GRADIENTS``); ``reference``: how a grid refinement's targets
+    are solved (``final_targets``)."""
 
     max_iterations: int = 200
     tolerance: float = TOLERANCE
@@ -570,14 +585,17 @@ class RefineOptions(NamedTuple):
     batch_size: int | None = None
     gradient: str = "autograd"
     optimizer: str = "lbfgs"
+    reference: Reference = REFERENCE
 
 
 def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge: Judge | None = None,
                targets=None, max_iterations: int = 200, starts: int = 1, probe_iterations: int = 10,
                tolerance: float = TOLERANCE, batch_size: int | None = None, gradient: str = "autograd",
                grid_alone: "Refined | None" = None, joint: "Refined | None" = None, optimizer: str = "lbfgs",
-               progress: bool = True) -> Refined:
-    """``distill(refine=mode)`` from a ``distillation``, against ``teacher`` (its noise batch is the fitting batch).
+               reference: Reference | None = None, progress: bool = True) -> Refined:
+    """``distill(refine=mode)`` from a ``distillation``, on ``teacher``'s noise batch (the fitting batch): "joint"
+    against the teacher's states, a grid refinement against the batch's ``reference`` solution (``final_targets``;
+    default the judge's reference).
 
     ``mode``: "joint", "timesteps" (a learned grid, every lambda 0: the base solver on it) or "joint+timesteps".
     ``starts``: how many starting points (``refinement_starts``; they need ``judge``). With several and L-BFGS, each is
@@ -592,7 +610,9 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     the better of them is the result.
     ``targets``: the teacher's states at the distillation's own levels, where the caller has them. ``batch_size``:
     micro-batches (bounded memory); ``gradient``: "autograd" (exact) or "fd" (finite differences in the grid)."""
-    options = RefineOptions(max_iterations, tolerance, probe_iterations, batch_size, gradient, optimizer)
+    if reference is None:  # the guard's, so that a learned grid is fitted to what it is judged by
+        reference = judge.solution.reference if isinstance(judge, Judge) else REFERENCE
+    options = RefineOptions(max_iterations, tolerance, probe_iterations, batch_size, gradient, optimizer, reference)
     special = {}  # "joint+timesteps"'s special cases: its starts and floors, their costs part of its own
     if mode == "joint+timesteps" and judge is not None:
         for name, given, what in (("grid_alone", grid_alone, "timesteps"), ("joint", joint, "joint")):

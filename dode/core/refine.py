@@ -124,8 +124,9 @@ def _student_states(model, student: DODEScheduler, noise: torch.Tensor, lambdas,
 
 
 def _loss(states, targets, objective: str) -> torch.Tensor:
-    """Mean squared distance to the teacher: of the final samples, or averaged over every state."""
-    pairs = list(zip(states, targets))[-1:] if objective == "final" else list(zip(states, targets))
+    """Mean squared distance to the targets: of the final samples (to the last target), or averaged over every
+    state."""
+    pairs = [(states[-1], targets[-1])] if objective == "final" else list(zip(states, targets))
     return sum(torch.mean((x.double() - y.double().to(x.device)) ** 2) for x, y in pairs) / len(pairs)
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..core.distill import STARTS, distill, distillation, refine_fit
+from ..core.distill import STARTS, distill, distillation, final_targets, refine_fit
 from ..core.guard import Judge, best_factor
 from ..evaluation.metrics import feature_statistics, frechet_distance, rmse
 from ..core.ode import solve_ode
@@ -252,11 +252,17 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
     return pd.DataFrame(results), pd.DataFrame(sweep)
 
 
-def fitting_rmse(model, scheduler, teacher: Teacher, device="auto") -> float:
-    """RMSE of a fitted scheduler's final samples to the teacher's, on the teacher's (fitting) batch."""
+def fitting_rmse(model, scheduler, teacher: Teacher, device="auto", target: str = "teacher") -> float:
+    """RMSE of a fitted scheduler's final samples on the teacher's (fitting) batch to the teacher's final samples
+    (``target="teacher"``), or to the batch's reference solution (``"reference"``: what a learned grid is fitted to,
+    ``dode.core.distill.final_targets``)."""
+    x = sample(model, scheduler, scheduler.nfe, teacher.batch_size, seed=teacher.seed, device=device, progress=False)
+    if target == "reference":
+        return rmse(x, final_targets(model, teacher)[-1])
+    if target != "teacher":
+        raise ValueError(f"target must be 'teacher' or 'reference', got {target!r}")
     probe = copy.deepcopy(scheduler)
     probe.set_timesteps(probe.num_inference_steps)
-    x = sample(model, scheduler, scheduler.nfe, teacher.batch_size, seed=teacher.seed, device=device, progress=False)
     return rmse(x, teacher.targets(probe)[-1])
 
 

@@ -72,11 +72,13 @@ REPRODUCE = {
                   "precision": "float64", "criteria": ["rmse", "fd"]},
         # NFE 4-8, judged against 200-step DDIM samples of the same seeds (5000: the reference solution is most of
         # this run's time); learned grids at NFE 5 for every solver from auto's spacing alone (and, for both,
-        # the grid alone), at most 30 iterations: within make reproduce's 20 minutes on 2 cores
+        # the grid alone), at most 30 iterations. The joint lambdas against the fit's own C = 10 teacher, whose
+        # states the fit already has: a fine teacher costs 1000 evaluations of the batch per starting level, and
+        # the grids are fitted to the batch's reference solution (30) whatever the teacher
         "network": {"solvers": "all", "nfes": [4, 5, 6, 8], "num_samples": 500, "reference_samples": 5000,
                     "fine_nfe": 200, "teacher": 10, "validation_size": 100, "learned_nfes": [5],
                     "learned_solvers": "all", "learned_starts": 1,
-                    "learned_iterations": 30, "refine_teacher": "fine", "criteria": []},
+                    "learned_iterations": 30, "refine_teacher": 10, "criteria": []},
     },
     "04_trajectories": {"solvers": "all", "nfe": 5, "grid_nfes": [3, 5, 10], "grid_samples": 16},
     # the flow testbed at the paper's NFEs: every flow solver, 2000 held-out seeds, learned grids 1 x 30 iterations

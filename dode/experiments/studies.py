@@ -91,7 +91,8 @@ def refinement(model, data: EvaluationData, solvers, nfe: int, *, refine_teacher
     for ``GRID_SOLVERS`` "timesteps" and "joint+timesteps"), then the base.
 
     Returns (table, fits): one row per solver and fit ("greedy", each mode, "none (base)") with the held-out
-    scores, the fitting batch's RMSE to the teacher (``fit_rmse_teacher``), the refinement's L-BFGS iterations and
+    scores, the fitting batch's RMSE to the teacher's final samples (``fit_rmse_teacher``) and to its reference
+    solution (``fit_rmse_reference``, what a learned grid is fitted to), the refinement's L-BFGS iterations and
     seconds, the lambdas and the grid; ``fits[solver, label]`` is each fitted scheduler.
     """
     solvers = [s for s in solvers if possible(s, nfe)]
@@ -107,6 +108,7 @@ def refinement(model, data: EvaluationData, solvers, nfe: int, *, refine_teacher
             rows.append({"solver": s, "fit": label,
                          **evaluate_scheduler(model, fitted, nfe, data, seed=seed, device=device),
                          "fit_rmse_teacher": fitting_rmse(model, fitted, fit_teacher, device=device),
+                         "fit_rmse_reference": fitting_rmse(model, fitted, fit_teacher, device, "reference"),
                          "iterations": 0 if refinement is None else refinement.iterations,
                          "refine_seconds": 0.0 if refinement is None else refinement.seconds,
                          "lambdas": [round(v, 3) for v in fitted.lambdas],
