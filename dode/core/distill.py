@@ -426,13 +426,13 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     a hash of the model's parameters: a second call reuses it, ``fit_info["cost"]`` says so); ``criterion``:
     ``"fd"`` (pixel Frechet distance between the final samples and the reference solution of the same seeds, the
     default) or ``"rmse"`` (of the final samples to that solution); ``features``: the feature space of ``"fd"``
-    (``"pixel"``, or ``"digits"`` / ``"inception"`` to validate in the space of the metric you report). ``guard=False`` and a named
-    spacing give the paper's plain greedy fit, with no validation.
+    (``"pixel"``, or ``"digits"`` / ``"inception"`` to validate in the space of the metric you report).
+    ``guard=False`` and a named spacing give the paper's plain greedy fit, with no validation.
 
-    ``refine``: None (the paper's greedy fit), ``"joint"`` (then all lambdas together, against the teacher's
-    state after every step), ``"joint+timesteps"`` (lambdas and the noise level of every step, the first only
-    downwards, against the fitting batch's ``reference`` solution, as the guard judges; only for ``GRID_SOLVERS``) or
-    ``"timesteps"`` (the grid alone, every lambda 0: the base solver on a learned grid). Exact gradients (autograd, the noise levels included);
+    ``refine``: None (the paper's fit), ``"joint"`` (all lambdas together, against the teacher's state after every
+    step), ``"joint+timesteps"`` (lambdas and every step's noise level, the first only down, against the fitting
+    batch's ``reference`` solution, as the guard judges; ``GRID_SOLVERS`` only) or ``"timesteps"`` (the grid alone,
+    every lambda 0: the base solver on a learned grid). Exact gradients (autograd, the noise levels included);
     ``refine_optimizer`` (``OPTIMIZERS``): L-BFGS to ``refine_tolerance`` (at most ``refine_iterations``), or
     "adam", annealed over ``refine_iterations`` from every start; ``refine_batch_size``: micro-batches. With the
     guard and no ``spacing``, from ``"auto"``: ``refine_starts`` starts, the best on the validation seeds kept;
