@@ -80,12 +80,26 @@ def test_criterion_correlation_against_scipy_and_the_pick_rate():
 
 def test_the_spacing_grid_rows_are_what_their_schedulers_score(gmm, one_thread):
     """A tiny grid: every spacing is in the sweep; the table rows are the paper's spacing, the best base by the true
-    metric, and auto's pick; re-scoring a saved fit and a base spacing independently gives the same numbers."""
-    data = evaluation_data(gmm, 200, seed=1000, reference_samples=2000, progress=False)
+    metric, and auto's pick; re-scoring a saved fit and a base spacing independently gives the same numbers. A
+    sweep row is scored in the metric's feature space only, unless it is a table row too (every feature)."""
+    data = evaluation_data(gmm, 200, seed=1000, reference_samples=2000, features=("pixel", "digits"),
+                           progress=False)
     teacher = dode.Teacher(gmm, batch_size=40, seed=0, substeps=10)
     validation = dode.Teacher(gmm, batch_size=40, seed=VALIDATION_SEED, substeps="fine")
     results, sweep = evaluate_spacings(gmm, data, solvers=["ddim", "deis"], nfes=[4], fit_teacher=teacher,
-                                       validation=validation, criteria=("rmse",), progress=False)
+                                       validation=validation, criteria=("rmse",), features=("pixel", "digits"),
+                                       progress=False)
+    assert list(results.columns[results.columns.str.startswith("fd_")]) == ["fd_pixel", "fd_digits"]
+    assert results.fd_digits.notna().all() and sweep.fd_pixel.notna().all()
+    kinds = {"base": "base", "best-base": "base", "dode": "dode"}  # table rows that are sweep rows
+    for _, row in results[results.variant.isin(list(kinds))].iterrows():
+        cell = sweep[(sweep.solver == row.solver) & (sweep.spacing == row.spacing) & (sweep.variant == kinds[row.variant])]
+        assert cell.fd_digits.iloc[0] == row.fd_digits
+    assert sweep.fd_digits.isna().sum() >= len(sweep) - 2 * 4  # at most 4 table rows per solver: no feature network
+    for variant in ("base", "best-base"):  # FD-digits of a table row, from its samples drawn anew
+        row = results[(results.solver == "deis") & (results.variant == variant)].iloc[0]
+        x = dode.sample(gmm, "deis", 4, 200, seed=1000, spacing=row.spacing, progress=False)
+        assert row.fd_digits == pytest.approx(dode.frechet_distance(x, data.reference, features="digits"), rel=1e-9)
     assert set(sweep[sweep.solver == "deis"].spacing) == set(dode.get_solver("deis").spacings)
     assert len(sweep) == 2 * (3 + 6)
     for solver in ("ddim", "deis"):

@@ -61,16 +61,22 @@ def evaluation_data(model, num_samples: int, *, seed: int = 1000, reference_samp
 
 
 def evaluate_scheduler(model, scheduler, nfe: int, data: EvaluationData, *, seed: int = 1000, features=("pixel",),
-                       batch_size: int | None = None, device="auto") -> dict:
-    """Frechet distance per feature space and RMSE to the reference solution, for one solver or DODEScheduler."""
+                       batch_size: int | None = None, device="auto", samples: list | None = None) -> dict:
+    """Frechet distance per feature space and RMSE to the reference solution, for one solver or DODEScheduler (the
+    samples appended to ``samples``, where given)."""
     began = time.perf_counter()
     x = sample(model, scheduler, nfe, len(data.exact), seed=seed, batch_size=batch_size, device=device,
                progress=False)
-    row = {f"fd_{f}": frechet_distance(x, data.statistics.get(f, data.reference), features=f) for f in features}
-    row["rmse_exact"] = rmse(x, data.exact)
-    row["total_variance"] = float(x.flatten(1).var(0).sum())
-    row["sample_seconds"] = time.perf_counter() - began
+    row = {**frechet_distances(x, data, features), "rmse_exact": rmse(x, data.exact),
+           "total_variance": float(x.flatten(1).var(0).sum()), "sample_seconds": time.perf_counter() - began}
+    if samples is not None:
+        samples.append(x)
     return row
+
+
+def frechet_distances(x: torch.Tensor, data: EvaluationData, features) -> dict:
+    """``{"fd_<f>": ...}``: the Frechet distance of samples ``x`` to the reference distribution in each feature space."""
+    return {f"fd_{f}": frechet_distance(x, data.statistics.get(f, data.reference), features=f) for f in features}
 
 
 def evaluate_grid(model, data: EvaluationData | None = None, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
@@ -145,11 +151,11 @@ def evaluate_grid(model, data: EvaluationData | None = None, *, solvers=SOLVERS,
 
 
 def _scores(model, scheduler, nfe, data, *, seed, features, batch_size, device, validation=None, criteria=(),
-            validation_features="pixel", known=None):
+            validation_features="pixel", known=None, samples=None):
     """``evaluate_scheduler``'s row, plus each validation criterion (``val_rmse``, ``val_fd``) on request
     (``known``: criteria already scored by ``distill``)."""
     row = evaluate_scheduler(model, scheduler, nfe, data, seed=seed, features=features, batch_size=batch_size,
-                             device=device)
+                             device=device, samples=samples)
     for criterion in criteria:
         if criterion in (known or {}):
             row[f"val_{criterion}"] = known[criterion]
@@ -157,6 +163,22 @@ def _scores(model, scheduler, nfe, data, *, seed, features, batch_size, device, 
             row[f"val_{criterion}"] = Judge(model, validation, criterion, device, validation_features)(
                 scheduler, nfe=nfe)
     return row
+
+
+def _complete(row: dict, x: torch.Tensor, data: EvaluationData, features) -> None:
+    """Add the Frechet distances in ``features`` that a sweep row (scored in its metric's space alone) lacks, from its
+    samples ``x``, in ``features`` order before ``rmse_exact`` (the columns of a row scored in full); their time goes
+    into ``sample_seconds``."""
+    missing = [f for f in features if f"fd_{f}" not in row]
+    if not missing:
+        return
+    began = time.perf_counter()
+    scored = {**{f"fd_{f}": row.get(f"fd_{f}") for f in features}, **frechet_distances(x, data, missing)}
+    items = [(k, v) for k, v in row.items() if not k.startswith("fd_")]
+    at = next(i for i, (k, _) in enumerate(items) if k == "rmse_exact")
+    row.clear()
+    row.update([*items[:at], *scored.items(), *items[at:]])
+    row["sample_seconds"] += time.perf_counter() - began
 
 
 def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPER_NFES, seed: int = 1000,
@@ -180,11 +202,14 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
     the base solver on a learned grid (lambdas 0), D-ODE auto with its lambdas refined jointly, and D-ODE with
     lambdas and grid learned together (grids only for ``GRID_SOLVERS``).
     Validation Frechet distances are in ``validation_features`` (default: the feature space of ``metric``).
-    Fitted schedulers go to ``save_dir/<solver>-nfe<k>-<variant>``.
+    A sweep row is scored in ``metric``'s feature space (and by RMSE); the other ``features`` only where the row is
+    also a table row (a feature network on every sweep row was most of the sweep's time: on gmm-digits FD-digits
+    costs 1 s per 2000 samples). Fitted schedulers go to ``save_dir/<solver>-nfe<k>-<variant>``.
     """
     if validation_features is None:
         validation_features = metric.removeprefix("fd_") if metric.startswith("fd_") else "pixel"
     score = dict(seed=seed, features=features, batch_size=batch_size, device=device)
+    swept = dict(score, features=[f for f in features if f"fd_{f}" == metric])  # a sweep row's
     jobs = [(s, n) for s in solvers for n in nfes if possible(s, n)]
     sweep, results = [], []
     for solver, nfe in tqdm(jobs, desc=f"{getattr(model, 'name', 'model')}: solver x NFE", disable=not progress):
@@ -194,7 +219,7 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
         auto = found.scheduler
         auto_seconds = time.perf_counter() - began
         criterion, chosen, shrink = found.judge.criterion, found.kept.label, found.factor
-        cells = {}
+        cells, drawn = {}, []
         for candidate in found.candidates:
             spacing = candidate.label
             base = make_scheduler(solver, model, spacing)
@@ -210,13 +235,15 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                        "validation_features": validation_features,
                        "lambdas": json.dumps([round(v, 6) for v in candidate.fit.lambdas]) if variant == "dode" else "",
                        **_scores(model, scheduler, nfe, data, validation=validation, criteria=criteria,
-                                 validation_features=validation_features, **score,
+                                 validation_features=validation_features, **swept, samples=drawn,
                                  known={criterion: candidate.scores[0.0 if variant == "base" else 1.0]})}
                 sweep.append(row)
-                cells[spacing, variant] = (row, scheduler)
+                cells[spacing, variant] = (row, scheduler, drawn.pop())
         paper = get_solver(solver).default_spacing
         bases = [cells[s, "base"][0] for s, v in cells if v == "base"]
         best = min(bases, key=lambda r: r[metric])
+        for key in ((paper, "base"), (best["spacing"], "base"), (paper, "dode"), (chosen, "dode")):
+            _complete(cells[key][0], cells[key][2], data, features)  # the sweep rows that are table rows too
         auto_row = dict(cells[chosen, "dode"][0]) if shrink == 1.0 else {
             "spacing": chosen, **_scores(model, auto, nfe, data, **score)}
         # each fitted row: (its scores, its scheduler, how it was fitted: shrink, fit_seconds, kept, validation)
