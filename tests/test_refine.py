@@ -380,3 +380,84 @@ def test_a_refinement_defaults_to_the_fine_teacher_and_the_paper_fit_to_c_10(gmm
     assert errors["fine"] < errors[10] / 5
     reference = reference_solution(gmm, 0, 8, progress=False).samples.double()  # what a grid is fitted to
     assert float((reference - exact).pow(2).mean().sqrt()) < errors[10] / 5
+
+
+def _recording_judge(score):
+    """A judge scoring a scheduler by ``score(lambdas)``, remembering every (lambdas, score) it gave."""
+    seen = []
+
+    def judge(scheduler):
+        value = float(score(np.array(scheduler.lambdas)))
+        seen.append((list(scheduler.lambdas), value))
+        return value
+
+    return judge, seen
+
+
+def test_early_stopping_returns_the_best_scoring_iterate_it_checked(gmm):
+    """A judge that prefers lambda_1 near 0.05: the monitor scores the start, every 3rd iterate and the best point by
+    the objective, and the refinement comes back as the best-scoring of those, with that score."""
+    from dode.core.refine import Monitor
+
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, substeps=4)
+    greedy = dode.distill(gmm, "ddim", 4, teacher=teacher, guard=False)
+    probe = copy.deepcopy(greedy)
+    probe.set_timesteps(probe.num_inference_steps)
+    judge, seen = _recording_judge(lambda lam: abs(lam[1] - 0.05))
+    monitor = Monitor(judge, every=3, patience=50)
+    found = refine(gmm, greedy, teacher.noise, teacher.targets(probe), objective="all", max_iterations=12,
+                   monitor=monitor, progress=False)
+    assert found.iterations >= 3 and seen[0][0] == list(greedy.lambdas)  # the start first
+    assert len(found.checks) - found.iterations // 3 in (0, 1)  # every 3rd iterate, and the best by the objective
+    best_lambdas, best_score = min(seen, key=lambda item: item[1])
+    assert found.validation == best_score and list(found.scheduler.lambdas) == pytest.approx(best_lambdas, abs=0)
+    assert list(found.checks) == [value for _, value in seen[1:]] and not found.stopped_early
+    assert found.record()["checks"] == list(found.checks)
+
+
+def test_early_stopping_stops_after_patience_checks_without_a_better_score(gmm):
+    """A judge under which nothing beats the start: L-BFGS stops at the patience-th check (every * patience
+    iterations), the start comes back unchanged, with its score; without a monitor the same run goes on."""
+    from dode.core.refine import Monitor
+
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, substeps=4)
+    greedy = dode.distill(gmm, "ddim", 4, teacher=teacher, guard=False)
+    probe = copy.deepcopy(greedy)
+    probe.set_timesteps(probe.num_inference_steps)
+    targets = teacher.targets(probe)
+    start = np.array(greedy.lambdas)
+    judge, seen = _recording_judge(lambda lam: 1.0 + float(np.abs(lam - start).sum()))  # the start scores best
+    found = refine(gmm, greedy, teacher.noise, targets, objective="all", max_iterations=30, tolerance=0.0,
+                   monitor=Monitor(judge, every=2, patience=3), progress=False)
+    assert found.stopped_early and found.iterations == 6 and len(found.checks) == 3
+    assert list(found.scheduler.lambdas) == list(greedy.lambdas) and found.validation == 1.0
+    assert found.mse_refined < found.mse_start  # the objective did fall: the monitor overruled it
+    free = refine(gmm, greedy, teacher.noise, targets, objective="all", max_iterations=30, tolerance=0.0,
+                  progress=False)
+    assert free.iterations > 6 and free.validation is None and not free.checks
+    with pytest.raises(ValueError, match="patience"):
+        Monitor(judge, patience=0)
+    with pytest.raises(ValueError, match="every"):
+        Monitor(judge, every=0)
+    with pytest.raises(ValueError, match="lbfgs"):
+        refine(gmm, greedy, teacher.noise, targets, objective="all", max_iterations=3, optimizer="adam",
+               monitor=Monitor(judge), progress=False)
+
+
+def test_a_guarded_refinement_stops_early_on_the_validation_seeds(gmm, validation):
+    """refine_fit with a judge: the long run is monitored on the validation seeds (its record says so), the score it
+    reports is the returned scheduler's pixel FD recomputed through dode.sample; patience=None never stops it early
+    (the checks still choose the iterate) and runs at least as long."""
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, substeps=4)
+    found = dode.core.distill.distillation(gmm, "deis", 4, spacing="auto", teacher=teacher, validation=validation)
+    refined = dode.core.distill.refine_fit(gmm, found, teacher, "timesteps", judge=found.judge, starts=1,
+                                           max_iterations=40, probe_iterations=5, progress=False)
+    record = refined.record
+    assert "checks" in record and len(record["checks"]) >= 1
+    reference = reference_solution(gmm, validation.seed, validation.batch_size).samples
+    x = dode.sample(gmm, refined.scheduler, 4, validation.batch_size, seed=validation.seed, progress=False)
+    assert dode.frechet_distance(x, reference, features="pixel") == pytest.approx(refined.score, rel=1e-6)
+    free = dode.core.distill.refine_fit(gmm, found, teacher, "timesteps", judge=found.judge, starts=1,
+                                        max_iterations=40, probe_iterations=5, patience=None, progress=False)
+    assert "checks" in free.record and not free.record["stopped_early"] and free.iterations >= refined.iterations
+    assert free.score <= min(free.record["checks"])

@@ -28,7 +28,7 @@ from ..util.runtime import resolve_device
 from .fit import GreedyFit, greedy_fit
 from .guard import CRITERIA, MARGIN, FitWarning, Judge, best_factor, choose, decision, insanity, scaled
 from .reference import REFERENCE, Reference, reference_solution
-from .refine import OPTIMIZERS, REFINEMENTS, TOLERANCE, Optimised, optimise
+from .refine import OPTIMIZERS, PATIENCE, REFINEMENTS, TOLERANCE, Monitor, Optimised, optimise
 from .sampling import check_batch_size, count_evaluations
 from .scheduler import DODEScheduler, grid_scheduler, make_scheduler
 from .solvers import GRID_SOLVERS, Solver, get_solver
@@ -543,9 +543,13 @@ class _Attempt(NamedTuple):
 
 
 def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | None, options: "RefineOptions",
-             targets=None, progress: bool = True) -> _Attempt:
+             targets=None, progress: bool = True, monitored: bool = False, continued: bool = False) -> _Attempt:
     """One refinement from ``start`` on ``teacher``'s batch, scored by ``judge``: "joint" against the teacher's
-    states (``targets``: at the start's levels, where known), a grid against ``final_targets``."""
+    states (``targets``: at the start's levels, where known), a grid against ``final_targets``. ``monitored``: with
+    early stopping on the judge's seeds (``dode.core.refine.Monitor``, a check every ``options.probe_iterations``
+    iterations, ``options.patience`` in a row without a better score stop it; L-BFGS with a judge only), the start a
+    candidate of it where it is ``continued`` (a probe's result), else not (the guard judges a refinement against its
+    start)."""
     mode_options = REFINEMENTS[mode]._asdict()
     if mode_options["objective"] == "final":  # what the guard judges by: the ODE's solution, from pure noise
         targets = final_targets(model, teacher, options.reference)
@@ -553,11 +557,15 @@ def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | N
         probe = copy.deepcopy(start.scheduler)
         probe.set_timesteps(probe.num_inference_steps, device=teacher.noise.device)
         targets = teacher.targets(TimeGrid.of(probe))
+    monitor = None
+    if monitored and judge is not None and options.optimizer == "lbfgs":
+        monitor = Monitor(judge, options.probe_iterations, options.patience, start.score if continued else math.inf)
     found = optimise(model, start.scheduler, teacher.noise, targets, **mode_options,
                      max_iterations=options.max_iterations, tolerance=options.tolerance,
                      gradient=options.gradient, batch_size=options.batch_size, optimizer=options.optimizer,
-                     progress=progress)
-    return _Attempt(start, found, None if judge is None else judge(found.scheduler))
+                     monitor=monitor, progress=progress)
+    score = found.validation if monitor is not None else None if judge is None else judge(found.scheduler)
+    return _Attempt(start, found, score)
 
 
 def final_targets(model, teacher: Teacher, reference: Reference = REFERENCE) -> torch.Tensor:
@@ -574,7 +582,9 @@ def final_targets(model, teacher: Teacher, reference: Reference = REFERENCE) -> 
 class RefineOptions(NamedTuple):
     """How a refinement runs (``refine_fit``): ``optimizer`` (``dode.core.refine.OPTIMIZERS``). L-BFGS (the
     default) until an iteration gains less than ``tolerance`` of its start value or ``max_iterations``, with
-    several starts each first for ``probe_iterations``; Adam for exactly ``max_iterations`` from every start (an
+    several starts each first for ``probe_iterations``, and the long run (a start's, or the best probe's continued)
+    stopped early on the validation seeds: checked every ``probe_iterations``, stopped after ``patience`` checks in a
+    row without a better score (None: no early stopping); Adam for exactly ``max_iterations`` from every start (an
     annealed run cannot be probed and continued). The fitting batch in micro-batches of ``batch_size`` samples
     (None: whole); ``gradient``: "autograd" or "fd" (``GRADIENTS``); ``reference``: how a grid refinement's targets
     are solved (``final_targets``)."""
@@ -586,13 +596,14 @@ class RefineOptions(NamedTuple):
     gradient: str = "autograd"
     optimizer: str = "lbfgs"
     reference: Reference = REFERENCE
+    patience: int | None = PATIENCE
 
 
 def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge: Judge | None = None,
                targets=None, max_iterations: int = 200, starts: int = 1, probe_iterations: int = 10,
                tolerance: float = TOLERANCE, batch_size: int | None = None, gradient: str = "autograd",
                grid_alone: "Refined | None" = None, joint: "Refined | None" = None, optimizer: str = "lbfgs",
-               reference: Reference | None = None, progress: bool = True) -> Refined:
+               reference: Reference | None = None, patience: int | None = PATIENCE, progress: bool = True) -> Refined:
     """``distill(refine=mode)`` from a ``distillation``, on ``teacher``'s noise batch (the fitting batch): "joint"
     against the teacher's states, a grid refinement against the batch's ``reference`` solution (``final_targets``;
     default the judge's reference).
@@ -600,8 +611,10 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     ``mode``: "joint", "timesteps" (a learned grid, every lambda 0: the base solver on it) or "joint+timesteps".
     ``starts``: how many starting points (``refinement_starts``; they need ``judge``). With several and L-BFGS, each is
     refined for ``probe_iterations``, the one that then validates best goes on until L-BFGS converges (``tolerance``, at
-    most ``max_iterations`` in all); with ``optimizer="adam"`` each runs its ``max_iterations``. The best-validating of
-    all is the result. With ``judge``, the never-worse guard: the refinement comes back only where it validates better
+    most ``max_iterations`` in all) or, with ``judge``, stops early: its iterate is scored every ``probe_iterations``
+    iterations and the run stops after ``patience`` checks in a row without a better score (None: never), its
+    best-scoring iterate kept (``dode.core.refine.Monitor``; a single start's run too); with ``optimizer="adam"`` each
+    runs its ``max_iterations``. The best-validating of all is the result. With ``judge``, the never-worse guard: the refinement comes back only where it validates better
     than what it would replace (the distillation's result, or for "timesteps" the best-validating base among the
     starts); else that comes back (``Refined.kept`` False). "joint+timesteps" with ``judge`` also starts from the
     learned grid alone (``grid_alone``: a "timesteps" ``refine_fit`` of the same distillation, else made here) and
@@ -612,7 +625,8 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     micro-batches (bounded memory); ``gradient``: "autograd" (exact) or "fd" (finite differences in the grid)."""
     if reference is None:  # the guard's, so that a learned grid is fitted to what it is judged by
         reference = judge.solution.reference if isinstance(judge, Judge) else REFERENCE
-    options = RefineOptions(max_iterations, tolerance, probe_iterations, batch_size, gradient, optimizer, reference)
+    options = RefineOptions(max_iterations, tolerance, probe_iterations, batch_size, gradient, optimizer, reference,
+                            patience)
     special = {}  # "joint+timesteps"'s special cases: its starts and floors, their costs part of its own
     if mode == "joint+timesteps" and judge is not None:
         for name, given, what in (("grid_alone", grid_alone, "timesteps"), ("joint", joint, "joint")):
@@ -645,7 +659,8 @@ def _refine_fit(model, found: Distillation, teacher: Teacher, mode: str, judge: 
     probing = len(points) > 1 and options.probe_iterations < options.max_iterations and options.optimizer == "lbfgs"
     own = targets if not REFINEMENTS[mode].timesteps else None
     first = options._replace(max_iterations=options.probe_iterations) if probing else options
-    attempts = [_attempt(model, p, teacher, mode, judge, first, own if p.kept else None, progress) for p in points]
+    attempts = [_attempt(model, p, teacher, mode, judge, first, own if p.kept else None, progress, not probing)
+                for p in points]
     if judge is None:
         best = attempts[0]
         record = {**best.record(), "seconds_total": time.perf_counter() - began}
@@ -656,7 +671,7 @@ def _refine_fit(model, found: Distillation, teacher: Teacher, mode: str, judge: 
     if probing:  # the best probe goes on
         rest = options._replace(max_iterations=options.max_iterations - options.probe_iterations)
         more = _attempt(model, _Start(best.found.scheduler, best.start.spacing, best.score), teacher, mode, judge,
-                        rest, None, progress)
+                        rest, None, progress, monitored=True, continued=True)
         steps.append(more.step(continued=True))
         more = more._replace(start=best.start)
         runs = more.found.student_runs
