@@ -93,7 +93,8 @@ def test_the_spacing_grid_rows_are_what_their_schedulers_score(gmm, one_thread):
     assert results.fd_digits.notna().all() and sweep.fd_pixel.notna().all()
     kinds = {"base": "base", "best-base": "base", "dode": "dode"}  # table rows that are sweep rows
     for _, row in results[results.variant.isin(list(kinds))].iterrows():
-        cell = sweep[(sweep.solver == row.solver) & (sweep.spacing == row.spacing) & (sweep.variant == kinds[row.variant])]
+        cell = sweep[(sweep.solver == row.solver) & (sweep.spacing == row.spacing)
+                     & (sweep.variant == kinds[row.variant])]
         assert cell.fd_digits.iloc[0] == row.fd_digits
     assert sweep.fd_digits.isna().sum() >= len(sweep) - 2 * 4  # at most 4 table rows per solver: no feature network
     for variant in ("base", "best-base"):  # FD-digits of a table row, from its samples drawn anew

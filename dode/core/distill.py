@@ -614,9 +614,9 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     most ``max_iterations`` in all) or, with ``judge``, stops early: its iterate is scored every ``probe_iterations``
     iterations and the run stops after ``patience`` checks in a row without a better score (None: never), its
     best-scoring iterate kept (``dode.core.refine.Monitor``; a single start's run too); with ``optimizer="adam"`` each
-    runs its ``max_iterations``. The best-validating of all is the result. With ``judge``, the never-worse guard: the refinement comes back only where it validates better
-    than what it would replace (the distillation's result, or for "timesteps" the best-validating base among the
-    starts); else that comes back (``Refined.kept`` False). "joint+timesteps" with ``judge`` also starts from the
+    runs its ``max_iterations``. The best-validating of all is the result. With ``judge``, the never-worse guard: the
+    refinement comes back only where it validates better than what it would replace (the distillation's result, or
+    for "timesteps" the best-validating base among the starts); else that comes back (``Refined.kept`` False). "joint+timesteps" with ``judge`` also starts from the
     learned grid alone (``grid_alone``: a "timesteps" ``refine_fit`` of the same distillation, else made here) and
     from the joint lambdas (``joint``: a "joint" ``refine_fit`` of it, else made here; where it was kept), and never
     validates worse than either, its special cases (every lambda 0; the grid held): where no refinement beats them,

@@ -270,8 +270,9 @@ OPTIMIZERS = ("lbfgs", "adam")
 #: Adam's first step size, in the units of theta (lambdas; u and z of the grid), annealed on a half cosine to 0
 LEARNING_RATE = 0.1
 #: early stopping (``Monitor``): L-BFGS stops after this many checks on the validation seeds in a row without a
-#: better score (with 2, a run stopped where a later iterate would have validated better, in 2 of 6 gmm-digits cells
-#: measured; with 5 in none of 4, at 1-17 % fewer model evaluations than without stopping)
+#: better score (with 2, a run stopped where a later iterate would have validated better in 3 of 6 gmm-digits cells
+#: measured; with 5 in none of the 6, at 1-17 % fewer model evaluations than without stopping:
+#: scripts/refine_patience.py)
 PATIENCE = 5
 
 
@@ -303,6 +304,7 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     with torch.no_grad():  # the start as given (with timesteps, x0's grid has its smallest gaps widened)
         f.best = start = f.loss(student.lambdas, student.grid).item()
     f.scale = start if start > 0 else 1.0
+
     def at(theta):  # the scheduler at theta, on its own base (set_grid changes it): the grid form's, where the grid
         found, grid = (student.lambdas, student.grid) if theta is None else f.unpack(theta)  # was learned on it
         return DODEScheduler(copy.deepcopy(form.base_scheduler), found, scheduler.num_inference_steps,
@@ -311,7 +313,7 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     if monitor is not None:
         if optimizer != "lbfgs":
             raise ValueError("a monitor (early stopping) needs optimizer='lbfgs'")
-        monitor.begin(at, x0)
+        monitor.begin(at)
     result = _minimise(model, f, x0, bounds, optimizer, max_iterations, tolerance, progress,
                        f"refining {solver.name}", monitor)
     refined, score, checks, early = at(f.best_theta), None, (), False
@@ -338,7 +340,7 @@ class Monitor:
     were continued from (results of d2b736e), and D-DPM-Solver++ at NFE 10 (the default call) validates at 0.00014
     from its best checked iterate against 0.0115 from the best point by the objective."""
 
-    def __init__(self, judge, every: int = 10, patience: int = 2, start_score: float | None = None):
+    def __init__(self, judge, every: int = 10, patience: int | None = PATIENCE, start_score: float | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
@@ -346,7 +348,7 @@ class Monitor:
         self.judge, self.every, self.patience, self.start_score = judge, every, patience, start_score
         self.scores, self.stopped = [], False
 
-    def begin(self, at, x0) -> None:
+    def begin(self, at) -> None:
         """Before the first iteration: ``at`` maps theta (None: the start as given) to its scheduler."""
         self.at, self.iteration, self.misses, self.last = at, 0, 0, None
         self.best_theta = None  # None: the start

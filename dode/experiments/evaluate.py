@@ -75,7 +75,7 @@ def evaluate_scheduler(model, scheduler, nfe: int, data: EvaluationData, *, seed
 
 
 def frechet_distances(x: torch.Tensor, data: EvaluationData, features) -> dict:
-    """``{"fd_<f>": ...}``: the Frechet distance of samples ``x`` to the reference distribution in each feature space."""
+    """``{"fd_<f>": ...}``: the Frechet distance of samples ``x`` to the reference distribution, per feature space."""
     return {f"fd_{f}": frechet_distance(x, data.statistics.get(f, data.reference), features=f) for f in features}
 
 
