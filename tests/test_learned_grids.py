@@ -86,7 +86,7 @@ def test_a_learned_grid_alone_keeps_every_lambda_at_zero_and_improves_the_fit(gm
     start = TimeGrid.of(probe).steps
     grid = np.array(learned.grid)
     assert not np.allclose(grid, start) and np.all(np.diff(grid) < 0)
-    assert grid[0] <= start[0] * (1 + 1e-9)  # the first level may come down, never above the schedule's start
+    assert grid[0] <= training_sigmas(gmm.scheduler_config)[-1]  # the first level never above the schedule's top
     # the objective it reports is the final samples' distance to the teacher's (the ODE from the start's own first
     # state), recomputed through dode.sample
     x = dode.sample(gmm, learned, 4, teacher.batch_size, seed=teacher.seed, progress=False)
@@ -117,6 +117,29 @@ def test_a_grid_that_never_improves_comes_back_as_its_start(gmm, monkeypatch, so
     assert len(calls) > 2 and found.mse_refined == found.mse_start  # trials ran, none was kept
     assert found.scheduler.lambdas == [0.0] * 4
     assert found.scheduler.grid == to_grid_form(base).grid  # DDIM: its own levels; DEIS: None
+
+
+def test_a_low_first_level_climbs_towards_the_schedules_top_and_no_further(gmm):
+    """A grid whose first level is far below the schedule's top (pure noise treated as the state at sigma 2, where a
+    fifth of the variance is signal) has its first level raised by the refinement, never above the largest training
+    level: before, the first level could only come down, and refinements from a low first level stayed trapped
+    below the better minima (scripts/learned_limit.py)."""
+    from dode.core.distill import final_targets
+    from dode.core.refine import objective_at_start
+
+    top = float(training_sigmas(gmm.scheduler_config)[-1])
+    teacher = dode.Teacher(gmm, batch_size=16, seed=5, substeps="fine")
+    low = dode.DODEScheduler(make_scheduler("deis", gmm), [0.0] * 4, 4, grid=[2.0, 0.8, 0.3, 0.1])
+    targets = final_targets(gmm, teacher)
+    # the bound itself: u at its upper end puts the first level at the top (less 1e-9 in log)
+    f, x0, bounds = objective_at_start(gmm, low, teacher.noise, targets, lambdas=False, timesteps=True)
+    assert 2.0 * np.exp(bounds[0][1]) == pytest.approx(top, rel=1e-8) and bounds[0][1] < np.log(top / 2.0)
+    assert f.unpack(np.array([bounds[0][1], *x0[1:]]))[1][0] <= top
+    found = refine(gmm, low, teacher.noise, targets, **REFINEMENTS["timesteps"]._asdict(), max_iterations=15,
+                   progress=False)
+    grid = np.array(found.scheduler.grid)
+    assert 4.0 < grid[0] <= top and np.all(np.diff(grid) < 0)
+    assert found.mse_refined < 0.5 * found.mse_start
 
 
 def test_joint_refinement_from_zero_lambdas_has_a_gradient(gmm):

@@ -430,11 +430,11 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     ``guard=False`` and a named spacing give the paper's plain greedy fit, with no validation.
 
     ``refine``: None (the paper's fit), ``"joint"`` (all lambdas together, against the teacher's state after every
-    step), ``"joint+timesteps"`` (lambdas and every step's noise level, the first only down, against the fitting
-    batch's ``reference`` solution, as the guard judges; ``GRID_SOLVERS`` only) or ``"timesteps"`` (the grid alone,
-    every lambda 0: the base solver on a learned grid). Exact gradients (autograd, the noise levels included);
-    ``refine_optimizer`` (``OPTIMIZERS``): L-BFGS to ``refine_tolerance`` (at most ``refine_iterations``), or
-    "adam", annealed over ``refine_iterations`` from every start; ``refine_batch_size``: micro-batches. With the
+    step), ``"joint+timesteps"`` (lambdas and every step's noise level, the first at most the schedule's top,
+    against the fitting batch's ``reference`` solution, as the guard judges; ``GRID_SOLVERS`` only) or
+    ``"timesteps"`` (the grid alone, every lambda 0: the base solver on a learned grid). Exact gradients (autograd,
+    the noise levels included); ``refine_optimizer`` (``OPTIMIZERS``): L-BFGS to ``refine_tolerance`` (at most
+    ``refine_iterations``), or "adam", annealed over ``refine_iterations`` from every start; ``refine_batch_size``: micro-batches. With the
     guard and no ``spacing``, from ``"auto"``: ``refine_starts`` starts, the best on the validation seeds kept;
     "joint+timesteps" also from the grid alone and the joint lambdas, never validating worse than either; a refinement
     worse than what it would replace is dropped (``fit_info["refine"]["kept"]``). ``precision``: of the fitting batch

@@ -16,8 +16,8 @@ instead (one more student run per grid parameter: the method before, for ``make 
 can be split into micro-batches (the same gradient, less memory). DDIM's grid is learned on its exact grid form
 (``dode.core.scheduler.to_grid_form``: iPNDM of order 1).
 
-Every level of the grid moves. The first may only come down (``u = log(first / start) <= 0``: above it the
-noise is the schedule's own); the rest are parametrised so that the grid stays strictly descending between the
+Every level of the grid moves. The first (``u = log(first / start)``) may go up as far as the schedule's
+largest training level, where the samples' noise is, or down by a share of the span; the rest are parametrised so that the grid stays strictly descending between the
 first level and the smallest training noise level: the gaps between consecutive log-levels are ``softmax([z, 0])``
 of that span, so any ``z`` is a valid grid (``z`` is kept in a box so that no two levels merge in float32).
 Several starts and the never-worse guard on validation seeds are ``dode.core.distill.refine_fit``'s.
@@ -49,9 +49,13 @@ from .solvers import GRID_SOLVERS, set_levels, solver_of
 
 _FD_STEP = 1e-4  # finite-difference step in the grid parameters z
 _MIN_GAP = 0.02  # smallest share of the log-sigma span between two grid levels at the start
-#: the first level may come down from its start (never up: noise above it is the schedule's own) by at most this
-#: share of the log-span to the smallest training level
+#: the first level may come down from its start by at most this share of the log-span to the smallest training level
 _FIRST_SPAN = 0.75
+#: and go up from it as far as the schedule's largest training level (where the samples' noise is), less this in log:
+#: held at or below its start, a refinement from a low first level (a learned grid alone, a "leading" or Karras
+#: spacing) could never reach a minimum above it (scripts/learned_limit.py measured iPNDM NFE 4, UniPC NFE 4 and Heun
+#: NFE 5 on gmm-digits trapped so)
+_TOP_MARGIN = 1e-9
 _Z_BOUND = 8.0  # |z| bound: no gap is below about e^-16 of another, so the levels stay distinct in float32
 #: on a float64 fitting batch, the objective and its gradient reach the optimiser rounded to this many bits below
 #: their largest entry (a relative 1e-6): L-BFGS loses nothing it uses (its tolerance is 1e-5), and what float64
@@ -388,13 +392,15 @@ def objective_at_start(model, form: DODEScheduler, noise: torch.Tensor, targets,
                        lambdas: bool = True, timesteps: bool = False, gradient: str = "autograd",
                        batch_size: int | None = None) -> tuple[_Objective, np.ndarray, list]:
     """(``optimise``'s objective, its start point theta, L-BFGS's bounds) for ``form`` (a scheduler that takes the
-    grid, where ``timesteps``): the lambdas from lambda_1 on, then u = log(first level / its start) <= 0 and the
-    gaps below it. ``make bench`` times evaluations of it."""
+    grid, where ``timesteps``): the lambdas from lambda_1 on, then u = log(first level / its start), between
+    -``_FIRST_SPAN`` of the log-span to the smallest training level and the schedule's largest level, and the gaps
+    below it. ``make bench`` times evaluations of it."""
     student = copy.deepcopy(form)
     student.set_timesteps(student.num_inference_steps, device=noise.device)
     start_grid = np.asarray(student.grid if student.grid is not None else TimeGrid.of(student).steps,
                             dtype=np.float64)
-    lowest = float(training_sigmas(model.scheduler_config)[0])
+    levels = training_sigmas(model.scheduler_config)
+    lowest, highest = float(levels[0]), float(levels[-1])
     f = _Objective(model, student, noise, targets, objective, lambdas, timesteps, start_grid, lowest, gradient,
                    batch_size)
     x0 = np.array(student.lambdas[1:] if lambdas else [], dtype=np.float64)
@@ -402,7 +408,8 @@ def objective_at_start(model, form: DODEScheduler, noise: torch.Tensor, targets,
     if timesteps:
         z = params_from_grid(start_grid, lowest)
         x0 = np.concatenate([x0, [0.0], z])
-        bounds += [(-_FIRST_SPAN * np.log(f.top / lowest), 0.0)] + [(-_Z_BOUND, _Z_BOUND)] * len(z)
+        up = max(0.0, float(np.log(highest / f.top)) - _TOP_MARGIN)
+        bounds += [(-_FIRST_SPAN * np.log(f.top / lowest), up)] + [(-_Z_BOUND, _Z_BOUND)] * len(z)
     return f, x0, bounds
 
 
