@@ -61,10 +61,11 @@ def fit(model_name: str, cells: list, settings: dict) -> list:
     return rows
 
 
-def run(model_name: str, cells: list, settings: dict, jobs: int) -> pd.DataFrame:
+def in_processes(call: str, cells: list, jobs: int) -> pd.DataFrame:
+    """The rows of ``call`` (Python that, with ``cells`` bound to a list of "solver:nfe", evaluates to a list of
+    JSON-able rows; this folder importable) run on ``cells`` split over ``jobs`` fresh one-thread processes."""
     code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"import default_refine as d; print(json.dumps(d.fit({model_name!r}, sys.argv[1].split(','), "
-            f"{settings!r})))")
+            f"cells = sys.argv[1].split(','); print(json.dumps({call}))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     parts = [cells[i::jobs] for i in range(jobs) if cells[i::jobs]]
     procs = [subprocess.Popen([sys.executable, "-c", code, ",".join(p)], env=env, stdout=subprocess.PIPE, text=True)
@@ -72,7 +73,11 @@ def run(model_name: str, cells: list, settings: dict, jobs: int) -> pd.DataFrame
     outputs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"a fit failed (exit codes {[p.returncode for p in procs]})")
-    table = pd.DataFrame([row for out in outputs for row in json.loads(out.strip().splitlines()[-1])])
+    return pd.DataFrame([row for out in outputs for row in json.loads(out.strip().splitlines()[-1])])
+
+
+def run(model_name: str, cells: list, settings: dict, jobs: int) -> pd.DataFrame:
+    table = in_processes(f"__import__('default_refine').fit({model_name!r}, cells, {settings!r})", cells, jobs)
     table = table.sort_values(["solver", "nfe"], ignore_index=True)
     if model_name == "gmm-digits":
         table["limit"] = [limit(s, n) for s, n in zip(table.solver, table.nfe)]

@@ -20,9 +20,6 @@ of ``--jobs`` processes, one torch thread each.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -101,17 +98,12 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "learned_limit.csv")
     args = parser.parse_args(argv)
-    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-            f"import learned_limit as l; print(json.dumps(l.fit(sys.argv[1].split(','), {args.iterations}, "
-            f"{args.batch_size}, {args.transplant}, {str(args.schedulers.resolve())!r})))")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    parts = [args.cells[i::args.jobs] for i in range(args.jobs) if args.cells[i::args.jobs]]
-    procs = [subprocess.Popen([sys.executable, "-c", code, ",".join(p)], env=env, stdout=subprocess.PIPE, text=True)
-             for p in parts]
-    outputs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise SystemExit(f"a fit failed (exit codes {[p.returncode for p in procs]})")
-    table = pd.DataFrame([row for out in outputs for row in json.loads(out.strip().splitlines()[-1])])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from default_refine import in_processes
+
+    call = (f"__import__('learned_limit').fit(cells, {args.iterations}, {args.batch_size}, {args.transplant}, "
+            f"{str(args.schedulers.resolve())!r})")
+    table = in_processes(call, args.cells, args.jobs)
     table = table.sort_values(["solver", "nfe", "start"], ignore_index=True)
     table["bound_meets_limit"] = table.fd_pixel_bound <= table.limit
     args.out.parent.mkdir(parents=True, exist_ok=True)
