@@ -227,8 +227,8 @@ def test_flow_learned_grid_gradient_matches_central_differences(flow, solver):
 
 
 def test_flow_learned_grid_keeps_the_levels_and_never_validates_worse(flow):
-    fitted = dode.distill(flow, "flow_unipc", 5, refine="timesteps", refine_iterations=15, refine_starts=1,
-                          progress=False)
+    fitted = dode.distill(flow, "flow_unipc", 5, refine="timesteps", batch_size=100, refine_iterations=15,
+                          refine_starts=1, progress=False)
     grid = np.asarray(fitted.grid)
     assert fitted.grid is not None and np.all(np.diff(grid) < 0) and grid[0] <= 1.0 and grid[-1] > 0
     fitted.set_timesteps(fitted.num_inference_steps)
@@ -240,8 +240,8 @@ def test_flow_learned_grid_keeps_the_levels_and_never_validates_worse(flow):
 
 @pytest.mark.parametrize("solver", ["flow_euler", "flow_dpm_solver_pp_2m"])
 def test_a_flow_dode_scheduler_saves_and_loads_as_itself(flow, solver, tmp_path):
-    fitted = dode.distill(flow, solver, 5, refine="joint+timesteps", refine_iterations=5, refine_starts=1,
-                          progress=False)
+    fitted = dode.distill(flow, solver, 5, refine="joint+timesteps", batch_size=100, refine_iterations=5,
+                          refine_starts=1, progress=False)
     fitted.save_pretrained(tmp_path)
     loaded = DODEScheduler.from_pretrained(tmp_path)
     assert get_solver(dode.core.solvers.solver_of(loaded).name).flow

@@ -162,6 +162,25 @@ def test_joint_refinement_never_ends_worse_than_its_greedy_start(gmm, solver):
     assert joint.lambdas[0] == 0.0 and joint.grid is None
 
 
+def test_a_refinement_fits_on_refine_batch_seeds_unless_told_and_the_papers_fit_on_100(gmm):
+    """distill's fitting batch: REFINE_BATCH (400) seeds with refine= and no batch_size, the same fit as asking for
+    them; the paper's fit keeps 100; a given batch_size or Teacher wins."""
+    from dode.core.distill import REFINE_BATCH
+
+    common = dict(spacing="leading", teacher=2, guard=False, progress=False)
+    default = dode.distill(gmm, "ddim", 3, refine="joint", refine_iterations=3, **common)
+    asked = dode.distill(gmm, "ddim", 3, batch_size=REFINE_BATCH, refine="joint", refine_iterations=3, **common)
+    small = dode.distill(gmm, "ddim", 3, batch_size=100, refine="joint", refine_iterations=3, **common)
+    assert REFINE_BATCH == 400 and default.fit_info["batch_size"] == REFINE_BATCH
+    assert default.lambdas == asked.lambdas and small.fit_info["batch_size"] == 100
+    assert default.lambdas != small.lambdas  # the batch is what the lambdas were fitted on
+    assert dode.distill(gmm, "ddim", 3, **common).fit_info["batch_size"] == 100
+    teacher = dode.Teacher(gmm, batch_size=20, seed=0, substeps=2)
+    given = dode.distill(gmm, "ddim", 3, spacing="leading", teacher=teacher, guard=False, refine="joint",
+                         refine_iterations=3, progress=False)
+    assert given.fit_info["batch_size"] == 20
+
+
 def test_the_lambda_gradient_through_the_trajectory_matches_finite_differences(gmm):
     teacher = dode.Teacher(gmm, batch_size=10, seed=1, substeps=3)
     student = dode.distill(gmm, "deis", 4, teacher=teacher, guard=False)
