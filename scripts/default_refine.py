@@ -36,18 +36,23 @@ def all_cells() -> list:
     return [f"{s}:{n}" for s in GRID_SOLVERS for n in NFES if possible(s, n)]
 
 
-def fit(model_name: str, cells: list, settings: dict) -> list:
-    """In this process: each cell's held-out scores (``evaluate_scheduler``) and its fit's record."""
+def fit(model_name: str, cells: list, settings: dict, validation: int | None = None) -> list:
+    """In this process: each cell's held-out scores (``evaluate_scheduler``) and its fit's record; ``validation``:
+    that many validation seeds from ``VALIDATION_SEED`` instead of distill's default 100."""
     import time
 
     import torch
 
     import dode
+    from dode.core.distill import VALIDATION_SEED
     from dode.experiments.evaluate import evaluate_scheduler, evaluation_data
 
     torch.set_num_threads(1)
     model = dode.load_model(model_name)
     data = evaluation_data(model, 2000, reference_samples=10_000, progress=False)
+    if validation is not None:
+        settings = {**settings, "validation": dode.Teacher(model, batch_size=validation, seed=VALIDATION_SEED,
+                                                           substeps="fine")}
     rows = []
     for cell in cells:
         solver, nfe = cell.split(":")
@@ -76,8 +81,9 @@ def in_processes(call: str, cells: list, jobs: int) -> pd.DataFrame:
     return pd.DataFrame([row for out in outputs for row in json.loads(out.strip().splitlines()[-1])])
 
 
-def run(model_name: str, cells: list, settings: dict, jobs: int) -> pd.DataFrame:
-    table = in_processes(f"__import__('default_refine').fit({model_name!r}, cells, {settings!r})", cells, jobs)
+def run(model_name: str, cells: list, settings: dict, jobs: int, validation: int | None = None) -> pd.DataFrame:
+    table = in_processes(f"__import__('default_refine').fit({model_name!r}, cells, {settings!r}, {validation!r})",
+                         cells, jobs)
     table = table.sort_values(["solver", "nfe"], ignore_index=True)
     if model_name == "gmm-digits":
         table["limit"] = [limit(s, n) for s, n in zip(table.solver, table.nfe)]
@@ -98,11 +104,12 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--cells", nargs="+", default=None, help="solver:nfe ... (default: every grid solver, NFE 3-10)")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                         help="distill arguments other than the defaults (JSON values)")
+    parser.add_argument("--validation", type=int, default=None, help="validation seeds (default: distill's 100)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default=None, help="also write the table here (CSV)")
     args = parser.parse_args(argv)
     settings = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
-    table = run(args.model, args.cells or all_cells(), settings, args.jobs)
+    table = run(args.model, args.cells or all_cells(), settings, args.jobs, args.validation)
     columns = [c for c in ("solver", "nfe", "fd_pixel", "limit", "met", "validation", "kept", "teacher",
                            "fit_seconds") if c in table]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -9,7 +9,7 @@ import torch
 
 import dode
 from dode.tools import report
-from dode.core.distill import VALIDATION_SEED, shared_grids
+from dode.core.distill import VALIDATION_SEED, distillation, shared_grids
 from dode.experiments.evaluate import evaluate_spacings, evaluation_data
 from dode.experiments.summary import criterion_correlation, spacing_summary
 from dode.experiments.tables import paper_table, spacing_table
@@ -136,3 +136,34 @@ def test_the_api_docs_solver_table_lists_each_solvers_spacings_paper_first():
         listed = [s.strip() for s in row.strip("| ").split("|")[-1].split(",")]
         expected = [solver.default_spacing] + [s for s in solver.spacings if s != solver.default_spacing]
         assert listed == expected + (["explicit"] if solver.custom_grid else []), (name, listed)
+
+
+def test_the_learned_rows_are_what_distill_refine_fits_on_the_refinements_own_batch(gmm, one_thread, monkeypatch):
+    """With a refinement teacher on another batch, notebook 02's learned rows are exactly ``dode.distill(refine=...)``
+    against that teacher (its own auto fit first); with one that teaches as the fitting teacher does (another
+    object), they start from the table's own auto fit, with no second one."""
+    import dode.experiments.evaluate as evaluate
+
+    fits = []
+    monkeypatch.setattr(evaluate, "distillation", lambda *a, **k: fits.append(k["teacher"]) or distillation(*a, **k))
+    data = evaluation_data(gmm, 100, seed=1000, reference_samples=1000, progress=False)
+    teacher = dode.Teacher(gmm, batch_size=20, seed=0, substeps=4)
+    validation = dode.Teacher(gmm, batch_size=20, seed=VALIDATION_SEED, substeps="fine")
+    own = dode.Teacher(gmm, batch_size=30, seed=0, substeps=4)
+    common = dict(solvers=["dpm_solver_pp_2m"], nfes=[3], validation=validation, learned_nfes=[3],
+                  learned_solvers=["dpm_solver_pp_2m"], learned_starts=2, learned_iterations=4, progress=False)
+    results, _ = evaluate_spacings(gmm, data, fit_teacher=teacher, refine_teacher=own, **common)
+    assert fits == [teacher, own]
+    rows = results.set_index("variant")
+    for variant, mode in (("learned-grid", "timesteps"), ("dode-joint", "joint"), ("dode-learned", "joint+timesteps")):
+        fitted = dode.distill(gmm, "dpm_solver_pp_2m", 3, teacher=own, validation=validation, refine=mode,
+                              refine_starts=2, refine_iterations=4, progress=False)
+        assert json.loads(rows.at[variant, "lambdas"]) == pytest.approx(fitted.lambdas, abs=1e-6), variant
+        grid = json.loads(rows.at[variant, "grid"])
+        assert (grid is None and fitted.grid is None) or grid == pytest.approx(fitted.grid, rel=1e-6, abs=1e-6), variant
+        assert rows.at[variant, "validation"] == pytest.approx(fitted.fit_info["refine"]["validation"], rel=1e-9)
+    assert json.loads(rows.at["dode-learned", "grid"]) is not None
+    fits.clear()
+    same = dode.Teacher(gmm, batch_size=20, seed=0, substeps=4)  # another object, the same teaching
+    again, _ = evaluate_spacings(gmm, data, fit_teacher=teacher, refine_teacher=same, **common)
+    assert fits == [teacher]

@@ -197,8 +197,10 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
     (``dode.experiments.variants.VARIANTS``): the base on the paper's spacing, the best base by ``metric`` on the evaluation data
     (what a user who tunes diffusers' spacing gets), the paper's greedy D-ODE on the paper's spacing, D-ODE with
     ``spacing="auto"`` (guarded), and at ``learned_nfes`` for ``learned_solvers`` the refinements
-    (``dode.experiments.variants.REFINED_VARIANTS``, against ``refine_teacher``, from ``learned_starts`` starting spacings, at most
-    ``learned_iterations`` L-BFGS iterations, each kept only where it validates better than what it replaces):
+    (``dode.experiments.variants.REFINED_VARIANTS``, as ``distill(refine=...)`` makes them: from an auto fit on
+    ``refine_teacher``'s batch, the table's own where that teacher teaches as ``fit_teacher`` does, against
+    ``refine_teacher``, from ``learned_starts`` starting spacings, at most ``learned_iterations`` L-BFGS iterations,
+    each kept only where it validates better than what it replaces; ``fit_seconds`` counts that auto fit):
     the base solver on a learned grid (lambdas 0), D-ODE auto with its lambdas refined jointly, and D-ODE with
     lambdas and grid learned together (grids only for ``GRID_SOLVERS``).
     Validation Frechet distances are in ``validation_features`` (default: the feature space of ``metric``).
@@ -251,7 +253,15 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                 "dode": (cells[paper, "dode"][0], cells[paper, "dode"][1], (None, 0.0, None, None)),
                 "dode-auto": (auto_row, auto, (shrink, auto_seconds, None, found.score))}
         if nfe in learned_nfes and solver in learned_solvers:
-            judge = Judge(model, validation, criterion, device, validation_features)
+            # what distill(refine=...) does: the refinements start from an auto fit on their own teacher (the table's
+            # auto fit where that is the same batch and teacher); each row's fit_seconds counts that fit
+            start, start_seconds = found, auto_seconds
+            if refine_teacher is not None and not _same_teacher(refine_teacher, fit_teacher):
+                began = time.perf_counter()
+                start = distillation(model, solver, nfe, spacing="auto", teacher=refine_teacher,
+                                     validation=validation, features=validation_features, device=device,
+                                     progress=False)
+                start_seconds = time.perf_counter() - began
             # the grid alone and the joint lambdas: starts of "joint+timesteps" (their cost counted there too; the
             # other modes ignore them)
             made = {}
@@ -259,13 +269,16 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                 mode = VARIANTS[variant].refine
                 if REFINEMENTS[mode].timesteps and not get_solver(solver).takes_grid:
                     continue
-                refined = refine_fit(model, found, refine_teacher or fit_teacher, mode, judge=judge,
-                                     starts=learned_starts, max_iterations=learned_iterations,
-                                     grid_alone=made.get("timesteps"), joint=made.get("joint"), progress=False)
+                with start.sharing():  # as distill's refined_scheduler: the targets the fits had
+                    refined = refine_fit(model, start, start.teacher, mode, judge=start.judge,
+                                         targets=start.kept.fit.targets, starts=learned_starts,
+                                         max_iterations=learned_iterations, grid_alone=made.get("timesteps"),
+                                         joint=made.get("joint"), progress=False)
                 made[mode] = refined
                 spacing = "learned" if refined.kept and REFINEMENTS[mode].timesteps else refined.spacing
                 fits[variant] = ({"spacing": spacing, **_scores(model, refined.scheduler, nfe, data, **score)},
-                                 refined.scheduler, (shrink, refined.seconds, refined.kept, refined.score))
+                                 refined.scheduler,
+                                 (start.factor, start_seconds + refined.seconds, refined.kept, refined.score))
         for variant, (row, fitted, how) in fits.items():
             out = {key: row[key] for key in row if key not in ("variant", "paper_spacing", "chosen", "shrink")}
             out.update(solver=solver, nfe=nfe, variant=variant, spacing=row["spacing"])
@@ -277,6 +290,11 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                     fitted.save_pretrained(Path(save_dir) / f"{solver}-nfe{nfe}-{variant}")
             results.append(out)
     return pd.DataFrame(results), pd.DataFrame(sweep)
+
+
+def _same_teacher(a: Teacher, b: Teacher) -> bool:
+    """Whether two teachers teach the same: the same noise batch, substeps, matching and precision."""
+    return all(getattr(a, key) == getattr(b, key) for key in ("batch_size", "seed", "substeps", "match", "precision"))
 
 
 def fitting_rmse(model, scheduler, teacher: Teacher, device="auto", target: str = "teacher") -> float:

@@ -26,7 +26,8 @@ DEFAULTS = {
         "model_name": "gmm-digits", "solvers": "all", "nfes": [3, 5], "num_samples": 300, "reference_samples": 3000,
         "features": ["pixel"], "metric": "fd_pixel", "fine_nfe": 200, "fit_batch_size": 100, "fit_seed": 0,
         "teacher": 10, "validation_size": 100, "learned_nfes": [5], "learned_solvers": ["ddim", "deis"],
-        "learned_starts": 2, "learned_iterations": 10, "refine_teacher": "fine", "precision": "float32",
+        "learned_starts": 2, "learned_iterations": 10, "refine_teacher": "fine", "learned_batch_size": 100,
+        "precision": "float32",
         "criteria": ["rmse", "fd"], "seed": 1000, **_RUN,
     },
     "03_paper_tables": {
@@ -64,12 +65,13 @@ REPRODUCE = {
     "02_distill_solvers": {
         # the paper's NFEs, judged against the exact data distribution; learned grids (the grid alone, joint
         # lambdas, both) at every NFE from three starting spacings, L-BFGS to its tolerance (at most 200
-        # iterations); the criteria's rank correlation. The fits in float64, as the model computes: far fewer of the
-        # learned grids move with the CPU's kernels (docs/reproducing.md)
+        # iterations), on the fine teacher and 400 seeds as distill(refine=...) fits by default; the criteria's rank
+        # correlation. The fits in float64, as the model computes: far fewer of the learned grids move with the
+        # CPU's kernels (docs/reproducing.md)
         "exact": {"solvers": "all", "nfes": list(PAPER_NFES), "num_samples": 2000, "reference_samples": 10_000,
                   "fine_nfe": 200, "teacher": 10, "validation_size": 100, "learned_nfes": list(PAPER_NFES),
                   "learned_solvers": "all", "learned_starts": 3, "learned_iterations": 200, "refine_teacher": "fine",
-                  "precision": "float64", "criteria": ["rmse", "fd"]},
+                  "learned_batch_size": 400, "precision": "float64", "criteria": ["rmse", "fd"]},
         # NFE 4-8, judged against 200-step DDIM samples of the same seeds (5000: the reference solution is most of
         # this run's time); learned grids at NFE 5 for every solver from auto's spacing alone (and, for both,
         # the grid alone), at most 30 iterations. The joint lambdas against the fit's own C = 10 teacher, whose

@@ -28,8 +28,9 @@ def paper_table(results: pd.DataFrame, metric: str = "fd", variants=VARIANTS) ->
 
 
 #: what the learned table's fit seconds count (notebook 03's caption, results/README.md's prose)
-FIT_SECONDS = ("a refinement's own, on top of the auto fit it starts from; D-ODE on a learned grid's include the "
-               "learned grid alone and the joint lambdas, two of its starts")
+FIT_SECONDS = ("what distill(refine=...) costs: the auto fit it starts from, on the refinement's batch, and the "
+               "refinement; D-ODE on a learned grid's include the learned grid alone and the joint lambdas, two of its "
+               "starts")
 
 
 def learned_table(results: pd.DataFrame, metric: str = "fd") -> tuple[pd.DataFrame, pd.DataFrame]:
