@@ -6,8 +6,11 @@ timesteps included. Two grids:
 
 - ``substeps=C`` (an integer, the paper's teacher): every interval of the student's grid split into C steps,
   uniform in the training timestep. Each student times is on the grid by construction.
-- ``substeps="fine"``: every training timestep. Its trajectory is computed once per start and shared by every
-  solver and NFE; a student time between two grid points is reached by one Euler step from the point above.
+- ``substeps="fine"``: every training timestep. Its trajectory is computed once per start (the exact first noise
+  level and initial scale) and shared by every solver and NFE that start there; a student time between two grid
+  points is reached by one Euler step from the point above. Starts that agree only to a few digits (a first level
+  computed in float32 or float64, Heun's scale) get runs of their own: a fit reads the same targets whichever cells
+  the teacher served before it, so a shared teacher changes what a fit costs, never what it fits.
 
 ``Teacher.sharing(grids, apart)`` (``spacing="auto"``'s candidates): grids that start at the same noise level
 share one run, on their ``envelope``: every grid's levels, and between two of them steps no longer than any of
@@ -145,8 +148,9 @@ class Teacher:
 
     @staticmethod
     def _start_key(start: float, scale: float) -> tuple:
-        # One run per start, up to rounding: schedulers compute the same first sigma in float32 or float64
-        # (157.407269 or 157.407272), and Heun starts at sigma_max, not sqrt(sigma_max^2 + 1), 2e-5 smaller.
+        # Which grids ``sharing`` joins in one envelope, up to rounding: schedulers compute the same first sigma in
+        # float32 or float64 (157.407269 or 157.407272), and Heun starts at sigma_max, not sqrt(sigma_max^2 + 1),
+        # 2e-5 smaller. A run itself is keyed on its exact start and scale (``_fine_state``, ``targets``).
         return float(f"{start:.6g}"), float(f"{scale:.4g}")
 
     @staticmethod
@@ -233,7 +237,7 @@ class Teacher:
             shared = self._plan.get(self._grid_key(times))
             if shared is not None:
                 start_key, envelope, kept = shared
-                run = (start_key, envelope.tobytes())
+                run = (start_key, float(scale), envelope.tobytes())  # the envelope holds its exact start
                 if run not in self._shared_runs:
                     self._shared_runs[run] = (envelope[kept], self._euler(x_start, envelope)[kept])
                 levels, states = self._shared_runs[run]
@@ -252,7 +256,7 @@ class Teacher:
         return self._fine_state(self.noise, top, 1.0, 0.0)
 
     def _fine_state(self, x_start, start: float, scale: float, sigma: float) -> torch.Tensor:
-        key = self._start_key(start, scale)
+        key = (float(start), float(scale))  # exact: see the module's docstring
         if key not in self._fine_runs:
             below = self._training_sigmas[self._training_sigmas < start * (1 - 1e-6)][::-1]
             grid = np.concatenate([[start], below, [0.0]])
