@@ -1,14 +1,17 @@
-"""Does a learned grid depend on the CPU kernel path? The same gmm-digits refinements in two fresh processes, one
-under the default kernels and one under other BLAS / MKL / oneDNN paths, compared.
+"""Does a learned grid depend on the CPU kernel path? The same refinements in two fresh processes, one under the
+default kernels and one under other BLAS / MKL / oneDNN paths, compared.
 
-Each cell is ``dode.distill(gmm-digits, solver, nfe, spacing="auto", refine="joint+timesteps", teacher="fine")``
-(3 starts, L-BFGS to its tolerance, as notebook 02's gmm-digits run) in each ``--precision``. The table gives, per
+Each cell is ``dode.distill(model, solver, nfe, spacing="auto", refine="joint+timesteps", teacher="fine")``
+(3 starts, L-BFGS to its tolerance, as notebook 02's gmm-digits run; the fitting batch distill's default, 400) in each
+``--precision`` (``--model unet-digits``: float32 only, its network computes in float32). The table gives, per
 cell and precision, the validation score in each process, its relative change, and the largest relative change of
 a lambda (of those above 1e-3) and of a grid level. Prints the table; ``--out`` also writes it as CSV.
 
     python scripts/refine_kernels.py                        # the ten cells below, float32 and float64
     python scripts/refine_kernels.py --cells ddim:3 deis:8 --precision float64
     python scripts/refine_kernels.py --env "ATEN_CPU_CAPABILITY=default"   # torch's own kernels instead
+    python scripts/refine_kernels.py --model unet-digits --precision float32 --cells ddim:5 deis:5 \
+        --env "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"     # on an AVX-512 CPU: its AVX2 path
 
 ``--env`` (default: ``OTHER_KERNELS``) is what the second process gets on top of the first's environment.
 """
@@ -19,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pandas as pd
 
@@ -28,28 +32,29 @@ CELLS = ["unipc:4", "unipc:5", "dpm_solver_pp_2m:4", "dpm_solver_pp_2m:10", "dei
 OTHER_KERNELS = "OPENBLAS_CORETYPE=Sandybridge MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41"
 
 
-def fit(cells: list, precision: str) -> list:
+def fit(cells: list, precision: str, model_name: str = "gmm-digits") -> list:
     """In this process: each cell's lambdas, grid and validation score (floats, exactly)."""
     import torch
 
     import dode
 
     torch.set_num_threads(1)
-    model = dode.load_model("gmm-digits")
+    model = dode.load_model(model_name)
     out = []
     for cell in cells:
         solver, nfe = cell.split(":")
+        began = time.perf_counter()
         s = dode.distill(model, solver, int(nfe), spacing="auto", refine="joint+timesteps", teacher="fine",
                          precision=precision, progress=False)
         out.append({"cell": cell, "lambdas": list(map(float, s.lambdas)), "grid": list(map(float, s.grid or [])),
-                    "validation": s.fit_info["refine"]["validation"]})
+                    "validation": s.fit_info["refine"]["validation"], "seconds": time.perf_counter() - began})
     return out
 
 
-def _both(cells: list, precision: str, envs: list) -> list:
+def _both(cells: list, precision: str, envs: list, model_name: str) -> list:
     """``fit`` in one fresh process per environment, at once (one thread each)."""
     code = f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); " \
-           f"import refine_kernels as r; print(json.dumps(r.fit({cells!r}, {precision!r})))"
+           f"import refine_kernels as r; print(json.dumps(r.fit({cells!r}, {precision!r}, {model_name!r})))"
     runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for env in envs]
     outputs = [run.communicate()[0] for run in runs]
     if any(run.returncode for run in runs):
@@ -62,29 +67,31 @@ def _largest(a: list, b: list, floor: float) -> float:
     return max(moves, default=0.0)
 
 
-def compare(cells: list, precisions: list, other: str) -> pd.DataFrame:
+def compare(cells: list, precisions: list, other: str, model_name: str = "gmm-digits") -> pd.DataFrame:
     base = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     changed = {**base, **dict(item.split("=", 1) for item in other.split())}
     rows = []
     for precision in precisions:
-        for a, b in zip(*_both(cells, precision, [base, changed])):
+        for a, b in zip(*_both(cells, precision, [base, changed], model_name)):
             rows.append({"cell": a["cell"], "precision": precision, "validation": a["validation"],
                          "validation_other": b["validation"],
                          "validation_change": abs(a["validation"] - b["validation"]) / a["validation"],
                          "lambda_change": _largest(a["lambdas"], b["lambdas"], 1e-3),
                          "grid_change": _largest(a["grid"], b["grid"], 0.0),
-                         "identical": a["lambdas"] == b["lambdas"] and a["grid"] == b["grid"]})
+                         "identical": a["lambdas"] == b["lambdas"] and a["grid"] == b["grid"],
+                         "seconds": a["seconds"]})
     return pd.DataFrame(rows)
 
 
 def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gmm-digits")
     parser.add_argument("--cells", nargs="+", default=CELLS, help="solver:nfe ...")
     parser.add_argument("--precision", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
     parser.add_argument("--env", default=OTHER_KERNELS, help="VAR=value ... for the second process")
     parser.add_argument("--out", default=None, help="also write the table here (CSV)")
     args = parser.parse_args(argv)
-    table = compare(args.cells, args.precision, args.env)
+    table = compare(args.cells, args.precision, args.env, args.model)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.out:
         table.to_csv(args.out, index=False)
