@@ -3,6 +3,8 @@ that start at the same noise level are taught by one run, at least as fine as ea
 (k + 1)x the paper's fit where the paper's spacing costs what the others do (issue 24; docs/grids-and-guard.md)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -229,3 +231,21 @@ def test_a_joint_refinement_after_auto_reads_the_shared_targets(gmm, validation)
                           refine_iterations=3, refine_starts=3, progress=False)
     assert len(fitted.fit_info["refine"]["steps"]) >= 3  # three starts were refined
     assert teacher.nfe == runs
+
+
+def test_a_shared_run_serves_only_its_own_exact_start_and_scale(gmm):
+    """Two calls whose grids share an envelope but start from states scaled 2e-5 apart (Heun's scale against 1) get
+    a run each: the second reads what a fresh teacher gives it, not the first call's run, whichever came first."""
+    grid = spacing_grids(gmm, "ddim", 5, ["trailing"])[0]
+    scaled = dataclasses.replace(grid, init_noise_sigma=grid.init_noise_sigma * (1 - 2e-5))
+    assert dode.Teacher._grid_key(grid) == dode.Teacher._grid_key(scaled)  # one envelope, up to rounding
+
+    def targets(teacher, times):
+        with teacher.sharing([times]):
+            return teacher.targets(times)
+
+    shared = dode.Teacher(gmm, batch_size=4, seed=3, substeps=5)
+    first, second = targets(shared, grid), targets(shared, scaled)
+    assert torch.equal(second, targets(dode.Teacher(gmm, batch_size=4, seed=3, substeps=5), scaled))
+    assert not torch.equal(first, second)
+    assert len(shared._shared_runs) == 2
