@@ -186,12 +186,11 @@ class Teacher:
         apart = {self._grid_key(g): g for g in apart} if self._shares else {}
         groups = self.share_groups(g for g in grids if self._grid_key(g) not in apart)
         for members in groups + [{key: times} for key, times in apart.items()]:
-            start = next(iter(members))[0]  # the grid key's start key
             grid = [m.states for m in members.values()]
             levels = self.substep_levels(grid[0]) if len(grid) == 1 else self.envelope(grid)
             # the states to keep: at the grids' own levels (the others only carry the run between them)
             kept = sorted({int(np.argmin(np.abs(levels - s))) for m in members.values() for s in m.after})
-            plan.update({key: (start, levels, np.asarray(kept)) for key in members})
+            plan.update({key: (levels, np.asarray(kept)) for key in members})
         self._plan = plan
         try:
             yield self
@@ -236,8 +235,8 @@ class Teacher:
         if self.substeps != "fine":
             shared = self._plan.get(self._grid_key(times))
             if shared is not None:
-                start_key, envelope, kept = shared
-                run = (start_key, float(scale), envelope.tobytes())  # the envelope holds its exact start
+                envelope, kept = shared
+                run = (float(scale), envelope.tobytes())  # the envelope holds its exact start
                 if run not in self._shared_runs:
                     self._shared_runs[run] = (envelope[kept], self._euler(x_start, envelope)[kept])
                 levels, states = self._shared_runs[run]
