@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # here; pyproject.toml keeps an open range for users who bring their own.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup notebook-filter test reproduce verify bench guard-reference count-interpolation models lab clean test-inception
+.PHONY: setup notebook-filter test reproduce verify bench guard-reference count-interpolation learned-rows models lab clean test-inception
 
 setup: $(STAMP) notebook-filter
 
@@ -67,6 +67,12 @@ guard-reference: setup
 # (results/count_interpolation.md; seconds).
 count-interpolation: setup
 	DODE_NUM_THREADS=1 $(PY) -m dode.tools.count_interpolation --out results $(ARGS)
+
+# unet-digits' learned-grid rows (the grid alone, joint lambdas, both) at NFE 3-10, which make reproduce holds at NFE 5
+# only: notebook 02 with make reproduce's parameters, its solvers in two runs at once (results/learned_rows.md,
+# results/learned_rows/); about an hour on 2 CPU cores. ARGS="--report-only" rewrites the report from the saved rows.
+learned-rows: setup
+	$(PY) -m dode.tools.learned_rows --out results $(ARGS)
 
 # Retrain the shipped unet-digits and digits-classifier weights (dode/models/weights/), refit the gmm-digits mixture and
 # report how far the refit is from the shipped one (ARGS="-p replace_mixture True" replaces it); ~10 min on 2 CPU cores.

@@ -4,7 +4,8 @@
 variant, and for each D-ODE variant its ratio to a reference row and the share of that row's gap to the floor it
 closes. They differ in the reference (the paper's base; the best base) and in their column names, which their
 readers rely on (``spacing_summary`` is ``03_paper_tables``' ``summary.csv``, read by ``dode.tools.reproduce``).
-``criterion_correlation`` says how well each validation criterion ranks a sweep's cells.
+``criterion_correlation`` says how well each validation criterion ranks a sweep's cells; ``learned_checks`` whether
+D-ODE on a learned grid beats the rows it must beat, cell by cell.
 """
 from __future__ import annotations
 
@@ -64,3 +65,23 @@ def criterion_correlation(sweep: pd.DataFrame, metric: str = "fd_pixel") -> pd.D
                      "spearman_within_median": float(np.nanmedian(within)),
                      "picks_the_best": float(np.mean(agree))})
     return pd.DataFrame(rows)
+
+
+def learned_checks(results: pd.DataFrame, metric: str = "fd_pixel") -> pd.DataFrame:
+    """Per solver and NFE with a D-ODE-on-a-learned-grid row: ``metric`` of the best base, greedy D-ODE auto, the grid
+    alone (lambdas 0) and D-ODE on a learned grid, and whether the last is strictly below the best base
+    (``below_best``), strictly below greedy D-ODE auto (``below_auto``) and at or below the grid alone
+    (``at_or_below_grid``; True where the solver has no grid alone). Rows in ``SOLVERS`` order, then by NFE."""
+    wide = results.pivot_table(index=["solver", "nfe"], columns="variant", values=metric)
+    for variant in ("best-base", "dode-auto", "learned-grid", "dode-learned"):
+        if variant not in wide:
+            wide[variant] = np.nan
+    wide = wide.dropna(subset=["dode-learned"]).reset_index()
+    learned = wide["dode-learned"]
+    out = pd.DataFrame({"solver": wide["solver"], "nfe": wide["nfe"], "best_base": wide["best-base"],
+                        "auto": wide["dode-auto"], "grid_alone": wide["learned-grid"], "learned": learned,
+                        "below_best": learned < wide["best-base"], "below_auto": learned < wide["dode-auto"],
+                        "at_or_below_grid": wide["learned-grid"].isna() | (learned <= wide["learned-grid"])})
+    order = {s: i for i, s in enumerate(SOLVERS)}
+    out = out.sort_values(["solver", "nfe"], key=lambda c: c.map(order) if c.name == "solver" else c)
+    return out.reset_index(drop=True)

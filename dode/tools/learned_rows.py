@@ -1,0 +1,161 @@
+"""``make learned-rows``: the learned-grid rows at every NFE on a model whose ``make reproduce`` profile holds fewer.
+
+``make reproduce`` gives unet-digits learned rows (the grid alone, joint lambdas, both together) at NFE 5 only: at
+NFE 3-10 they cost about an hour more on two CPU cores (docs/reproducing.md, "What 20 minutes hold"). This runs
+notebook 02 on ``--model`` with its ``make reproduce`` parameters (``dode.experiments.parameters.REPRODUCE``) at
+``--nfes``, learned rows at every one of them, its solvers split into ``--shards`` notebook runs at once (one torch
+thread each), and writes into ``--out``:
+
+- ``learned_rows/<model>.csv``: the shards' ``results.csv`` rows together (every variant, as notebook 02 writes them);
+- ``learned_rows/<model>-<k>.ipynb``: each shard's executed notebook; ``learned_rows/<model>.json``: provenance;
+- ``learned_rows.md``: the learned table (``dode.experiments.tables.learned_table``) and, per cell, whether D-ODE on a
+  learned grid is below the best base, below greedy D-ODE auto and at or below the grid alone (``learned_checks``).
+
+``--report-only`` rewrites ``learned_rows.md`` from the CSV and the provenance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+
+from ..core.solvers import SOLVERS
+from ..experiments.summary import learned_checks
+from ..experiments.tables import FIT_SECONDS, learned_table, to_markdown
+from ..models.registry import get_model
+from ..util.runtime import describe_machine, machine, wanted_threads
+from .provenance import provenance
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOK = ROOT / "notebooks" / "02_distill_solvers.ipynb"
+MODEL = "unet-digits"
+NFES = (3, 4, 5, 6, 8, 10)
+#: where the shards run (cleared first); only what the report needs is copied into --out
+WORK = ROOT / "build" / "learned_rows"
+
+
+def shards(solvers, count: int) -> list[list[str]]:
+    """``solvers`` in ``count`` contiguous parts of nearly equal size (the first ones one longer), none empty."""
+    solvers = list(solvers)
+    if count < 1:
+        raise ValueError(f"shards must be at least 1, got {count}")
+    count = min(count, len(solvers))
+    size, extra = divmod(len(solvers), count)
+    parts, begin = [], 0
+    for k in range(count):
+        end = begin + size + (k < extra)
+        parts.append(solvers[begin:end])
+        begin = end
+    return parts
+
+
+def run_parameters(model: str, nfes, solvers) -> dict:
+    """Notebook 02's parameters for one shard: ``make reproduce``'s for ``model`` (its profile), at ``nfes``, learned
+    rows at each, for ``solvers``."""
+    from .reproduce import plan, reproduced_models
+
+    if model not in reproduced_models():
+        raise ValueError(f"{model} has no make reproduce profile; models with one: {', '.join(reproduced_models())}")
+    values = next(r.parameters for r in plan(ROOT / "results", [model]) if r.name == f"02_distill_solvers-{model}")
+    values.update(solvers=list(solvers), nfes=list(nfes), learned_nfes=list(nfes))
+    return values
+
+
+def _run_shard(k: int, values: dict, work: Path) -> float:
+    import papermill
+
+    folder = work / f"shard-{k}"
+    shutil.rmtree(folder, ignore_errors=True)  # a shard starts clean: no rows of an earlier run are collected
+    folder.mkdir(parents=True)
+    began = time.perf_counter()
+    papermill.execute_notebook(NOTEBOOK, folder / "executed.ipynb", cwd=str(NOTEBOOK.parent), log_output=True,
+                               progress_bar=False, parameters={**values, "out_dir": str(folder / "out")})
+    return time.perf_counter() - began
+
+
+def run(model: str, nfes, shard_count: int, out: Path, work: Path = WORK) -> dict:
+    """The shards at once, then their rows together in ``out/learned_rows``; returns the provenance record."""
+    parts = shards(SOLVERS, shard_count)
+    values = [run_parameters(model, nfes, part) for part in parts]
+    target = work / model
+    began = time.perf_counter()
+    with ThreadPoolExecutor(len(parts)) as pool:  # each papermill run starts a kernel process of its own
+        seconds = list(pool.map(lambda item: _run_shard(item[0], item[1], target), enumerate(values)))
+    wall = time.perf_counter() - began
+    return collect(model, [target / f"shard-{k}" for k in range(len(parts))], values, seconds, wall, out)
+
+
+def collect(model: str, folders: list[Path], values: list[dict], seconds: list[float], wall: float,
+            out: Path) -> dict:
+    """The shards' rows (``folders``: each with ``out/<model>/results.csv`` and ``executed.ipynb``) into
+    ``out/learned_rows``, with their provenance and the report."""
+    folder = out / "learned_rows"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = pd.concat([pd.read_csv(f / "out" / model / "results.csv") for f in folders], ignore_index=True)
+    rows.to_csv(folder / f"{model}.csv", index=False)
+    for k, f in enumerate(folders):
+        shutil.copyfile(f / "executed.ipynb", folder / f"{model}-{k}.ipynb")
+    meta = provenance({"model": model, "shards": values}, wall)
+    meta["machine"] = machine(torch_threads=wanted_threads())  # the threads each shard's kernel ran on
+    meta["shard_seconds"] = [round(s, 1) for s in seconds]
+    (folder / f"{model}.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    (out / "learned_rows.md").write_text(report(rows, meta))
+    return meta
+
+
+def report(rows: pd.DataFrame, meta: dict) -> str:
+    """results/learned_rows.md from the merged rows and the provenance."""
+    model = meta["parameters"]["model"]
+    first = meta["parameters"]["shards"][0]
+    metric = first["metric"]
+    quality, cost = learned_table(rows, metric)
+    checks = learned_checks(rows, metric)
+    counts = {c: int(checks[c].sum()) for c in ("below_best", "below_auto", "at_or_below_grid")}
+    missed = checks[~checks[["below_best", "below_auto", "at_or_below_grid"]].all(axis=1)]
+    cpu = sum(meta.get("shard_seconds", []))
+    lines = [
+        f"# Learned-grid rows of {model} at every NFE", "",
+        "<!-- written by python -m dode.tools.learned_rows (make learned-rows) from results/learned_rows/; "
+        "do not edit by hand -->", "",
+        f"Notebook 02 on {model} with `make reproduce`'s parameters for it (profile `{get_model(model).profile}`), "
+        f"learned rows at NFE {', '.join(map(str, first['learned_nfes']))}: {first['learned_starts']} start(s), at "
+        f"most {first['learned_iterations']} iterations, the fitting batch's C = {first['refine_teacher']} teacher "
+        f"for the joint lambdas; {metric} on {first['num_samples']} held-out seeds. Commit "
+        f"{(meta.get('git_commit') or 'unknown')[:7]}{' (with uncommitted changes)' if meta.get('git_dirty') else ''}"
+        f", {len(meta['parameters']['shards'])} shards at once on {describe_machine(meta.get('machine'))}: "
+        f"{meta['wall_seconds'] / 60:.0f} min wall, {cpu / 60:.0f} CPU-minutes.", "",
+        f"Of {len(checks)} solver x NFE cells, D-ODE on a learned grid is below the best base in "
+        f"{counts['below_best']}, below greedy D-ODE auto in {counts['below_auto']} and at or below the grid alone "
+        f"in {counts['at_or_below_grid']}.", "",
+        f"## {metric} (lower is better)", "", to_markdown(quality), "",
+        "## Per cell", "", checks.to_markdown(index=False, floatfmt=".4g"), "",
+        "## Cells that miss a check", "", missed.to_markdown(index=False, floatfmt=".4g") if len(missed) else "None.",
+        "", f"## Fit seconds ({FIT_SECONDS})", "", to_markdown(cost, 1), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--nfes", nargs="+", type=int, default=list(NFES))
+    parser.add_argument("--shards", type=int, default=2, help="notebook runs at once (one core each)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--report-only", action="store_true", help="rewrite learned_rows.md from the saved rows")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        folder = args.out / "learned_rows"
+        meta = json.loads((folder / f"{args.model}.json").read_text())
+        (args.out / "learned_rows.md").write_text(report(pd.read_csv(folder / f"{args.model}.csv"), meta))
+        return 0
+    meta = run(args.model, args.nfes, args.shards, args.out)
+    print(f"wrote {args.out / 'learned_rows.md'} in {meta['wall_seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""``make learned-rows`` (dode.tools.learned_rows): unet-digits' learned-grid rows at every NFE, outside make reproduce."""
+import json
+import math
+
+import nbformat
+import pandas as pd
+import pytest
+
+from dode.core.solvers import SOLVERS
+from dode.experiments.summary import learned_checks
+from dode.tools import learned_rows, reproduce
+
+ROOT = reproduce.ROOT
+
+
+def test_shards_hold_every_solver_once_in_order_and_differ_in_size_by_at_most_one():
+    for count in range(1, len(SOLVERS) + 3):
+        parts = learned_rows.shards(SOLVERS, count)
+        assert [s for part in parts for s in part] == list(SOLVERS)
+        assert len(parts) == min(count, len(SOLVERS)) and all(parts)
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError, match="at least 1"):
+        learned_rows.shards(SOLVERS, 0)
+
+
+def test_a_shard_runs_make_reproduce_s_parameters_with_only_its_solvers_and_nfes_changed():
+    ours = learned_rows.run_parameters("unet-digits", [3, 10], ["ddim", "heun"])
+    theirs = next(r.parameters for r in reproduce.plan(ROOT / "results", ["unet-digits"])
+                  if r.name == "02_distill_solvers-unet-digits")
+    assert {k for k in theirs if ours[k] != theirs[k]} == {"solvers", "nfes", "learned_nfes"}
+    assert ours["solvers"] == ["ddim", "heun"] and ours["nfes"] == ours["learned_nfes"] == [3, 10]
+    with pytest.raises(ValueError, match="no make reproduce profile"):
+        learned_rows.run_parameters("gmm-digits-flow", [3], ["ddim"])
+
+
+def _checks_by_loop(results: pd.DataFrame, metric: str) -> dict:
+    """learned_checks' verdicts, computed cell by cell from the rows themselves."""
+    out = {}
+    for (solver, nfe), cell in results.groupby(["solver", "nfe"]):
+        value = {v: cell.loc[cell.variant == v, metric] for v in ("best-base", "dode-auto", "learned-grid",
+                                                                   "dode-learned")}
+        if value["dode-learned"].empty:
+            continue
+        learned = float(value["dode-learned"].iloc[0])
+        grid = float(value["learned-grid"].iloc[0]) if len(value["learned-grid"]) else math.nan
+        out[(solver, nfe)] = (learned < float(value["best-base"].iloc[0]),
+                              learned < float(value["dode-auto"].iloc[0]),
+                              math.isnan(grid) or learned <= grid)
+    return out
+
+
+@pytest.mark.parametrize("model, metric", [("gmm-digits", "fd_pixel"), ("unet-digits", "fd_digits")])
+def test_learned_checks_agree_with_a_cell_by_cell_computation_on_the_committed_results(model, metric):
+    results = pd.read_csv(ROOT / "results" / model / "results.csv")
+    checks = learned_checks(results, metric)
+    expected = _checks_by_loop(results, metric)
+    assert len(checks) == len(expected) > 0
+    for row in checks.itertuples():
+        assert (row.below_best, row.below_auto, row.at_or_below_grid) == expected[(row.solver, row.nfe)]
+    assert list(checks.solver.map(list(SOLVERS).index)) == sorted(checks.solver.map(list(SOLVERS).index))
+
+
+def test_learned_checks_are_strict_against_the_bases_and_not_against_the_grid_alone():
+    rows = pd.DataFrame([
+        # a tie with the best base and with auto is not below them; a tie with the grid alone is at or below it
+        *({"solver": "ddim", "nfe": 5, "variant": v, "fd": x} for v, x in
+          (("best-base", 1.0), ("dode-auto", 1.0), ("learned-grid", 1.0), ("dode-learned", 1.0))),
+        # no grid alone (none kept in the table): the check holds
+        *({"solver": "deis", "nfe": 5, "variant": v, "fd": x} for v, x in
+          (("best-base", 2.0), ("dode-auto", 1.0), ("dode-learned", 0.5))),
+        # no learned row: no cell
+        {"solver": "unipc", "nfe": 5, "variant": "best-base", "fd": 1.0},
+    ])
+    checks = learned_checks(rows, "fd").set_index("solver")
+    assert list(checks.index) == ["ddim", "deis"]
+    assert not checks.at["ddim", "below_best"] and not checks.at["ddim", "below_auto"]
+    assert checks.at["ddim", "at_or_below_grid"] and checks.at["deis", "at_or_below_grid"]
+    assert checks.at["deis", "below_best"] and checks.at["deis", "below_auto"]
+
+
+def test_collect_puts_the_shards_rows_together_and_the_report_counts_them(tmp_path):
+    results = pd.read_csv(ROOT / "results" / "unet-digits" / "results.csv")
+    parts = learned_rows.shards(SOLVERS, 2)
+    folders = []
+    for k, part in enumerate(parts):
+        folder = tmp_path / f"shard-{k}"
+        (folder / "out" / "unet-digits").mkdir(parents=True)
+        results[results.solver.isin(part)].to_csv(folder / "out" / "unet-digits" / "results.csv", index=False)
+        nbformat.write(nbformat.v4.new_notebook(), folder / "executed.ipynb")
+        folders.append(folder)
+    values = [learned_rows.run_parameters("unet-digits", [5], part) for part in parts]
+    learned_rows.collect("unet-digits", folders, values, [10.0, 20.0], 25.0, tmp_path / "out")
+    merged = pd.read_csv(tmp_path / "out" / "learned_rows" / "unet-digits.csv")
+    key = ["solver", "nfe", "variant"]
+    pd.testing.assert_frame_equal(merged.sort_values(key).reset_index(drop=True),
+                                  results.sort_values(key).reset_index(drop=True))
+    checks = learned_checks(results, "fd_digits")
+    text = (tmp_path / "out" / "learned_rows.md").read_text()
+    assert (f"Of {len(checks)} solver x NFE cells, D-ODE on a learned grid is below the best base in "
+            f"{int(checks.below_best.sum())}, below greedy D-ODE auto in {int(checks.below_auto.sum())}") in text
+    meta = json.loads((tmp_path / "out" / "learned_rows" / "unet-digits.json").read_text())
+    assert meta["shard_seconds"] == [10.0, 20.0] and meta["parameters"]["shards"] == values
+    assert (tmp_path / "out" / "learned_rows" / "unet-digits-1.ipynb").is_file()
+
