@@ -4,7 +4,7 @@
 NFE 3-10 they cost about an hour more on two CPU cores (docs/reproducing.md, "What 20 minutes hold"). This runs
 notebook 02 on ``--model`` with its ``make reproduce`` parameters (``dode.experiments.parameters.REPRODUCE``) at
 ``--nfes``, learned rows at every one of them, its solvers split into ``--shards`` notebook runs at once (one torch
-thread each), and writes into ``--out``:
+thread each: ``ONE_CORE``), and writes into ``--out``:
 
 - ``learned_rows/<model>.csv``: the shards' ``results.csv`` rows together (every variant, as notebook 02 writes them);
 - ``learned_rows/<model>-<k>.ipynb``: each shard's executed notebook; ``learned_rows/<model>.json``: provenance;
@@ -17,24 +17,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+import threadpoolctl
 
 from ..core.solvers import SOLVERS
 from ..experiments.summary import learned_checks
 from ..experiments.tables import FIT_SECONDS, learned_table, to_markdown
 from ..models.registry import get_model
-from ..util.runtime import describe_machine, machine, wanted_threads
+from ..util.runtime import describe_machine, machine
 from .provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "02_distill_solvers.ipynb"
 MODEL = "unet-digits"
 NFES = (3, 4, 5, 6, 8, 10)
+#: set to 1 for the shards' kernels: each runs on one core, torch and BLAS alike
+ONE_CORE = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 #: where the shards run (cleared first); only what the report needs is copied into --out
 WORK = ROOT / "build" / "learned_rows"
 
@@ -80,6 +84,8 @@ def _run_shard(k: int, values: dict, work: Path) -> float:
 
 def run(model: str, nfes, shard_count: int, out: Path, work: Path = WORK) -> dict:
     """The shards at once, then their rows together in ``out/learned_rows``; returns the provenance record."""
+    for name in ONE_CORE:  # a shard per core: the kernels, which inherit this environment, on one thread each
+        os.environ[name] = "1"
     parts = shards(SOLVERS, shard_count)
     values = [run_parameters(model, nfes, part) for part in parts]
     target = work / model
@@ -101,7 +107,8 @@ def collect(model: str, folders: list[Path], values: list[dict], seconds: list[f
     for k, f in enumerate(folders):
         shutil.copyfile(f / "executed.ipynb", folder / f"{model}-{k}.ipynb")
     meta = provenance({"model": model, "shards": values}, wall)
-    meta["machine"] = machine(torch_threads=wanted_threads())  # the threads each shard's kernel ran on
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):  # what each shard's kernel ran on (ONE_CORE)
+        meta["machine"] = machine(torch_threads=1)
     meta["shard_seconds"] = [round(s, 1) for s in seconds]
     (folder / f"{model}.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     (out / "learned_rows.md").write_text(report(rows, meta))
