@@ -102,3 +102,24 @@ def test_collect_puts_the_shards_rows_together_and_the_report_counts_them(tmp_pa
     assert meta["shard_seconds"] == [10.0, 20.0] and meta["parameters"]["shards"] == values
     assert (tmp_path / "out" / "learned_rows" / "unet-digits-1.ipynb").is_file()
 
+
+
+def test_the_committed_report_is_what_the_tool_writes_from_the_committed_rows(tmp_path):
+    committed = ROOT / "results" / "learned_rows"
+    (tmp_path / "learned_rows").mkdir()
+    for name in ("unet-digits.csv", "unet-digits.json"):
+        (tmp_path / "learned_rows" / name).write_bytes((committed / name).read_bytes())
+    assert learned_rows.main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "learned_rows.md").read_text() == (ROOT / "results" / "learned_rows.md").read_text()
+
+
+def test_the_progress_bar_counts_the_cells_the_shards_have_saved_and_ends_with_the_runs(tmp_path):
+    from concurrent.futures import Future
+
+    for k, cells in enumerate((["ddim-nfe3", "ddim-nfe4"], ["deis-nfe3"])):
+        for cell in cells:
+            for variant in ("dode-auto", "dode-learned"):  # one cell: several folders, one of them dode-auto
+                (tmp_path / f"shard-{k}" / "out" / "unet-digits" / "schedulers" / f"{cell}-{variant}").mkdir(parents=True)
+    done = Future()
+    done.set_result(1.0)
+    assert learned_rows._follow([done, done], tmp_path, "unet-digits", total=44, every=0.01) == 3

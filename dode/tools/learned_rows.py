@@ -25,8 +25,10 @@ from pathlib import Path
 
 import pandas as pd
 import threadpoolctl
+from tqdm.auto import tqdm
 
 from ..core.solvers import SOLVERS
+from ..experiments.checks import possible
 from ..experiments.summary import learned_checks
 from ..experiments.tables import FIT_SECONDS, learned_table, to_markdown
 from ..models.registry import get_model
@@ -82,6 +84,18 @@ def _run_shard(k: int, values: dict, work: Path) -> float:
     return time.perf_counter() - began
 
 
+def _follow(runs: list, target: Path, model: str, total: int, every: float = 5.0) -> int:
+    """A progress bar over the solver x NFE cells the shards have finished (notebook 02 saves a cell's schedulers
+    when it is done: one ``*-dode-auto`` folder per cell) until every run has ended; returns the cells seen."""
+    with tqdm(total=total, desc=f"{model}: solver x NFE cells", unit="cell") as bar:
+        while True:
+            finished = all(r.done() for r in runs)
+            bar.update(len(list(target.glob(f"shard-*/out/{model}/schedulers/*-dode-auto"))) - bar.n)
+            if finished:
+                return bar.n
+            time.sleep(every)
+
+
 def run(model: str, nfes, shard_count: int, out: Path, work: Path = WORK) -> dict:
     """The shards at once, then their rows together in ``out/learned_rows``; returns the provenance record."""
     for name in ONE_CORE:  # a shard per core: the kernels, which inherit this environment, on one thread each
@@ -91,7 +105,9 @@ def run(model: str, nfes, shard_count: int, out: Path, work: Path = WORK) -> dic
     target = work / model
     began = time.perf_counter()
     with ThreadPoolExecutor(len(parts)) as pool:  # each papermill run starts a kernel process of its own
-        seconds = list(pool.map(lambda item: _run_shard(item[0], item[1], target), enumerate(values)))
+        runs = [pool.submit(_run_shard, k, v, target) for k, v in enumerate(values)]
+        _follow(runs, target, model, sum(possible(s, n) for s in SOLVERS for n in nfes))
+        seconds = [r.result() for r in runs]
     wall = time.perf_counter() - began
     return collect(model, [target / f"shard-{k}" for k in range(len(parts))], values, seconds, wall, out)
 
