@@ -123,3 +123,11 @@ def test_the_progress_bar_counts_the_cells_the_shards_have_saved_and_ends_with_t
     done = Future()
     done.set_result(1.0)
     assert learned_rows._follow([done, done], tmp_path, "unet-digits", total=44, every=0.01) == 3
+
+
+def test_the_docs_quote_the_report_s_count_as_it_stands():
+    sentence = next(line for line in (ROOT / "results" / "learned_rows.md").read_text().splitlines()
+                    if line.startswith("Of ") and "solver x NFE cells" in line)
+    page = (ROOT / "docs" / "grids-and-guard.md").read_text()
+    quoted = page.split("<!-- learned-rows: the report's sentence")[1].split("\n")[1]
+    assert quoted == sentence
