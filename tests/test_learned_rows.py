@@ -131,3 +131,8 @@ def test_the_docs_quote_the_report_s_count_as_it_stands():
     page = (ROOT / "docs" / "grids-and-guard.md").read_text()
     quoted = page.split("<!-- learned-rows: the report's sentence")[1].split("\n")[1]
     assert quoted == sentence
+
+
+def test_report_only_without_saved_rows_says_what_to_run(tmp_path):
+    with pytest.raises(SystemExit, match="no saved rows to report.*run make learned-rows"):
+        learned_rows.main(["--report-only", "--out", str(tmp_path)])

@@ -172,6 +172,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.report_only:
         folder = args.out / "learned_rows"
+        missing = [p for p in (folder / f"{args.model}.json", folder / f"{args.model}.csv") if not p.is_file()]
+        if missing:
+            raise SystemExit(f"no saved rows to report: {', '.join(map(str, missing))} missing; run make learned-rows "
+                             f"(python -m dode.tools.learned_rows --out {args.out}) first")
         meta = json.loads((folder / f"{args.model}.json").read_text())
         (args.out / "learned_rows.md").write_text(report(pd.read_csv(folder / f"{args.model}.csv"), meta))
         return 0
