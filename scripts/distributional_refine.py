@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-from io import StringIO
 
 import pandas as pd
+
+from workers import spread
 
 #: the cells where make learned-rows' D-ODE on a learned grid missed a check (results/learned_rows.md)
 CELLS = ("ipndm:4", "deis:4", "unipc:4", "unipc:6", "dpm_solver_pp_2m:8", "unipc:5")
@@ -114,12 +114,7 @@ def main(argv=None) -> int:
         run(args.cells[k::jobs], args.weights).to_csv(sys.stdout, index=False)
         return 0
     base = [sys.executable, __file__, "--cells", *args.cells, "--weights", *map(str, args.weights)]
-    workers = [subprocess.Popen([*base, "--worker", str(k), str(args.jobs)], stdout=subprocess.PIPE, text=True)
-               for k in range(args.jobs)]
-    outputs = [w.communicate()[0] for w in workers]
-    if any(w.returncode for w in workers):
-        raise SystemExit(f"a worker failed (exit codes {[w.returncode for w in workers]})")
-    table = pd.concat([pd.read_csv(StringIO(o)) for o in outputs], ignore_index=True)
+    table = spread(base, args.jobs)
     table["below_auto"] = table["learned"] < table["auto"]
     print(table.to_markdown(index=False, floatfmt=".4g"))
     if args.out:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import glob
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+
+from workers import spread
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("dode-auto", "learned-grid", "dode-learned")
@@ -101,15 +102,10 @@ def main(argv=None) -> int:
         return 0
     base = [sys.executable, __file__, "--model", args.model, "--rows", str(args.rows), "--sizes",
             *map(str, args.sizes), "--schedulers", *args.schedulers]
-    workers = [subprocess.Popen([*base, "--worker", str(k), str(args.jobs)], stdout=subprocess.PIPE, text=True)
-               for k in range(args.jobs)]
-    outputs = [w.communicate()[0] for w in workers]
-    if any(w.returncode for w in workers):
-        raise SystemExit(f"a worker failed (exit codes {[w.returncode for w in workers]})")
-    from io import StringIO
+    scores = spread(base, args.jobs)
+    from dode.models.registry import get_model
 
-    scores = pd.concat([pd.read_csv(StringIO(o)) for o in outputs], ignore_index=True)
-    metric = "fd_digits" if args.model == "unet-digits" else "fd_pixel"
+    metric = get_model(args.model).metric  # the table's
     table = rows.pivot_table(index=["solver", "nfe"], columns="variant", values=metric)
     criteria = [f"{f}{kind}{n}" for kind in ("", "_mse") for f in ("digits", "pixel") for n in args.sizes]
     summary = pd.DataFrame([guard_by(scores, table, c) for c in criteria])
