@@ -28,7 +28,8 @@ from ..util.runtime import resolve_device
 from .fit import GreedyFit, greedy_fit
 from .guard import CRITERIA, MARGIN, FitWarning, Judge, best_factor, choose, decision, insanity, scaled
 from .reference import REFERENCE, Reference, reference_solution
-from .refine import OPTIMIZERS, PATIENCE, REFINEMENTS, TOLERANCE, Monitor, Optimised, optimise
+from .refine import (MOMENT_FEATURES, OPTIMIZERS, PATIENCE, REFINEMENTS, TOLERANCE, MomentTerm, Monitor, Optimised,
+                     moment_balance, optimise)
 from .sampling import check_batch_size, count_evaluations
 from .scheduler import DODEScheduler, grid_scheduler, make_scheduler
 from .solvers import GRID_SOLVERS, Solver, get_solver
@@ -218,8 +219,10 @@ def _judge(model, teacher: Teacher, validation, criterion: str, features: str, d
     return Judge(model, validation, criterion, device, features, reference, progress)
 
 
-def _check_refine(solver: Solver, refine, optimizer: str = "lbfgs") -> None:
-    """``distill``'s check of ``refine`` and ``refine_optimizer``, before any work."""
+def _check_refine(solver: Solver, refine, optimizer: str = "lbfgs", moments=(0.0,),
+                  features: str | None = "pixel") -> None:
+    """``distill``'s check of ``refine``, ``refine_optimizer`` and ``refine_moments`` (in the guard's ``features``;
+    None: no guard), before any work."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"refine_optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
     if refine is not None and refine not in REFINEMENTS:
@@ -230,6 +233,7 @@ def _check_refine(solver: Solver, refine, optimizer: str = "lbfgs") -> None:
             f"integer timesteps and no scheduler makes exactly its update on other levels. Use refine='joint', "
             f"or one of: {', '.join(GRID_SOLVERS)}"
         )
+    _moment_weights(moments, refine, None if features is None else _Features(features))
 
 
 def _check(solver: Solver, nfe: int, spacing, guard: bool, criterion: str, margin: float) -> list:
@@ -382,7 +386,8 @@ def _distill_counts(single, arguments: dict) -> DODEScheduler:
         raise ValueError(f"nfe is a number of model evaluations, or a list of distinct ones; got {nfes!r}")
     if given["spacing"] is not None and not isinstance(given["spacing"], str):
         raise ValueError("an explicit grid fixes one step count: distil several NFE on a named spacing or 'auto'")
-    _check_refine(solver, given["refine"], given["refine_optimizer"])
+    _check_refine(solver, given["refine"], given["refine_optimizer"], given["refine_moments"],
+                  given["features"] if given["guard"] else None)
     for n in nfes:  # every argument check before any work
         _check(solver, n, given["spacing"], given["guard"], given["criterion"], given["margin"])
     device = given["device"] = resolve_device(given["device"])
@@ -398,10 +403,10 @@ def _distill_counts(single, arguments: dict) -> DODEScheduler:
 
 def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | None = None, seed: int | None = None,
             teacher=None, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
-            margin: float = MARGIN, reference: Reference = REFERENCE, device="auto",
-            refine: str | None = None, refine_iterations: int = 200, refine_starts: int = STARTS,
-            refine_tolerance: float = TOLERANCE, refine_batch_size: int | None = None,
-            refine_optimizer: str = "lbfgs", precision: str | None = None, progress: bool = True) -> DODEScheduler:
+            margin: float = MARGIN, reference: Reference = REFERENCE, device="auto", refine: str | None = None,
+            refine_iterations: int = 200, refine_starts: int = STARTS, refine_tolerance: float = TOLERANCE,
+            refine_batch_size: int | None = None, refine_optimizer: str = "lbfgs", refine_moments=(0.0,),
+            precision: str | None = None, progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
 
     ``nfe``: model evaluations, or a list of them: then one DODEScheduler holds each count's fit (one teacher, one
@@ -438,11 +443,11 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     ``"timesteps"`` (the grid alone, every lambda 0: the base solver on a learned grid). Exact gradients (autograd,
     the noise levels included); ``refine_optimizer`` (``OPTIMIZERS``): L-BFGS to ``refine_tolerance`` (at most
     ``refine_iterations``), or "adam", annealed over ``refine_iterations`` from every start; ``refine_batch_size``:
-    micro-batches. With the guard and no ``spacing``, from ``"auto"``: ``refine_starts`` starts, the best on the
-    validation seeds kept; "joint+timesteps" also from the grid alone and the joint lambdas, never validating worse
-    than either; a refinement worse than what it would replace is dropped (``fit_info["refine"]["kept"]``).
-    ``precision``: of the fitting batch and all fitted on it (``dode.Teacher``'s, default float32); "float64"
-    narrows what CPU kernels change in a fit.
+    micro-batches; ``refine_moments``: a grid's objective's moment weights (``refine_fit``'s ``moment_weights``).
+    With the guard and no ``spacing``, from ``"auto"``: ``refine_starts`` starts, the best on the validation seeds
+    kept; "joint+timesteps" also from the grid alone and the joint lambdas, never validating worse than either; a
+    refinement worse than what it would replace is dropped (``fit_info["refine"]["kept"]``). ``precision``: of the
+    fitting batch and all fitted on it (``dode.Teacher``'s, default float32; "float64" narrows what CPU kernels change).
 
     ``fit_info``: the spacing, every candidate's validation scores, the decision, the reference, and ``"cost"`` (model
     evaluations times samples, and seconds, by part). A fit that looks wrong warns (``FitWarning``)."""
@@ -450,7 +455,7 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     batch_size = REFINE_BATCH if batch_size is None and refine and not isinstance(teacher, Teacher) else batch_size
     if isinstance(nfe, (list, tuple)):  # one fit per count, in one scheduler
         return _distill_counts(distill, locals())
-    _check_refine(get_solver(solver), refine, refine_optimizer)
+    _check_refine(get_solver(solver), refine, refine_optimizer, refine_moments, features if guard else None)
     if refine is not None and spacing is None and guard:  # the best a user can get: from auto's choice and more
         spacing = "auto"
     found = distillation(model, solver, nfe, spacing=spacing, batch_size=batch_size, seed=seed, teacher=teacher,
@@ -460,19 +465,20 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
         return found.scheduler
     return refined_scheduler(model, found, refine, iterations=refine_iterations, starts=refine_starts,
                              tolerance=refine_tolerance, batch_size=refine_batch_size, optimizer=refine_optimizer,
-                             progress=progress)
+                             moment_weights=refine_moments, progress=progress)
 
 
 def refined_scheduler(model, found: "Distillation", refine: str, *, iterations: int = 200, starts: int = STARTS,
                       tolerance: float = TOLERANCE, batch_size: int | None = None, optimizer: str = "lbfgs",
-                      progress: bool = True) -> DODEScheduler:
+                      moment_weights=(0.0,), progress: bool = True) -> DODEScheduler:
     """What ``distill(refine=refine)`` returns, from its ``distillation`` ``found`` (which may have given its own
     ``scheduler`` first: D-ODE auto and its refinement from one fit): ``refine_fit`` against the fit's teacher and
     targets, with ``starts`` starts where ``found`` is an auto fit (one otherwise)."""
     with found.sharing():  # a start on a candidate's grid reads the targets its fit had, without another teacher run
         return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
                           max_iterations=iterations, starts=starts if found.auto else 1, tolerance=tolerance,
-                          batch_size=batch_size, optimizer=optimizer, progress=progress).scheduler
+                          batch_size=batch_size, optimizer=optimizer, moment_weights=moment_weights,
+                          progress=progress).scheduler
 
 
 @dataclass
@@ -567,7 +573,8 @@ def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | N
     found = optimise(model, start.scheduler, teacher.noise, targets, **mode_options,
                      max_iterations=options.max_iterations, tolerance=options.tolerance,
                      gradient=options.gradient, batch_size=options.batch_size, optimizer=options.optimizer,
-                     monitor=monitor, progress=progress)
+                     monitor=monitor, moments=options.moments if mode_options["objective"] == "final" else None,
+                     progress=progress)
     score = found.validation if monitor is not None else None if judge is None else judge(found.scheduler)
     return _Attempt(start, found, score)
 
@@ -591,7 +598,8 @@ class RefineOptions(NamedTuple):
     row without a better score (None: no early stopping); Adam for exactly ``max_iterations`` from every start (an
     annealed run cannot be probed and continued). The fitting batch in micro-batches of ``batch_size`` samples
     (None: whole); ``gradient``: "autograd" or "fd" (``GRADIENTS``); ``reference``: how a grid refinement's targets
-    are solved (``final_targets``)."""
+    are solved (``final_targets``); ``moments``: a moment-matching term in a grid refinement's objective
+    (``dode.core.refine.MomentTerm``), None for the squared distance alone."""
 
     max_iterations: int = 200
     tolerance: float = TOLERANCE
@@ -601,13 +609,15 @@ class RefineOptions(NamedTuple):
     optimizer: str = "lbfgs"
     reference: Reference = REFERENCE
     patience: int | None = PATIENCE
+    moments: MomentTerm | None = None
 
 
 def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge: Judge | None = None,
                targets=None, max_iterations: int = 200, starts: int = 1, probe_iterations: int = 10,
                tolerance: float = TOLERANCE, batch_size: int | None = None, gradient: str = "autograd",
                grid_alone: "Refined | None" = None, joint: "Refined | None" = None, optimizer: str = "lbfgs",
-               reference: Reference | None = None, patience: int | None = PATIENCE, progress: bool = True) -> Refined:
+               reference: Reference | None = None, patience: int | None = PATIENCE, moment_weights=(0.0,),
+               progress: bool = True) -> Refined:
     """``distill(refine=mode)`` from a ``distillation``, on ``teacher``'s noise batch (the fitting batch): "joint"
     against the teacher's states, a grid refinement against the batch's ``reference`` solution (``final_targets``;
     default the judge's reference).
@@ -626,7 +636,19 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     validates worse than either, its special cases (every lambda 0; the grid held): where no refinement beats them,
     the better of them is the result.
     ``targets``: the teacher's states at the distillation's own levels, where the caller has them. ``batch_size``:
-    micro-batches (bounded memory); ``gradient``: "autograd" (exact) or "fd" (finite differences in the grid)."""
+    micro-batches (bounded memory); ``gradient``: "autograd" (exact) or "fd" (finite differences in the grid).
+
+    ``moment_weights`` (beyond the paper; grid refinements): weights of a moment-matching term in the judge's features
+    added to the squared distance (``dode.core.refine.MomentTerm``; 0 alone, the default). With several, the whole
+    refinement runs once per weight (a "joint+timesteps" one with its own grid alone unless ``grid_alone`` is given),
+    and the best-validating is kept, the first on a tie (``_weighed``; its record says what each weight gave)."""
+    weights = _moment_weights(moment_weights, mode, judge)
+    if len(weights) > 1:
+        return _weighed(model, found, teacher, mode, weights, dict(
+            judge=judge, targets=targets, max_iterations=max_iterations, starts=starts,
+            probe_iterations=probe_iterations, tolerance=tolerance, batch_size=batch_size, gradient=gradient,
+            grid_alone=grid_alone, joint=joint, optimizer=optimizer, reference=reference, patience=patience,
+            progress=progress))
     if reference is None:  # the guard's, so that a learned grid is fitted to what it is judged by
         reference = judge.solution.reference if isinstance(judge, Judge) else REFERENCE
     options = RefineOptions(max_iterations, tolerance, probe_iterations, batch_size, gradient, optimizer, reference,
@@ -636,9 +658,14 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
         for name, given, what in (("grid_alone", grid_alone, "timesteps"), ("joint", joint, "joint")):
             special[name] = given if given is not None else refine_fit(
                 model, found, teacher, what, judge=judge, targets=targets if what == "joint" else None, starts=starts,
-                progress=progress, **options._asdict())
+                progress=progress, moment_weights=weights if what == "timesteps" else (0.0,),
+                **{k: v for k, v in options._asdict().items() if k != "moments"})
     with count_evaluations(model) as counted:
+        began = time.perf_counter()
+        options = _with_moments(model, found, teacher, judge, options, weights[0])
+        balancing = time.perf_counter() - began
         refined = _refine_fit(model, found, teacher, mode, judge, targets, starts, options, special, progress)
+    refined.seconds += balancing
     refined.record["sample_evaluations"] = counted.sample_evaluations
     cost = (counted.sample_evaluations, refined.seconds)
     for name, part in special.items():
@@ -649,6 +676,74 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     # fit_info: the distillation's record on the start's spacing, its cost with the refinement's, and the refinement's
     refined.scheduler.fit_info = {**found.record(refined.spacing, cost), "refine": refined.record}
     return refined
+
+
+def _moment_weights(weights, mode: str, judge) -> tuple:
+    """``refine_fit``'s ``moment_weights`` checked: a tuple of distinct finite numbers >= 0, non-zero only for a grid
+    refinement in features a moment term can use, several only with a judge to choose among them."""
+    if mode is not None and mode not in REFINEMENTS:
+        raise ValueError(f"mode must be one of {tuple(REFINEMENTS)}, got {mode!r}")
+    try:
+        weights = tuple(float(w) for w in weights)
+    except (TypeError, ValueError):
+        raise ValueError(f"moment_weights must be a sequence of numbers >= 0, got {weights!r}") from None
+    if not weights or any(not (math.isfinite(w) and w >= 0) for w in weights) or len(set(weights)) < len(weights):
+        raise ValueError(f"moment_weights must be distinct finite numbers >= 0, at least one, got {weights!r}")
+    if weights == (0.0,):
+        return weights
+    if mode is None or REFINEMENTS[mode].objective != "final":
+        raise ValueError(f"moment weights other than 0 weigh a grid refinement's objective: they need refine="
+                         f"'timesteps' or 'joint+timesteps', not {mode!r}")
+    if len(weights) > 1 and judge is None:
+        raise ValueError("several moment weights need the guard's validation seeds to choose among them")
+    features = getattr(judge, "features", "pixel")
+    if features not in MOMENT_FEATURES:
+        raise ValueError(f"a moment term is in the judge's features, which must be one of {MOMENT_FEATURES}, "
+                         f"not {features!r}")
+    return weights
+
+
+def _with_moments(model, found: Distillation, teacher: Teacher, judge, options: RefineOptions,
+                  weight: float) -> RefineOptions:
+    """``options`` with a moment term of ``weight`` in the judge's features (none at weight 0), balanced at the
+    distillation's result on the fitting batch (one run of it)."""
+    if weight == 0:
+        return options
+    features = getattr(judge, "features", "pixel")
+    balance = moment_balance(model, found.scheduler, teacher.noise, final_targets(model, teacher, options.reference),
+                             features)
+    return options._replace(moments=MomentTerm(weight, features, balance))
+
+
+class _Features(NamedTuple):  # what ``_moment_weights`` reads of a judge, before there is one
+    features: str
+
+
+def _weighed(model, found: Distillation, teacher: Teacher, mode: str, weights: tuple, options: dict) -> Refined:
+    """``refine_fit`` once per moment weight; the one whose result validates best (the first on a tie), its record
+    with every weight's validation and the cost of all (given ``grid_alone`` and ``joint`` counted once)."""
+    if mode == "joint+timesteps" and options["joint"] is None:  # the joint lambdas do not depend on the weight
+        options = dict(options, joint=refine_fit(model, found, teacher, "joint", **{
+            k: v for k, v in options.items() if k not in ("grid_alone", "joint")}))
+    tried = [refine_fit(model, found, teacher, mode, moment_weights=(w,), **options) for w in weights]
+    returned = [t.score if t.kept else t.record.get("validation_before", t.score) for t in tried]
+    chosen = min(range(len(tried)), key=lambda i: (returned[i], i))
+    given = [p for p in (options["grid_alone"], options["joint"]) if p is not None] if mode == "joint+timesteps" else []
+    # each weight's refinement with its special cases (refine_fit's cost), the given ones counted once in all
+    costs = [{"sample_evaluations": t.record["sample_evaluations"] + sum(
+        t.record[name]["sample_evaluations"] for name in ("grid_alone", "joint") if name in t.record),
+        "seconds": t.seconds} for t in tried]
+    evaluations = sum(c["sample_evaluations"] for c in costs) - (len(tried) - 1) * sum(
+        p.record["sample_evaluations"] for p in given)
+    seconds = sum(c["seconds"] for c in costs) - (len(tried) - 1) * sum(p.seconds for p in given)
+    best = tried[chosen]
+    # its own spending, every weight's run (the given parts not): what a caller adds when it is given in turn
+    record = {**best.record, "sample_evaluations": evaluations - sum(p.record["sample_evaluations"] for p in given),
+              "moment_weight": weights[chosen], "moment_weights": [
+        {"weight": w, "validation": v, "kept": t.kept, **c} for w, v, t, c in zip(weights, returned, tried, costs)]}
+    best.scheduler.fit_info = {**found.record(best.spacing, (evaluations, seconds)), "refine": record}
+    return Refined(best.scheduler, best.kept, best.spacing, best.score, seconds,
+                   sum(t.iterations for t in tried), record)
 
 
 def _refine_fit(model, found: Distillation, teacher: Teacher, mode: str, judge: Judge | None, targets, starts: int,

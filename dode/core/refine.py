@@ -32,6 +32,7 @@ differences (about 1e-7) are too close to any useful rounding, so nothing is rou
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from typing import NamedTuple
@@ -134,6 +135,73 @@ def _loss(states, targets, objective: str) -> torch.Tensor:
     return sum(torch.mean((x.double() - y.double().to(x.device)) ** 2) for x, y in pairs) / len(pairs)
 
 
+#: the feature spaces of a ``MomentTerm``: the guard's Frechet-distance spaces that are cheap and differentiable
+MOMENT_FEATURES = ("pixel", "digits")
+
+
+class MomentTerm(NamedTuple):
+    """A term of the final objective beyond the squared distance (an option: ``refine_fit(moment_weights=...)``):
+    ``weight`` x ``balance`` x the squared distance between the means and between the covariances
+    (``moment_distance``) of the ``features`` of the student's final samples and of the targets, over the whole
+    fitting batch. The squared distance to each seed's solution rewards a sampler that lands near it on average,
+    which at few steps costs spread; a Frechet distance counts spread (docs/grids-and-guard.md). ``balance``: the
+    squared distance over the moment distance at the refinement's reference point (``moment_balance``), so that at
+    weight 1 the two weigh alike there."""
+
+    weight: float
+    features: str = "pixel"
+    balance: float = 1.0
+
+    def record(self) -> dict:
+        return {"weight": self.weight, "features": self.features, "balance": self.balance}
+
+
+@functools.lru_cache(maxsize=None)
+def _digits_classifier():
+    """The FD-digits classifier in float64, frozen (the gradient flows through it, not into it)."""
+    from ..evaluation.features import DigitsClassifier
+
+    classifier = DigitsClassifier.from_pretrained().double().eval()
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    return classifier
+
+
+def moment_features(x: torch.Tensor, features: str) -> torch.Tensor:
+    """(N, D) float64 features of samples ``x`` in ``features`` (``MOMENT_FEATURES``), differentiable in ``x``:
+    the pixels, or the FD-digits classifier's penultimate layer (``dode.evaluation.features``)."""
+    if features == "pixel":
+        return x.double().flatten(1)
+    if features == "digits":
+        return _digits_classifier().to(x.device).features(x.double())
+    raise ValueError(f"moment features must be one of {MOMENT_FEATURES}, got {features!r}")
+
+
+def moments_of(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, unbiased covariance) of features ``f`` (N, D)."""
+    mu = f.mean(0)
+    centred = f - mu
+    return mu, centred.T @ centred / (len(f) - 1)
+
+
+def moment_distance(x: torch.Tensor, target: tuple, features: str) -> torch.Tensor:
+    """|mu - mu_t|^2 + |Sigma - Sigma_t|_F^2 between the moments of ``x``'s features and ``target`` (``moments_of``
+    the targets' features): zero where the two batches agree to second order, as a Frechet distance is."""
+    mu, sigma = moments_of(moment_features(x, features))
+    return torch.sum((mu - target[0]) ** 2) + torch.sum((sigma - target[1]) ** 2)
+
+
+def moment_balance(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torch.Tensor, features: str) -> float:
+    """``MomentTerm.balance`` at ``scheduler`` on the fitting batch ``noise``: its final samples' mean squared
+    distance to the last of ``targets`` over their ``moment_distance`` (1 where that is 0). One run, no gradient."""
+    with torch.no_grad():
+        final = targets[-1].to(noise.device)
+        states = _student_states(model, scheduler, noise, list(scheduler.lambdas), scheduler.grid)
+        squared = float(_loss(states, [final], "final"))
+        term = float(moment_distance(states[-1], moments_of(moment_features(final, features)), features))
+    return squared / term if term > 0 and math.isfinite(term) else 1.0
+
+
 class Optimised(NamedTuple):
     """What ``optimise`` found: the best point the optimiser visited, and how it got there."""
 
@@ -154,10 +222,15 @@ class Optimised(NamedTuple):
     validation: float | None = None  # with a ``monitor``: the returned scheduler's score on it
     checks: tuple = ()  # with a ``monitor``: its score at each check, in order
     stopped_early: bool = False  # the monitor stopped L-BFGS (``patience`` checks in a row without a better score)
+    moments: MomentTerm | None = None  # the objective's moment-matching term, where it had one
 
     def record(self) -> dict:
         """The refinement as ``fit_info["refine"]`` reports it."""
-        return {"mode": self.mode, "objective": f"mean squared distance to the teacher, {self.objective} states",
+        objective = f"mean squared distance to the teacher, {self.objective} states"
+        if self.moments is not None:
+            objective += f", plus {self.moments.weight:g} x the moment distance in {self.moments.features} features"
+        return {"mode": self.mode, "objective": objective,
+                **({"moments": self.moments.record()} if self.moments is not None else {}),
                 "mse_start": self.mse_start, "mse_refined": self.mse_refined, "iterations": self.iterations,
                 "evaluations": self.evaluations, "student_runs": self.student_runs,
                 "backward_passes": self.backward_passes, "gradient": self.gradient, "optimizer": self.optimizer,
@@ -176,8 +249,12 @@ class _Objective:
 
     def __init__(self, model, student: DODEScheduler, noise, targets, objective: str, lambdas: bool,
                  timesteps: bool, start_grid: np.ndarray, lowest: float, gradient: str = "autograd",
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, moments: MomentTerm | None = None):
         self.model, self.student, self.noise, self.targets, self.objective = model, student, noise, targets, objective
+        self.moments, self.target_moments = moments, None
+        if moments is not None:  # the targets' moments, once
+            with torch.no_grad():
+                self.target_moments = moments_of(moment_features(targets[-1].to(noise.device), moments.features))
         self.lambdas, self.timesteps, self.top, self.lowest = lambdas, timesteps, start_grid[0], lowest
         self.n_lam = student.nfe - 1 if lambdas else 0
         self.gradient, self.scale = gradient, 1.0
@@ -206,7 +283,11 @@ class _Objective:
         """A micro-batch's share of the mean squared distance (its mean, weighted by its share of the batch)."""
         states = _student_states(self.model, self.student, self.noise[part], lambdas, grid)
         weight = (part.stop - part.start) / len(self.noise)
-        return _loss(states, [t[part] for t in self.targets], self.objective) * weight
+        value = _loss(states, [t[part] for t in self.targets], self.objective) * weight
+        if self.moments is not None:  # over the whole batch: one part (optimise checks)
+            term = moment_distance(states[-1], self.target_moments, self.moments.features)
+            value = value + self.moments.weight * self.moments.balance * term
+        return value
 
     def __call__(self, theta):
         try:
@@ -283,7 +364,8 @@ PATIENCE = 5
 def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torch.Tensor, *, timesteps: bool = False,
              lambdas: bool = True, objective: str = "final", max_iterations: int = 200,
              tolerance: float = TOLERANCE, gradient: str = "autograd", batch_size: int | None = None,
-             optimizer: str = "lbfgs", monitor: "Monitor | None" = None, progress: bool = True) -> Optimised:
+             optimizer: str = "lbfgs", monitor: "Monitor | None" = None, moments: MomentTerm | None = None,
+             progress: bool = True) -> Optimised:
     """The lambdas (``lambdas``) and grid (``timesteps``) of ``scheduler`` that minimise the mean squared distance of
     the student's states from ``noise`` to the teacher's ``targets`` (nfe, batch, ...; DDPM convention), starting from
     ``scheduler``'s. ``objective``: "all" (every state against its target, the sum the greedy fit minimises one step at
@@ -298,12 +380,15 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     start: the best point the optimiser visits is kept (``Optimised.scheduler``). With a ``monitor`` (L-BFGS only):
     early stopping on held-out seeds, the best-scoring of the start, every ``monitor.every``-th iterate and the best
     point by the objective is returned instead, and L-BFGS stops once ``monitor.patience`` checks in a row score no
-    better (``Monitor``)."""
+    better (``Monitor``). ``moments``: a moment-matching term added to the final objective (``MomentTerm``; over the
+    whole batch, so no micro-batches)."""
     solver = _check_optimise(scheduler, timesteps, lambdas, objective, gradient, batch_size, tolerance, optimizer)
+    _check_moments(moments, objective, batch_size, len(noise))
     began = time.perf_counter()
     form = to_grid_form(scheduler) if timesteps else scheduler
     f, x0, bounds = objective_at_start(model, form, noise, targets, objective=objective, lambdas=lambdas,
-                                       timesteps=timesteps, gradient=gradient, batch_size=batch_size)
+                                       timesteps=timesteps, gradient=gradient, batch_size=batch_size,
+                                       moments=moments)
     student = f.student
     with torch.no_grad():  # the start as given (with timesteps, x0's grid has its smallest gaps widened)
         f.best = start = f.loss(student.lambdas, student.grid).item()
@@ -327,7 +412,7 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     runs = len(f.history) * (1 if gradient == "autograd" else 1 + len(x0) - f.n_lam)
     return Optimised(refined, mode_of(timesteps=timesteps, lambdas=lambdas), objective, start, f.best,
                      int(result.nit), len(f.history), runs, time.perf_counter() - began, str(result.message),
-                     f.history, gradient, f.backward // len(f.parts), optimizer, score, checks, early)
+                     f.history, gradient, f.backward // len(f.parts), optimizer, score, checks, early, moments)
 
 
 class Monitor:
@@ -390,7 +475,8 @@ class Monitor:
 
 def objective_at_start(model, form: DODEScheduler, noise: torch.Tensor, targets, *, objective: str = "final",
                        lambdas: bool = True, timesteps: bool = False, gradient: str = "autograd",
-                       batch_size: int | None = None) -> tuple[_Objective, np.ndarray, list]:
+                       batch_size: int | None = None,
+                       moments: MomentTerm | None = None) -> tuple[_Objective, np.ndarray, list]:
     """(``optimise``'s objective, its start point theta, L-BFGS's bounds) for ``form`` (a scheduler that takes the
     grid, where ``timesteps``): the lambdas from lambda_1 on, then u = log(first level / its start), between
     -``_FIRST_SPAN`` of the log-span to the smallest training level and the schedule's largest level, and the gaps
@@ -402,7 +488,7 @@ def objective_at_start(model, form: DODEScheduler, noise: torch.Tensor, targets,
     levels = training_sigmas(model.scheduler_config)
     lowest, highest = float(levels[0]), float(levels[-1])
     f = _Objective(model, student, noise, targets, objective, lambdas, timesteps, start_grid, lowest, gradient,
-                   batch_size)
+                   batch_size, moments)
     x0 = np.array(student.lambdas[1:] if lambdas else [], dtype=np.float64)
     bounds = [(None, None)] * f.n_lam
     if timesteps:
@@ -432,6 +518,22 @@ def _check_optimise(scheduler, timesteps: bool, lambdas: bool, objective: str, g
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
     return solver
+
+
+def _check_moments(moments: MomentTerm | None, objective: str, batch_size, samples: int) -> None:
+    """``optimise``'s checks of a moment-matching term."""
+    if moments is None:
+        return
+    if objective != "final":
+        raise ValueError("a moment-matching term needs objective='final' (the final samples' moments)")
+    if moments.features not in MOMENT_FEATURES:
+        raise ValueError(f"moment features must be one of {MOMENT_FEATURES}, got {moments.features!r}")
+    if not (math.isfinite(moments.weight) and moments.weight >= 0 and math.isfinite(moments.balance)
+            and moments.balance > 0):
+        raise ValueError(f"a moment term needs a finite weight >= 0 and balance > 0, got {moments!r}")
+    if batch_size is not None and batch_size < samples:
+        raise ValueError("a moment-matching term is over the whole fitting batch: it cannot be split into "
+                         f"micro-batches (batch_size {batch_size} < {samples} samples)")
 
 
 def _minimise(model, f: _Objective, x0, bounds, optimizer: str, max_iterations: int, tolerance: float,

@@ -2,6 +2,8 @@
 ``output_dir``; ``possible`` says whether a solver can make an NFE exactly."""
 from __future__ import annotations
 
+import math
+
 import tempfile
 from pathlib import Path
 
@@ -96,6 +98,15 @@ def _precision(value, name):
     return value
 
 
+def _weights(value, name: str) -> list:
+    """A list of distinct finite numbers >= 0, at least one (a scalar: one)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if (not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+                          for v in values) or len(set(values)) < len(values)):
+        raise ValueError(f"{name} must be distinct finite numbers >= 0, at least one; got {value!r}")
+    return [float(v) for v in values]
+
+
 def _checks():
     from ..core.guard import CRITERIA
     from ..evaluation.metrics import FEATURES
@@ -114,7 +125,7 @@ def _checks():
                                 else _names(v, n, SOLVERS)),
         "pca_solver": lambda v, n: _names([v], n, SOLVERS)[0],
         "nfes": _positive_ints, "grid_nfes": _positive_ints, "batch_sizes": _positive_ints,
-        "learned_nfes": lambda v, n: _positive_ints(v, n, empty=True),
+        "learned_nfes": lambda v, n: _positive_ints(v, n, empty=True), "learned_moments": _weights,
         "nfe": lambda v, n: _positive_ints([v] if not isinstance(v, (list, tuple)) else v, n)[0],
         "features": lambda v, n: _names(v, n, FEATURES),
         "criteria": lambda v, n: _names(v, n, CRITERIA, empty=True),

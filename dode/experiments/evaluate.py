@@ -185,7 +185,7 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                       fit_teacher: Teacher, validation: Teacher, metric: str = "fd_pixel", learned_nfes=(),
                       learned_solvers=SOLVERS, learned_starts: int = STARTS, learned_iterations: int = 20,
                       refine_teacher: Teacher | None = None, criteria=(), features=("pixel",),
-                      validation_features: str | None = None,
+                      validation_features: str | None = None, learned_moments=(0.0,),
                       batch_size: int | None = None, save_dir=None, device="auto",
                       progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every solver x spacing x NFE, base and D-ODE, and what a user gets from each choice; (results, sweep).
@@ -202,7 +202,8 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
     ``refine_teacher``, from ``learned_starts`` starting spacings, at most ``learned_iterations`` L-BFGS iterations,
     each kept only where it validates better than what it replaces; ``fit_seconds`` counts that auto fit):
     the base solver on a learned grid (lambdas 0), D-ODE auto with its lambdas refined jointly, and D-ODE with
-    lambdas and grid learned together (grids only for ``GRID_SOLVERS``).
+    lambdas and grid learned together (grids only for ``GRID_SOLVERS``). ``learned_moments``: the grid refinements'
+    moment weights (``refine_fit``'s ``moment_weights``: 0 the squared distance alone; several, the best-validating).
     Validation Frechet distances are in ``validation_features`` (default: the feature space of ``metric``).
     A sweep row is scored in ``metric``'s feature space (and by RMSE); the other ``features`` only where the row is
     also a table row (a feature network on every sweep row was most of the sweep's time: on gmm-digits FD-digits
@@ -273,7 +274,8 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                     refined = refine_fit(model, start, start.teacher, mode, judge=start.judge,
                                          targets=start.kept.fit.targets, starts=learned_starts,
                                          max_iterations=learned_iterations, grid_alone=made.get("timesteps"),
-                                         joint=made.get("joint"), progress=False)
+                                         joint=made.get("joint"), progress=False,
+                                         moment_weights=learned_moments if REFINEMENTS[mode].timesteps else (0.0,))
                 made[mode] = refined
                 spacing = "learned" if refined.kept and REFINEMENTS[mode].timesteps else refined.spacing
                 fits[variant] = ({"spacing": spacing, **_scores(model, refined.scheduler, nfe, data, **score)},

@@ -27,7 +27,7 @@ DEFAULTS = {
         "features": ["pixel"], "metric": "fd_pixel", "fine_nfe": 200, "fit_batch_size": 100, "fit_seed": 0,
         "teacher": 10, "validation_size": 100, "learned_nfes": [5], "learned_solvers": ["ddim", "deis"],
         "learned_starts": 2, "learned_iterations": 10, "refine_teacher": "fine", "learned_batch_size": 100,
-        "precision": "float32",
+        "learned_moments": [0], "precision": "float32",
         "criteria": ["rmse", "fd"], "seed": 1000, **_RUN,
     },
     "03_paper_tables": {

@@ -4,7 +4,9 @@
 NFE 3-10 they cost about an hour more on two CPU cores (docs/reproducing.md, "What 20 minutes hold"). This runs
 notebook 02 on ``--model`` with its ``make reproduce`` parameters (``dode.experiments.parameters.REPRODUCE``) at
 ``--nfes``, learned rows at every one of them, its solvers split into ``--shards`` notebook runs at once (one torch
-thread each: ``ONE_CORE``), and writes into ``--out``:
+thread each: ``ONE_CORE``), the grid refinements' objective weighed by the guard among ``--moments`` (moment-matching
+weights, ``refine_fit``'s ``moment_weights``: ``MOMENTS``; ``--moments 0`` is ``make reproduce``'s squared distance
+alone), and writes into ``--out``:
 
 - ``learned_rows/<model>.csv``: the shards' ``results.csv`` rows together (every variant, as notebook 02 writes them);
 - ``learned_rows/<model>-<k>.ipynb``: each shard's executed notebook; ``learned_rows/<model>.json``: provenance;
@@ -39,6 +41,10 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "02_distill_solvers.ipynb"
 MODEL = "unet-digits"
 NFES = (3, 4, 5, 6, 8, 10)
+#: the grid refinements' moment weights, the guard choosing per cell: with the squared distance alone (0) D-ODE on a
+#: learned grid missed greedy auto in 4 of 38 cells, the table's Frechet distance counting the spread that distance
+#: costs (docs/grids-and-guard.md, "unet-digits at every NFE")
+MOMENTS = (0.0, 1.0, 4.0)
 #: set to 1 for the shards' kernels: each runs on one core, torch and BLAS alike
 ONE_CORE = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 #: where the shards run (cleared first); only what the report needs is copied into --out
@@ -60,15 +66,16 @@ def shards(solvers, count: int) -> list[list[str]]:
     return parts
 
 
-def run_parameters(model: str, nfes, solvers) -> dict:
+def run_parameters(model: str, nfes, solvers, moments=MOMENTS) -> dict:
     """Notebook 02's parameters for one shard: ``make reproduce``'s for ``model`` (its profile), at ``nfes``, learned
-    rows at each, for ``solvers``."""
+    rows at each with the grid refinements' ``moments`` weights, for ``solvers``."""
     from .reproduce import plan, reproduced_models
 
     if model not in reproduced_models():
         raise ValueError(f"{model} has no make reproduce profile; models with one: {', '.join(reproduced_models())}")
     values = next(r.parameters for r in plan(ROOT / "results", [model]) if r.name == f"02_distill_solvers-{model}")
-    values.update(solvers=list(solvers), nfes=list(nfes), learned_nfes=list(nfes))
+    values.update(solvers=list(solvers), nfes=list(nfes), learned_nfes=list(nfes),
+                  learned_moments=[float(w) for w in moments])
     return values
 
 
@@ -96,12 +103,12 @@ def _follow(runs: list, target: Path, model: str, total: int, every: float = 5.0
             time.sleep(every)
 
 
-def run(model: str, nfes, shard_count: int, out: Path, work: Path = WORK) -> dict:
+def run(model: str, nfes, shard_count: int, out: Path, work: Path = WORK, moments=MOMENTS) -> dict:
     """The shards at once, then their rows together in ``out/learned_rows``; returns the provenance record."""
     for name in ONE_CORE:  # a shard per core: the kernels, which inherit this environment, on one thread each
         os.environ[name] = "1"
     parts = shards(SOLVERS, shard_count)
-    values = [run_parameters(model, nfes, part) for part in parts]
+    values = [run_parameters(model, nfes, part, moments) for part in parts]
     target = work / model
     began = time.perf_counter()
     with ThreadPoolExecutor(len(parts)) as pool:  # each papermill run starts a kernel process of its own
@@ -148,7 +155,8 @@ def report(rows: pd.DataFrame, meta: dict) -> str:
         f"Notebook 02 on {model} with `make reproduce`'s parameters for it (profile `{get_model(model).profile}`), "
         f"learned rows at NFE {', '.join(map(str, first['learned_nfes']))}: {first['learned_starts']} start(s), at "
         f"most {first['learned_iterations']} iterations, the fitting batch's C = {first['refine_teacher']} teacher "
-        f"for the joint lambdas; {metric} on {first['num_samples']} held-out seeds. Commit "
+        f"for the joint lambdas; {_moments_phrase(first.get('learned_moments', [0]))}; {metric} on "
+        f"{first['num_samples']} held-out seeds. Commit "
         f"{(meta.get('git_commit') or 'unknown')[:7]}{' (with uncommitted changes)' if meta.get('git_dirty') else ''}"
         f", {len(meta['parameters']['shards'])} shards at once on {describe_machine(meta.get('machine'))}: "
         f"{meta['wall_seconds'] / 60:.0f} min wall, {cpu / 60:.0f} CPU-minutes.", "",
@@ -162,11 +170,21 @@ def report(rows: pd.DataFrame, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _moments_phrase(weights) -> str:
+    """How the report says which objective the grid refinements had."""
+    if [float(w) for w in weights] == [0.0]:
+        return "the grid refinements fit the squared distance alone"
+    return (f"the grid refinements' moment weight chosen per cell on the validation seeds among "
+            f"{', '.join(f'{float(w):g}' for w in weights)} (0: the squared distance alone)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--nfes", nargs="+", type=int, default=list(NFES))
     parser.add_argument("--shards", type=int, default=2, help="notebook runs at once (one core each)")
+    parser.add_argument("--moments", nargs="+", type=float, default=list(MOMENTS),
+                        help="moment weights of the grid refinements' objective, the guard choosing (0: alone)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--report-only", action="store_true", help="rewrite learned_rows.md from the saved rows")
     args = parser.parse_args(argv)
@@ -179,7 +197,7 @@ def main(argv=None) -> int:
         meta = json.loads((folder / f"{args.model}.json").read_text())
         (args.out / "learned_rows.md").write_text(report(pd.read_csv(folder / f"{args.model}.csv"), meta))
         return 0
-    meta = run(args.model, args.nfes, args.shards, args.out)
+    meta = run(args.model, args.nfes, args.shards, args.out, moments=args.moments)
     print(f"wrote {args.out / 'learned_rows.md'} in {meta['wall_seconds'] / 60:.1f} min")
     return 0
 
