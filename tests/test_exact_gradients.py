@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dode
-from dode.core.refine import _Objective, grid_from_params, optimise, params_from_grid
+from dode.core.refine import MomentTerm, _Objective, grid_from_params, optimise, params_from_grid
 from dode.core.sampling import count_evaluations, integrate, seeded_noise
 from dode.core.schedule import differentiable_timestep, sigma_to_timestep, training_sigmas
 from dode.core.scheduler import DODEScheduler, grid_scheduler
@@ -32,7 +32,8 @@ def interior_levels(solver: str) -> np.ndarray:
     return np.exp(np.linspace(np.log(40.0), np.log(0.05), steps))
 
 
-def objective(model, solver: str, dtype=torch.float64, batch_size=None, samples: int = 4) -> _Objective:
+def objective(model, solver: str, dtype=torch.float64, batch_size=None, samples: int = 4,
+              moments: MomentTerm | None = None) -> _Objective:
     """The refinement's objective for "joint+timesteps" on an interior grid with nonzero lambdas, in ``dtype``,
     against targets from a finer run of the same model (any fixed targets would do)."""
     student = grid_scheduler(solver, model, interior_levels(solver))
@@ -42,7 +43,7 @@ def objective(model, solver: str, dtype=torch.float64, batch_size=None, samples:
     targets = torch.stack([noise * 0.1] * student.nfe)  # any fixed targets: only the final state counts here
     lowest = float(training_sigmas(model.scheduler_config)[0])
     f = _Objective(model, student, noise, targets, "final", True, True, np.asarray(student.grid), lowest,
-                   batch_size=batch_size)
+                   batch_size=batch_size, moments=moments)
     f.bar = type("Quiet", (), {"set_postfix": lambda *a, **k: None, "update": lambda *a: None})()
     return f
 
@@ -114,6 +115,17 @@ def test_the_gradient_is_autograds_and_matches_central_differences_on_the_mixtur
 @pytest.mark.parametrize("solver", GRID_SOLVERS)
 def test_the_gradient_matches_central_differences_on_unet_digits(unet64, solver):
     check_gradient(objective(unet64, solver, samples=2), solver, rtol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "deis", "unipc", "heun"])
+def test_a_moment_term_s_gradient_matches_central_differences_on_the_mixture(gmm64, solver):
+    """The moment-matching term (pixel features) differentiated with the rest: the same check, term included."""
+    check_gradient(objective(gmm64, solver, samples=6, moments=MomentTerm(2.0, "pixel", 3.0)), solver, rtol=1e-6)
+
+
+def test_a_moment_term_in_the_digits_classifier_s_features_matches_central_differences_on_unet_digits(unet64):
+    """Through the network and the FD-digits classifier (float64, frozen) both."""
+    check_gradient(objective(unet64, "deis", samples=3, moments=MomentTerm(1.0, "digits", 50.0)), "deis", rtol=1e-5)
 
 
 @pytest.mark.parametrize("solver", ["ddim", "deis", "heun"])

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from dode.core.solvers import SOLVERS
+from dode.experiments.parameters import defaults
 from dode.experiments.summary import learned_checks
 from dode.tools import learned_rows, reproduce
 
@@ -23,12 +24,16 @@ def test_shards_hold_every_solver_once_in_order_and_differ_in_size_by_at_most_on
         learned_rows.shards(SOLVERS, 0)
 
 
-def test_a_shard_runs_make_reproduce_s_parameters_with_only_its_solvers_and_nfes_changed():
+def test_a_shard_runs_make_reproduce_s_parameters_with_only_its_solvers_nfes_and_moment_weights_changed():
     ours = learned_rows.run_parameters("unet-digits", [3, 10], ["ddim", "heun"])
     theirs = next(r.parameters for r in reproduce.plan(ROOT / "results", ["unet-digits"])
                   if r.name == "02_distill_solvers-unet-digits")
     assert {k for k in theirs if ours[k] != theirs[k]} == {"solvers", "nfes", "learned_nfes"}
     assert ours["solvers"] == ["ddim", "heun"] and ours["nfes"] == ours["learned_nfes"] == [3, 10]
+    # make reproduce runs notebook 02's default objective (the squared distance alone); the shards weigh MOMENTS
+    assert set(ours) - set(theirs) == {"learned_moments"} and defaults("02_distill_solvers").learned_moments == [0]
+    assert ours["learned_moments"] == [0.0, 1.0, 4.0] == list(learned_rows.MOMENTS)
+    assert learned_rows.run_parameters("unet-digits", [3], ["ddim"], moments=[0])["learned_moments"] == [0.0]
     with pytest.raises(ValueError, match="no make reproduce profile"):
         learned_rows.run_parameters("gmm-digits-flow", [3], ["ddim"])
 
