@@ -62,7 +62,11 @@ def fit(model_name: str, cells: list, settings: dict, validation: int | None = N
         info = fitted.fit_info
         rows.append({"solver": solver, "nfe": int(nfe), **evaluate_scheduler(model, fitted, int(nfe), data),
                      "validation": info["refine"].get("validation"), "kept": info["refine"].get("kept"),
-                     "teacher": info["teacher"], "fit_seconds": seconds})
+                     "teacher": info["teacher"], "fit_seconds": seconds,
+                     # with several refine_moments: the weight the guard kept, and each weight's validation
+                     "moment_weight": info["refine"].get("moment_weight"),
+                     "moment_validations": json.dumps([round(e["validation"], 5) for e in
+                                                       info["refine"].get("moment_weights", [])])})
     return rows
 
 
@@ -111,7 +115,7 @@ def main(argv=None) -> pd.DataFrame:
     settings = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
     table = run(args.model, args.cells or all_cells(), settings, args.jobs, args.validation)
     columns = [c for c in ("solver", "nfe", "fd_pixel", "limit", "met", "validation", "kept", "teacher",
-                           "fit_seconds") if c in table]
+                           "fit_seconds", "moment_weight", "moment_validations") if c in table]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if "met" in table:
         judged = table[table.limit.notna()]
