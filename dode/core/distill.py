@@ -233,7 +233,7 @@ def _check_refine(solver: Solver, refine, optimizer: str = "lbfgs", moments=(0.0
             f"integer timesteps and no scheduler makes exactly its update on other levels. Use refine='joint', "
             f"or one of: {', '.join(GRID_SOLVERS)}"
         )
-    _moment_weights(moments, refine, None if features is None else _Features(features))
+    _moment_weights(moments, refine, features)
 
 
 def _check(solver: Solver, nfe: int, spacing, guard: bool, criterion: str, margin: float) -> list:
@@ -642,7 +642,7 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     added to the squared distance (``dode.core.refine.MomentTerm``; 0 alone, the default). With several, the whole
     refinement runs once per weight (a "joint+timesteps" one with its own grid alone unless ``grid_alone`` is given),
     and the best-validating is kept, the first on a tie (``_weighed``; its record says what each weight gave)."""
-    weights = _moment_weights(moment_weights, mode, judge)
+    weights = _moment_weights(moment_weights, mode, None if judge is None else getattr(judge, "features", "pixel"))
     if len(weights) > 1:
         return _weighed(model, found, teacher, mode, weights, dict(
             judge=judge, targets=targets, max_iterations=max_iterations, starts=starts,
@@ -678,9 +678,10 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
     return refined
 
 
-def _moment_weights(weights, mode: str, judge) -> tuple:
+def _moment_weights(weights, mode: str, features: str | None) -> tuple:
     """``refine_fit``'s ``moment_weights`` checked: a tuple of distinct finite numbers >= 0, non-zero only for a grid
-    refinement in features a moment term can use, several only with a judge to choose among them."""
+    refinement in the judge's ``features`` where a moment term can use them, several only with a judge to choose
+    among them (``features`` None: no judge)."""
     if mode is not None and mode not in REFINEMENTS:
         raise ValueError(f"mode must be one of {tuple(REFINEMENTS)}, got {mode!r}")
     try:
@@ -694,10 +695,9 @@ def _moment_weights(weights, mode: str, judge) -> tuple:
     if mode is None or REFINEMENTS[mode].objective != "final":
         raise ValueError(f"moment weights other than 0 weigh a grid refinement's objective: they need refine="
                          f"'timesteps' or 'joint+timesteps', not {mode!r}")
-    if len(weights) > 1 and judge is None:
+    if len(weights) > 1 and features is None:
         raise ValueError("several moment weights need the guard's validation seeds to choose among them")
-    features = getattr(judge, "features", "pixel")
-    if features not in MOMENT_FEATURES:
+    if features not in (None, *MOMENT_FEATURES):
         raise ValueError(f"a moment term is in the judge's features, which must be one of {MOMENT_FEATURES}, "
                          f"not {features!r}")
     return weights
@@ -713,10 +713,6 @@ def _with_moments(model, found: Distillation, teacher: Teacher, judge, options: 
     balance = moment_balance(model, found.scheduler, teacher.noise, final_targets(model, teacher, options.reference),
                              features)
     return options._replace(moments=MomentTerm(weight, features, balance))
-
-
-class _Features(NamedTuple):  # what ``_moment_weights`` reads of a judge, before there is one
-    features: str
 
 
 def _weighed(model, found: Distillation, teacher: Teacher, mode: str, weights: tuple, options: dict) -> Refined:
