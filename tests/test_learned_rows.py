@@ -24,11 +24,14 @@ def test_shards_hold_every_solver_once_in_order_and_differ_in_size_by_at_most_on
         learned_rows.shards(SOLVERS, 0)
 
 
-def test_a_shard_runs_make_reproduce_s_parameters_with_only_its_solvers_nfes_and_moment_weights_changed():
+def test_a_shard_runs_make_reproduce_s_parameters_with_only_its_solvers_nfes_moments_and_validation_changed():
     ours = learned_rows.run_parameters("unet-digits", [3, 10], ["ddim", "heun"])
     theirs = next(r.parameters for r in reproduce.plan(ROOT / "results", ["unet-digits"])
                   if r.name == "02_distill_solvers-unet-digits")
-    assert {k for k in theirs if ours[k] != theirs[k]} == {"solvers", "nfes", "learned_nfes"}
+    assert {k for k in theirs if ours[k] != theirs[k]} == {"solvers", "nfes", "learned_nfes", "validation_size"}
+    # the choices on more validation seeds than make reproduce's, which the tool can also take
+    assert ours["validation_size"] == learned_rows.VALIDATION == 500 and theirs["validation_size"] == 100
+    assert learned_rows.run_parameters("unet-digits", [3], ["ddim"], validation_size=100)["validation_size"] == 100
     assert ours["solvers"] == ["ddim", "heun"] and ours["nfes"] == ours["learned_nfes"] == [3, 10]
     # make reproduce runs notebook 02's default objective (the squared distance alone); the shards weigh MOMENTS
     assert set(ours) - set(theirs) == {"learned_moments"} and defaults("02_distill_solvers").learned_moments == [0]

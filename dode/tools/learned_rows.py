@@ -6,7 +6,8 @@ notebook 02 on ``--model`` with its ``make reproduce`` parameters (``dode.experi
 ``--nfes``, learned rows at every one of them, its solvers split into ``--shards`` notebook runs at once (one torch
 thread each: ``ONE_CORE``), the grid refinements' objective weighed by the guard among ``--moments`` (moment-matching
 weights, ``refine_fit``'s ``moment_weights``: ``MOMENTS``; ``--moments 0`` is ``make reproduce``'s squared distance
-alone), and writes into ``--out``:
+alone), every choice (auto's spacing, the guard's verdicts, starts and weights) on ``--validation-size`` validation
+seeds (``VALIDATION``; ``make reproduce``'s 100 on ``--validation-size 100``), and writes into ``--out``:
 
 - ``learned_rows/<model>.csv``: the shards' ``results.csv`` rows together (every variant, as notebook 02 writes them);
 - ``learned_rows/<model>-<k>.ipynb``: each shard's executed notebook; ``learned_rows/<model>.json``: provenance;
@@ -45,6 +46,9 @@ NFES = (3, 4, 5, 6, 8, 10)
 #: learned grid missed greedy auto in 4 of 38 cells, the table's Frechet distance counting the spread that distance
 #: costs (docs/grids-and-guard.md, "unet-digits at every NFE")
 MOMENTS = (0.0, 1.0, 4.0)
+#: validation seeds of every choice: the guard picks among a learned row's weights and starts, whose held-out scores
+#: are closer than 100 seeds' Frechet distance tells apart (docs/grids-and-guard.md, "unet-digits at every NFE")
+VALIDATION = 500
 #: set to 1 for the shards' kernels: each runs on one core, torch and BLAS alike
 ONE_CORE = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 #: where the shards run (cleared first); only what the report needs is copied into --out
@@ -66,16 +70,17 @@ def shards(solvers, count: int) -> list[list[str]]:
     return parts
 
 
-def run_parameters(model: str, nfes, solvers, moments=MOMENTS) -> dict:
+def run_parameters(model: str, nfes, solvers, moments=MOMENTS, validation_size: int = VALIDATION) -> dict:
     """Notebook 02's parameters for one shard: ``make reproduce``'s for ``model`` (its profile), at ``nfes``, learned
-    rows at each with the grid refinements' ``moments`` weights, for ``solvers``."""
+    rows at each with the grid refinements' ``moments`` weights, for ``solvers``, choices on ``validation_size``
+    validation seeds."""
     from .reproduce import plan, reproduced_models
 
     if model not in reproduced_models():
         raise ValueError(f"{model} has no make reproduce profile; models with one: {', '.join(reproduced_models())}")
     values = next(r.parameters for r in plan(ROOT / "results", [model]) if r.name == f"02_distill_solvers-{model}")
     values.update(solvers=list(solvers), nfes=list(nfes), learned_nfes=list(nfes),
-                  learned_moments=[float(w) for w in moments])
+                  learned_moments=[float(w) for w in moments], validation_size=int(validation_size))
     return values
 
 
@@ -103,12 +108,13 @@ def _follow(runs: list, target: Path, model: str, total: int, every: float = 5.0
             time.sleep(every)
 
 
-def run(model: str, nfes, shard_count: int, out: Path, work: Path = WORK, moments=MOMENTS) -> dict:
+def run(model: str, nfes, shard_count: int, out: Path, work: Path = WORK, moments=MOMENTS,
+        validation_size: int = VALIDATION) -> dict:
     """The shards at once, then their rows together in ``out/learned_rows``; returns the provenance record."""
     for name in ONE_CORE:  # a shard per core: the kernels, which inherit this environment, on one thread each
         os.environ[name] = "1"
     parts = shards(SOLVERS, shard_count)
-    values = [run_parameters(model, nfes, part, moments) for part in parts]
+    values = [run_parameters(model, nfes, part, moments, validation_size) for part in parts]
     target = work / model
     began = time.perf_counter()
     with ThreadPoolExecutor(len(parts)) as pool:  # each papermill run starts a kernel process of its own
@@ -155,7 +161,8 @@ def report(rows: pd.DataFrame, meta: dict) -> str:
         f"Notebook 02 on {model} with `make reproduce`'s parameters for it (profile `{get_model(model).profile}`), "
         f"learned rows at NFE {', '.join(map(str, first['learned_nfes']))}: {first['learned_starts']} start(s), at "
         f"most {first['learned_iterations']} iterations, the fitting batch's C = {first['refine_teacher']} teacher "
-        f"for the joint lambdas; {_moments_phrase(first.get('learned_moments', [0]))}; {metric} on "
+        f"for the joint lambdas; {_moments_phrase(first.get('learned_moments', [0]))}; every choice on "
+        f"{first['validation_size']} validation seeds; {metric} on "
         f"{first['num_samples']} held-out seeds. Commit "
         f"{(meta.get('git_commit') or 'unknown')[:7]}{' (with uncommitted changes)' if meta.get('git_dirty') else ''}"
         f", {len(meta['parameters']['shards'])} shards at once on {describe_machine(meta.get('machine'))}: "
@@ -185,6 +192,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shards", type=int, default=2, help="notebook runs at once (one core each)")
     parser.add_argument("--moments", nargs="+", type=float, default=list(MOMENTS),
                         help="moment weights of the grid refinements' objective, the guard choosing (0: alone)")
+    parser.add_argument("--validation-size", type=int, default=VALIDATION,
+                        help="validation seeds of auto's choice, the guard, the starts and weights")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--report-only", action="store_true", help="rewrite learned_rows.md from the saved rows")
     args = parser.parse_args(argv)
@@ -197,7 +206,10 @@ def main(argv=None) -> int:
         meta = json.loads((folder / f"{args.model}.json").read_text())
         (args.out / "learned_rows.md").write_text(report(pd.read_csv(folder / f"{args.model}.csv"), meta))
         return 0
-    meta = run(args.model, args.nfes, args.shards, args.out, moments=args.moments)
+    if args.validation_size < 2:
+        parser.error(f"--validation-size must be at least 2, got {args.validation_size}")
+    meta = run(args.model, args.nfes, args.shards, args.out, moments=args.moments,
+               validation_size=args.validation_size)
     print(f"wrote {args.out / 'learned_rows.md'} in {meta['wall_seconds'] / 60:.1f} min")
     return 0
 
