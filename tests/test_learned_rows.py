@@ -144,3 +144,10 @@ def test_the_docs_quote_the_report_s_count_as_it_stands():
 def test_report_only_without_saved_rows_says_what_to_run(tmp_path):
     with pytest.raises(SystemExit, match="no saved rows to report.*run make learned-rows"):
         learned_rows.main(["--report-only", "--out", str(tmp_path)])
+
+
+def test_too_few_validation_seeds_are_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        learned_rows.main(["--validation-size", "1", "--out", str(tmp_path)])
+    assert "--validation-size must be at least 2, got 1" in capsys.readouterr().err
+    assert not (tmp_path / "learned_rows").exists()
