@@ -151,3 +151,17 @@ def test_too_few_validation_seeds_are_refused_before_any_work(tmp_path, capsys):
         learned_rows.main(["--validation-size", "1", "--out", str(tmp_path)])
     assert "--validation-size must be at least 2, got 1" in capsys.readouterr().err
     assert not (tmp_path / "learned_rows").exists()
+
+
+def test_a_part_of_the_solvers_runs_only_those_and_an_unknown_one_is_refused(monkeypatch, tmp_path, capsys):
+    ran = []
+    for name in learned_rows.ONE_CORE:  # run() sets them for its shards: restored after the test
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setattr(learned_rows, "_run_shard", lambda k, values, target: ran.append(values["solvers"]) or 0.0)
+    monkeypatch.setattr(learned_rows, "_follow", lambda runs, target, model, total: total)
+    monkeypatch.setattr(learned_rows, "collect", lambda *args: {"wall_seconds": 0.0})
+    assert learned_rows.main(["--solvers", "unipc", "ddim", "deis", "--out", str(tmp_path)]) == 0
+    assert ran == [["unipc", "ddim"], ["deis"]]
+    with pytest.raises(SystemExit):
+        learned_rows.main(["--solvers", "euler", "--out", str(tmp_path)])
+    assert "invalid choice: 'euler'" in capsys.readouterr().err

@@ -14,7 +14,8 @@ seeds (``VALIDATION``; ``make reproduce``'s 100 on ``--validation-size 100``), a
 - ``learned_rows.md``: the learned table (``dode.experiments.tables.learned_table``) and, per cell, whether D-ODE on a
   learned grid is below the best base, below greedy D-ODE auto and at or below the grid alone (``learned_checks``).
 
-``--report-only`` rewrites ``learned_rows.md`` from the CSV and the provenance.
+``--solvers`` runs a part of the rows (a check under other kernels); ``--report-only`` rewrites ``learned_rows.md``
+from the CSV and the provenance.
 """
 from __future__ import annotations
 
@@ -109,17 +110,17 @@ def _follow(runs: list, target: Path, model: str, total: int, every: float = 5.0
 
 
 def run(model: str, nfes, shard_count: int, out: Path, work: Path = WORK, moments=MOMENTS,
-        validation_size: int = VALIDATION) -> dict:
+        validation_size: int = VALIDATION, solvers=SOLVERS) -> dict:
     """The shards at once, then their rows together in ``out/learned_rows``; returns the provenance record."""
     for name in ONE_CORE:  # a shard per core: the kernels, which inherit this environment, on one thread each
         os.environ[name] = "1"
-    parts = shards(SOLVERS, shard_count)
+    parts = shards(solvers, shard_count)
     values = [run_parameters(model, nfes, part, moments, validation_size) for part in parts]
     target = work / model
     began = time.perf_counter()
     with ThreadPoolExecutor(len(parts)) as pool:  # each papermill run starts a kernel process of its own
         runs = [pool.submit(_run_shard, k, v, target) for k, v in enumerate(values)]
-        _follow(runs, target, model, sum(possible(s, n) for s in SOLVERS for n in nfes))
+        _follow(runs, target, model, sum(possible(s, n) for s in solvers for n in nfes))
         seconds = [r.result() for r in runs]
     wall = time.perf_counter() - began
     return collect(model, [target / f"shard-{k}" for k in range(len(parts))], values, seconds, wall, out)
@@ -189,6 +190,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--nfes", nargs="+", type=int, default=list(NFES))
+    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS), metavar="SOLVER",
+                        help="a part of the rows (default: every solver)")
     parser.add_argument("--shards", type=int, default=2, help="notebook runs at once (one core each)")
     parser.add_argument("--moments", nargs="+", type=float, default=list(MOMENTS),
                         help="moment weights of the grid refinements' objective, the guard choosing (0: alone)")
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
     if args.validation_size < 2:
         parser.error(f"--validation-size must be at least 2, got {args.validation_size}")
     meta = run(args.model, args.nfes, args.shards, args.out, moments=args.moments,
-               validation_size=args.validation_size)
+               validation_size=args.validation_size, solvers=args.solvers)
     print(f"wrote {args.out / 'learned_rows.md'} in {meta['wall_seconds'] / 60:.1f} min")
     return 0
 
