@@ -165,3 +165,27 @@ def test_a_part_of_the_solvers_runs_only_those_and_an_unknown_one_is_refused(mon
     with pytest.raises(SystemExit):
         learned_rows.main(["--solvers", "euler", "--out", str(tmp_path)])
     assert "invalid choice: 'euler'" in capsys.readouterr().err
+
+
+def test_compare_rows_counts_moves_and_flipped_verdicts_against_a_perturbed_copy():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_rows", ROOT / "scripts" / "compare_rows.py")
+    compare_rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_rows)
+    first = pd.read_csv(ROOT / "results" / "learned_rows" / "unet-digits.csv")
+    second = first.copy()
+    grid = second.index[second.variant == "learned-grid"]
+    second.loc[grid[0], "fd_digits"] *= 1.03  # beyond 2 %
+    second.loc[grid[1], "fd_digits"] *= 1.01  # within, not identical
+    second.loc[grid[2], "kept"] = not bool(second.loc[grid[2], "kept"])
+    table = compare_rows.compare(first, second, "fd_digits", 0.02).set_index("variant")
+    assert table.at["learned-grid", "rows"] == len(grid) and table.at["learned-grid", "within"] == len(grid) - 1
+    assert table.at["learned-grid", "identical"] == len(grid) - 2
+    assert table.at["learned-grid", "largest"] == pytest.approx(0.03)
+    assert table.at["learned-grid", "flipped"] == 1 and table.drop("learned-grid").flipped.sum() == 0
+    assert (table.drop("learned-grid").within == table.drop("learned-grid").rows).all()
+    cells = set(zip(first.solver, first.nfe))
+    assert compare_rows.counts(first, "fd_digits", cells) == {
+        "cells": len(learned_checks(first, "fd_digits")),
+        **{c: int(learned_checks(first, "fd_digits")[c].sum()) for c in compare_rows.CHECKS}}
