@@ -123,7 +123,14 @@ def test_distillation_cost_split_adds_up_and_counts_teacher_evaluations():
     assert list(cost["teacher_nfe"]) == [21, 41, 9, 41, 41]
     parts = cost[[f"{k}_seconds" for k in (*bench.SPLIT, "other")]].sum(axis=1)
     assert parts.to_numpy() == pytest.approx(cost["fit_seconds"].to_numpy())
-    assert (cost["teacher_seconds"] > cost["lstsq_seconds"]).all() and (cost["lstsq_share"] < 0.05).all()
+    assert (cost["teacher_seconds"] > cost["lstsq_seconds"]).all()
+
+
+def test_least_squares_solves_are_a_small_share_of_a_fit():
+    # make bench's target, on the median of three interleaved rounds as make bench takes it: one round's millisecond
+    # solves also read a busy machine's pauses (a CI run beside another job once measured a 5.5 % share)
+    cost = bench.distillation_cost(replace(TINY, rounds=3), progress=False)
+    assert (cost["lstsq_share"] < 0.05).all() and (cost["teacher_seconds"] > cost["lstsq_seconds"]).all()
     assert bench.targets({"distillation_cost": cost})["met"].all()
 
 
