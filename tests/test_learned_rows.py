@@ -121,6 +121,28 @@ def test_the_committed_report_is_what_the_tool_writes_from_the_committed_rows(tm
     assert (tmp_path / "learned_rows.md").read_text() == (ROOT / "results" / "learned_rows.md").read_text()
 
 
+def test_the_report_says_which_moment_weight_made_each_cell_s_grid_rows_where_the_rows_carry_it():
+    rows = pd.read_csv(ROOT / "results" / "learned_rows" / "unet-digits.csv")
+    meta = json.loads((ROOT / "results" / "learned_rows" / "unet-digits.json").read_text())
+    assert learned_rows.kept_weights(rows) is None and "moment weight kept" not in learned_rows.report(rows, meta)
+    grid = rows.variant.isin(["dode-learned", "learned-grid"])
+    cells = rows.loc[grid, ["solver", "nfe"]].drop_duplicates().reset_index(drop=True)
+    chosen = {(s, n): [0.0, 1.0, 4.0, None][k % 4] for k, (s, n) in enumerate(zip(cells.solver, cells.nfe))}
+    rows["moment_weight"] = [chosen[s, n] if g and v == "dode-learned" else (4.0 if g else None)
+                             for s, n, v, g in zip(rows.solver, rows.nfe, rows.variant, grid)]
+    weights = learned_rows.kept_weights(rows)
+    assert len(weights) == len(cells) and weights.weight_grid.eq(4.0).all()
+    for _, w in weights.iterrows():
+        expected = chosen[w.solver, w.nfe]
+        assert (math.isnan(w.weight_learned) if expected is None else w.weight_learned == expected), tuple(w)
+    text = learned_rows.report(rows, meta)
+    kept = pd.Series([w for w in chosen.values() if w is not None]).value_counts()
+    left = sum(w is None for w in chosen.values())
+    assert (f"The moment weight kept: for D-ODE on a learned grid 0 in {kept[0.0]}, 1 in {kept[1.0]}, 4 in "
+            f"{kept[4.0]} cells (not kept in {left}); for the grid alone 4 in {len(cells)} cells.") in text
+    assert "weight_learned" in text and "weight_grid" in text
+
+
 def test_the_progress_bar_counts_the_cells_the_shards_have_saved_and_ends_with_the_runs(tmp_path):
     from concurrent.futures import Future
 

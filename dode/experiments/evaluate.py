@@ -203,7 +203,8 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
     each kept only where it validates better than what it replaces; ``fit_seconds`` counts that auto fit):
     the base solver on a learned grid (lambdas 0), D-ODE auto with its lambdas refined jointly, and D-ODE with
     lambdas and grid learned together (grids only for ``GRID_SOLVERS``). ``learned_moments``: the grid refinements'
-    moment weights (``refine_fit``'s ``moment_weights``: 0 the squared distance alone; several, the best-validating).
+    moment weights (``refine_fit``'s ``moment_weights``: 0 the squared distance alone; several, the best-validating,
+    and then a grid row's ``moment_weight`` is the one kept, empty where the refinement was not).
     Validation Frechet distances are in ``validation_features`` (default: the feature space of ``metric``).
     A sweep row is scored in ``metric``'s feature space (and by RMSE); the other ``features`` only where the row is
     also a table row (a feature network on every sweep row was most of the sweep's time: on gmm-digits FD-digits
@@ -278,7 +279,11 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
                                          moment_weights=learned_moments if REFINEMENTS[mode].timesteps else (0.0,))
                 made[mode] = refined
                 spacing = "learned" if refined.kept and REFINEMENTS[mode].timesteps else refined.spacing
-                fits[variant] = ({"spacing": spacing, **_scores(model, refined.scheduler, nfe, data, **score)},
+                # which objective made a grid row, where the guard chose among several (none where it was not kept)
+                weighed = ({"moment_weight": refined.record["moment_weight"] if refined.kept else None}
+                           if REFINEMENTS[mode].timesteps and len(learned_moments) > 1 else {})
+                fits[variant] = ({"spacing": spacing, **weighed,
+                                  **_scores(model, refined.scheduler, nfe, data, **score)},
                                  refined.scheduler,
                                  (start.factor, start_seconds + refined.seconds, refined.kept, refined.score))
         for variant, (row, fitted, how) in fits.items():

@@ -154,6 +154,9 @@ def report(rows: pd.DataFrame, meta: dict) -> str:
     checks = learned_checks(rows, metric)
     counts = {c: int(checks[c].sum()) for c in ("below_best", "below_auto", "at_or_below_grid")}
     missed = checks[~checks[["below_best", "below_auto", "at_or_below_grid"]].all(axis=1)]
+    weights = kept_weights(rows)
+    if weights is not None:  # which objective made each cell's grid rows (runs with several moment weights)
+        checks = checks.merge(weights, on=["solver", "nfe"], how="left")
     cpu = sum(meta.get("shard_seconds", []))
     lines = [
         f"# Learned-grid rows of {model} at every NFE", "",
@@ -170,12 +173,40 @@ def report(rows: pd.DataFrame, meta: dict) -> str:
         f"{meta['wall_seconds'] / 60:.0f} min wall, {cpu / 60:.0f} CPU-minutes.", "",
         f"Of {len(checks)} solver x NFE cells, D-ODE on a learned grid is below the best base in "
         f"{counts['below_best']}, below greedy D-ODE auto in {counts['below_auto']} and at or below the grid alone "
-        f"in {counts['at_or_below_grid']}.", "",
+        f"in {counts['at_or_below_grid']}.{_weights_phrase(weights)}", "",
         f"## {metric} (lower is better)", "", to_markdown(quality), "",
         "## Per cell", "", checks.to_markdown(index=False, floatfmt=".4g"), "",
         "## Cells that miss a check", "", missed.to_markdown(index=False, floatfmt=".4g") if len(missed) else "None.",
         "", f"## Fit seconds ({FIT_SECONDS})", "", to_markdown(cost, 1), ""]
     return "\n".join(lines)
+
+
+def kept_weights(rows: pd.DataFrame) -> pd.DataFrame | None:
+    """Per solver and NFE, the moment weight the guard kept for D-ODE on a learned grid (``weight_learned``) and for
+    the grid alone (``weight_grid``), from notebook 02's ``moment_weight`` column (written where it weighed several;
+    empty where the refinement was not kept); None for rows without it (one weight, or rows written before it)."""
+    if "moment_weight" not in rows:
+        return None
+    cells = rows.loc[rows["variant"] == "dode-learned", ["solver", "nfe"]]
+    for variant, column in (("dode-learned", "weight_learned"), ("learned-grid", "weight_grid")):
+        kept = rows.loc[rows["variant"] == variant, ["solver", "nfe", "moment_weight"]]
+        cells = cells.merge(kept.rename(columns={"moment_weight": column}), on=["solver", "nfe"], how="left")
+    return cells.reset_index(drop=True)
+
+
+def _weights_phrase(weights: pd.DataFrame | None) -> str:
+    """How often each moment weight made D-ODE on a learned grid and the grid alone (empty without the column)."""
+    if weights is None:
+        return ""
+
+    def counts(column: str) -> str:
+        kept = weights[column].dropna().value_counts().sort_index()
+        said = ", ".join(f"{w:g} in {n}" for w, n in kept.items()) or "none"
+        left = int(weights[column].isna().sum())
+        return said + " cells" + (f" (not kept in {left})" if left else "")
+
+    return (f" The moment weight kept: for D-ODE on a learned grid {counts('weight_learned')}; for the grid alone "
+            f"{counts('weight_grid')}.")
 
 
 def _moments_phrase(weights) -> str:
