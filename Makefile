@@ -71,8 +71,9 @@ count-interpolation: setup
 # unet-digits' learned-grid rows (the grid alone, joint lambdas, both) at NFE 3-10, which make reproduce holds at NFE 5
 # only: notebook 02 with make reproduce's parameters, its solvers in two runs at once (results/learned_rows.md,
 # results/learned_rows/), the grid refinements weighing a moment term at 0, 1 and 4 (--moments), every choice on 500
-# validation seeds (--validation-size); about 90 min on 2 CPU cores. ARGS="--report-only" rewrites the report from the
-# saved rows; ARGS="--solvers ddim unipc" runs a part of them.
+# validation seeds (--validation-size); about 90 min on 2 CPU cores; the shards and the schedulers they save stay in
+# build/learned_rows. ARGS="--report-only" rewrites the report from the saved rows; ARGS="--solvers ddim unipc" runs a
+# part of them (python -m dode.tools.learned_rows --out build/x runs its shards in build/x/learned_rows-work).
 learned-rows: setup
 	$(PY) -m dode.tools.learned_rows --out results $(ARGS)
 

@@ -211,3 +211,18 @@ def test_compare_rows_counts_moves_and_flipped_verdicts_against_a_perturbed_copy
     assert compare_rows.counts(first, "fd_digits", cells) == {
         "cells": len(learned_checks(first, "fd_digits")),
         **{c: int(learned_checks(first, "fd_digits")[c].sum()) for c in compare_rows.CHECKS}}
+
+
+def test_a_check_run_into_another_folder_keeps_its_shards_there_and_leaves_the_main_run_s_alone(monkeypatch, tmp_path):
+    assert learned_rows.work_folder(ROOT / "results") == learned_rows.WORK == ROOT / "build" / "learned_rows"
+    assert learned_rows.work_folder(tmp_path / "avx2") == tmp_path / "avx2" / "learned_rows-work"
+    assert learned_rows.work_folder(tmp_path / "avx2", tmp_path / "w") == tmp_path / "w"
+    for name in learned_rows.ONE_CORE:
+        monkeypatch.setenv(name, "1")
+    targets = []
+    monkeypatch.setattr(learned_rows, "_run_shard", lambda k, values, target: targets.append(target) or 0.0)
+    monkeypatch.setattr(learned_rows, "_follow", lambda runs, target, model, total: total)
+    monkeypatch.setattr(learned_rows, "collect", lambda *args: {"wall_seconds": 0.0})
+    assert learned_rows.main(["--solvers", "ddim", "--out", str(tmp_path / "avx2")]) == 0
+    assert learned_rows.main(["--solvers", "ddim", "--out", str(tmp_path), "--work", str(tmp_path / "w")]) == 0
+    assert targets == [tmp_path / "avx2" / "learned_rows-work" / "unet-digits", tmp_path / "w" / "unet-digits"]

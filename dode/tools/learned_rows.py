@@ -15,7 +15,8 @@ seeds (``VALIDATION``; ``make reproduce``'s 100 on ``--validation-size 100``), a
   learned grid is below the best base, below greedy D-ODE auto and at or below the grid alone (``learned_checks``).
 
 ``--solvers`` runs a part of the rows (a check under other kernels); ``--report-only`` rewrites ``learned_rows.md``
-from the CSV and the provenance.
+from the CSV and the provenance. The shards run, and keep their executed notebooks and saved schedulers, in
+``build/learned_rows`` for ``--out results`` and in ``<out>/learned_rows-work`` for another ``--out`` (``--work``).
 """
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ MOMENTS = (0.0, 1.0, 4.0)
 VALIDATION = 500
 #: set to 1 for the shards' kernels: each runs on one core, torch and BLAS alike
 ONE_CORE = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-#: where the shards run (cleared first); only what the report needs is copied into --out
+#: where the shards of ``make learned-rows`` (``--out results``) run, cleared first; only what the report needs is
+#: copied into --out. Another --out runs its shards in ``<out>/learned_rows-work`` (``work_folder``), so that a check
+#: run (another kernel, a part of the solvers) keeps its schedulers and leaves the main run's alone.
 WORK = ROOT / "build" / "learned_rows"
 
 
@@ -83,6 +86,14 @@ def run_parameters(model: str, nfes, solvers, moments=MOMENTS, validation_size: 
     values.update(solvers=list(solvers), nfes=list(nfes), learned_nfes=list(nfes),
                   learned_moments=[float(w) for w in moments], validation_size=int(validation_size))
     return values
+
+
+def work_folder(out: Path, work: Path | None = None) -> Path:
+    """Where the shards of a run into ``out`` run: ``work`` if given, ``WORK`` for the repository's results/,
+    else ``<out>/learned_rows-work``."""
+    if work is not None:
+        return Path(work)
+    return WORK if Path(out).resolve() == (ROOT / "results").resolve() else Path(out) / "learned_rows-work"
 
 
 def _run_shard(k: int, values: dict, work: Path) -> float:
@@ -229,6 +240,9 @@ def main(argv=None) -> int:
     parser.add_argument("--validation-size", type=int, default=VALIDATION,
                         help="validation seeds of auto's choice, the guard, the starts and weights")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the shards run, their schedulers kept (default: build/learned_rows for "
+                             "results/, else <out>/learned_rows-work)")
     parser.add_argument("--report-only", action="store_true", help="rewrite learned_rows.md from the saved rows")
     args = parser.parse_args(argv)
     if args.report_only:
@@ -242,8 +256,8 @@ def main(argv=None) -> int:
         return 0
     if args.validation_size < 2:
         parser.error(f"--validation-size must be at least 2, got {args.validation_size}")
-    meta = run(args.model, args.nfes, args.shards, args.out, moments=args.moments,
-               validation_size=args.validation_size, solvers=args.solvers)
+    meta = run(args.model, args.nfes, args.shards, args.out, work=work_folder(args.out, args.work),
+               moments=args.moments, validation_size=args.validation_size, solvers=args.solvers)
     print(f"wrote {args.out / 'learned_rows.md'} in {meta['wall_seconds'] / 60:.1f} min")
     return 0
 
