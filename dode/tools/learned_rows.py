@@ -212,9 +212,9 @@ def _weights_phrase(weights: pd.DataFrame | None) -> str:
 
     def counts(column: str) -> str:
         kept = weights[column].dropna().value_counts().sort_index()
-        said = ", ".join(f"{w:g} in {n}" for w, n in kept.items()) or "none"
+        said = ", ".join(f"{w:g} in {n}" for w, n in kept.items()) + " cells" if len(kept) else "in no cell"
         left = int(weights[column].isna().sum())
-        return said + " cells" + (f" (not kept in {left})" if left else "")
+        return said + (f" (not kept in {left})" if left else "")
 
     return (f" The moment weight kept: for D-ODE on a learned grid {counts('weight_learned')}; for the grid alone "
             f"{counts('weight_grid')}.")
