@@ -14,6 +14,11 @@ a lambda (of those above 1e-3) and of a grid level. Prints the table; ``--out`` 
         --env "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"     # on an AVX-512 CPU: its AVX2 path
 
 ``--env`` (default: ``OTHER_KERNELS``) is what the second process gets on top of the first's environment.
+``--perturb REL`` instead (or as well) adds to every output of the second process's model a fixed pattern of
+uniform noise of width REL times the output's largest entry (``PERTURB``): what another kernel's summation order
+does, at a size of one's choosing, on a CPU that has no other kernel to take.
+
+    python scripts/refine_kernels.py --cells ddim:3 dpm_solver_pp_2m:10 --precision float64 --env "" --perturb 1e-13
 """
 from __future__ import annotations
 
@@ -30,6 +35,25 @@ CELLS = ["unipc:4", "unipc:5", "dpm_solver_pp_2m:4", "dpm_solver_pp_2m:10", "dei
          "heun:5", "dpm_solver_2:6"]
 #: numpy's and scipy's OpenBLAS on another core type, MKL and oneDNN on SSE only (torch's own kernels unchanged)
 OTHER_KERNELS = "OPENBLAS_CORETYPE=Sandybridge MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41"
+#: the variable that tells a fit's process to perturb its model's outputs (``--perturb``)
+PERTURB = "REFINE_KERNELS_PERTURB"
+
+
+def perturbed(model, width: float):
+    """``model`` with ``width`` x its largest entry x a fixed pattern of uniform noise in [-1/2, 1/2] added to every
+    output (the pattern depends on the output's shape only; the gradient passes through unchanged)."""
+    import torch
+
+    forward = model.forward
+
+    def nudged(x, t, *args, **kwargs):
+        out = forward(x, t, *args, **kwargs)
+        plain = out.detach()
+        pattern = torch.rand(plain.shape, generator=torch.Generator().manual_seed(plain.numel()), dtype=plain.dtype)
+        return out + (width * plain.abs().max() * (pattern - 0.5)).detach()
+
+    model.forward = nudged
+    return model
 
 
 def fit(cells: list, precision: str, model_name: str = "gmm-digits") -> list:
@@ -40,6 +64,8 @@ def fit(cells: list, precision: str, model_name: str = "gmm-digits") -> list:
 
     torch.set_num_threads(1)
     model = dode.load_model(model_name)
+    if os.environ.get(PERTURB):
+        model = perturbed(model, float(os.environ[PERTURB]))
     out = []
     for cell in cells:
         solver, nfe = cell.split(":")
@@ -67,9 +93,13 @@ def _largest(a: list, b: list, floor: float) -> float:
     return max(moves, default=0.0)
 
 
-def compare(cells: list, precisions: list, other: str, model_name: str = "gmm-digits") -> pd.DataFrame:
+def compare(cells: list, precisions: list, other: str, model_name: str = "gmm-digits",
+            perturb: float | None = None) -> pd.DataFrame:
     base = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    base.pop(PERTURB, None)
     changed = {**base, **dict(item.split("=", 1) for item in other.split())}
+    if perturb is not None:
+        changed[PERTURB] = repr(float(perturb))
     rows = []
     for precision in precisions:
         for a, b in zip(*_both(cells, precision, [base, changed], model_name)):
@@ -89,9 +119,13 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--cells", nargs="+", default=CELLS, help="solver:nfe ...")
     parser.add_argument("--precision", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
     parser.add_argument("--env", default=OTHER_KERNELS, help="VAR=value ... for the second process")
+    parser.add_argument("--perturb", type=float, default=None,
+                        help="the second process's model outputs perturbed by this width x their largest entry")
     parser.add_argument("--out", default=None, help="also write the table here (CSV)")
     args = parser.parse_args(argv)
-    table = compare(args.cells, args.precision, args.env, args.model)
+    if args.perturb is not None and not args.perturb > 0:
+        parser.error(f"--perturb must be a width > 0, got {args.perturb}")
+    table = compare(args.cells, args.precision, args.env, args.model, args.perturb)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.out:
         table.to_csv(args.out, index=False)
