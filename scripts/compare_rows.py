@@ -12,10 +12,9 @@ import argparse
 
 import pandas as pd
 
-from dode.experiments.summary import learned_checks
+from dode.experiments.summary import LEARNED_CHECKS, learned_checks
 
 KEY = ["solver", "nfe", "variant"]
-CHECKS = ["below_best", "below_auto", "at_or_below_grid"]
 
 
 def compare(first: pd.DataFrame, second: pd.DataFrame, metric: str, rtol: float) -> pd.DataFrame:
@@ -36,7 +35,7 @@ def counts(rows: pd.DataFrame, metric: str, cells: set) -> dict:
     """How many of ``cells`` (solver, nfe) pass each learned check in ``rows``."""
     checks = learned_checks(rows, metric)
     checks = checks[[(s, n) in cells for s, n in zip(checks.solver, checks.nfe)]]
-    return {"cells": len(checks), **{c: int(checks[c].sum()) for c in CHECKS}}
+    return {"cells": len(checks), **{c: int(checks[c].sum()) for c in LEARNED_CHECKS}}
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ import pytest
 
 from dode.core.solvers import SOLVERS
 from dode.experiments.parameters import defaults
-from dode.experiments.summary import learned_checks
+from dode.experiments.summary import LEARNED_CHECKS, learned_checks
 from dode.tools import learned_rows, reproduce
 
 ROOT = reproduce.ROOT
@@ -210,7 +210,7 @@ def test_compare_rows_counts_moves_and_flipped_verdicts_against_a_perturbed_copy
     cells = set(zip(first.solver, first.nfe))
     assert compare_rows.counts(first, "fd_digits", cells) == {
         "cells": len(learned_checks(first, "fd_digits")),
-        **{c: int(learned_checks(first, "fd_digits")[c].sum()) for c in compare_rows.CHECKS}}
+        **{c: int(learned_checks(first, "fd_digits")[c].sum()) for c in LEARNED_CHECKS}}
 
 
 def test_a_check_run_into_another_folder_keeps_its_shards_there_and_leaves_the_main_run_s_alone(monkeypatch, tmp_path):

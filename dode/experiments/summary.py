@@ -67,6 +67,10 @@ def criterion_correlation(sweep: pd.DataFrame, metric: str = "fd_pixel") -> pd.D
     return pd.DataFrame(rows)
 
 
+#: the boolean columns of ``learned_checks``: what D-ODE on a learned grid must beat in a cell
+LEARNED_CHECKS = ("below_best", "below_auto", "at_or_below_grid")
+
+
 def learned_checks(results: pd.DataFrame, metric: str = "fd_pixel") -> pd.DataFrame:
     """Per solver and NFE with a D-ODE-on-a-learned-grid row: ``metric`` of the best base, greedy D-ODE auto, the grid
     alone (lambdas 0) and D-ODE on a learned grid, and whether the last is strictly below the best base

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..core.solvers import SOLVERS
 from ..experiments.checks import possible
-from ..experiments.summary import learned_checks
+from ..experiments.summary import LEARNED_CHECKS, learned_checks
 from ..experiments.tables import FIT_SECONDS, learned_table, to_markdown
 from ..models.registry import get_model
 from ..util.runtime import describe_machine, machine
@@ -163,8 +163,8 @@ def report(rows: pd.DataFrame, meta: dict) -> str:
     metric = first["metric"]
     quality, cost = learned_table(rows, metric)
     checks = learned_checks(rows, metric)
-    counts = {c: int(checks[c].sum()) for c in ("below_best", "below_auto", "at_or_below_grid")}
-    missed = checks[~checks[["below_best", "below_auto", "at_or_below_grid"]].all(axis=1)]
+    counts = {c: int(checks[c].sum()) for c in LEARNED_CHECKS}
+    missed = checks[~checks[list(LEARNED_CHECKS)].all(axis=1)]
     weights = kept_weights(rows)
     if weights is not None:  # which objective made each cell's grid rows (runs with several moment weights)
         checks = checks.merge(weights, on=["solver", "nfe"], how="left")
