@@ -23,6 +23,7 @@ does, at a size of one's choosing, on a CPU that has no other kernel to take.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import subprocess
@@ -56,31 +57,46 @@ def perturbed(model, width: float):
     return model
 
 
-def fit(cells: list, precision: str, model_name: str = "gmm-digits") -> list:
-    """In this process: each cell's lambdas, grid and validation score (floats, exactly)."""
+def fit(cells: list, precision: str, model_name: str = "gmm-digits", options: dict | None = None,
+        heldout: int | None = None) -> list:
+    """In this process: each cell's lambdas, grid and validation score (floats, exactly); ``options``: more of
+    ``distill``'s keywords (``--set``); ``heldout``: also the model's table metric on that many held-out seeds
+    (1000, ... as notebook 02's tables; against 10000 data samples where the model has them, else the seeds'
+    200-step DDIM samples)."""
     import torch
 
     import dode
+    from dode.experiments.evaluate import evaluate_scheduler, evaluation_data
 
     torch.set_num_threads(1)
     model = dode.load_model(model_name)
+    metric = dode.MODELS[model_name].metric
+    data = None if heldout is None else evaluation_data(
+        model, heldout, seed=1000, reference_samples=10_000, features=[metric.removeprefix("fd_")], fine_nfe=200,
+        device="cpu", progress=False)  # before the perturbation: the same reference in both processes
     if os.environ.get(PERTURB):
         model = perturbed(model, float(os.environ[PERTURB]))
     out = []
     for cell in cells:
         solver, nfe = cell.split(":")
         began = time.perf_counter()
-        s = dode.distill(model, solver, int(nfe), spacing="auto", refine="joint+timesteps", teacher="fine",
-                         precision=precision, progress=False)
+        s = dode.distill(model, solver, int(nfe), **{"spacing": "auto", "refine": "joint+timesteps", "teacher": "fine",
+                                                     "precision": precision, "progress": False, **(options or {})})
+        seconds = time.perf_counter() - began
+        scored = {} if data is None else {"heldout": evaluate_scheduler(
+            model, s, int(nfe), data, features=(metric.removeprefix("fd_"),), device="cpu")[metric]}
         out.append({"cell": cell, "lambdas": list(map(float, s.lambdas)), "grid": list(map(float, s.grid or [])),
-                    "validation": s.fit_info["refine"]["validation"], "seconds": time.perf_counter() - began})
+                    "validation": s.fit_info["refine"]["validation"], "optimizer": s.fit_info["refine"]["optimizer"],
+                    "seconds": seconds, **scored})
     return out
 
 
-def _both(cells: list, precision: str, envs: list, model_name: str) -> list:
+def _both(cells: list, precision: str, envs: list, model_name: str, options: dict | None = None,
+          heldout: int | None = None) -> list:
     """``fit`` in one fresh process per environment, at once (one thread each)."""
     code = f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); " \
-           f"import refine_kernels as r; print(json.dumps(r.fit({cells!r}, {precision!r}, {model_name!r})))"
+           f"import refine_kernels as r; print(json.dumps(r.fit({cells!r}, {precision!r}, {model_name!r}, " \
+           f"{options!r}, {heldout!r})))"
     runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for env in envs]
     outputs = [run.communicate()[0] for run in runs]
     if any(run.returncode for run in runs):
@@ -94,7 +110,7 @@ def _largest(a: list, b: list, floor: float) -> float:
 
 
 def compare(cells: list, precisions: list, other: str, model_name: str = "gmm-digits",
-            perturb: float | None = None) -> pd.DataFrame:
+            perturb: float | None = None, options: dict | None = None, heldout: int | None = None) -> pd.DataFrame:
     base = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     base.pop(PERTURB, None)
     changed = {**base, **dict(item.split("=", 1) for item in other.split())}
@@ -102,8 +118,11 @@ def compare(cells: list, precisions: list, other: str, model_name: str = "gmm-di
         changed[PERTURB] = repr(float(perturb))
     rows = []
     for precision in precisions:
-        for a, b in zip(*_both(cells, precision, [base, changed], model_name)):
-            rows.append({"cell": a["cell"], "precision": precision, "validation": a["validation"],
+        for a, b in zip(*_both(cells, precision, [base, changed], model_name, options, heldout)):
+            scored = {} if heldout is None else {
+                "heldout": a["heldout"], "heldout_other": b["heldout"],
+                "heldout_change": abs(a["heldout"] - b["heldout"]) / a["heldout"]}
+            rows.append({"cell": a["cell"], "precision": precision, **scored, "validation": a["validation"],
                          "validation_other": b["validation"],
                          "validation_change": abs(a["validation"] - b["validation"]) / a["validation"],
                          "lambda_change": _largest(a["lambdas"], b["lambdas"], 1e-3),
@@ -121,11 +140,21 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--env", default=OTHER_KERNELS, help="VAR=value ... for the second process")
     parser.add_argument("--perturb", type=float, default=None,
                         help="the second process's model outputs perturbed by this width x their largest entry")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="more of distill's keywords, each value a Python literal (refine_optimizer='rprop')")
+    parser.add_argument("--heldout", type=int, default=None, metavar="N",
+                        help="also score each fit by the model's table metric on N held-out seeds (as notebook 02)")
     parser.add_argument("--out", default=None, help="also write the table here (CSV)")
     args = parser.parse_args(argv)
+    try:
+        options = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.set)}
+    except (ValueError, SyntaxError) as error:
+        parser.error(f"--set takes KEY=VALUE with a Python literal as the value: {error}")
     if args.perturb is not None and not args.perturb > 0:
         parser.error(f"--perturb must be a width > 0, got {args.perturb}")
-    table = compare(args.cells, args.precision, args.env, args.model, args.perturb)
+    if args.heldout is not None and args.heldout < 2:
+        parser.error(f"--heldout needs at least 2 seeds, got {args.heldout}")
+    table = compare(args.cells, args.precision, args.env, args.model, args.perturb, options, args.heldout)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.out:
         table.to_csv(args.out, index=False)

@@ -7,7 +7,8 @@ import torch
 
 import dode
 from dode.models.registry import training_sigmas
-from dode.core.refine import _adam, _loss, _student_states, grid_from_params, optimise as refine, params_from_grid
+from dode.core.refine import (_adam, _loss, _rprop, _student_states, grid_from_params, optimise as refine,
+                              params_from_grid)
 from dode.core.sampling import integrate, seeded_noise
 from dode.core.timegrid import TimeGrid
 from dode.core.scheduler import make_scheduler
@@ -235,7 +236,7 @@ def test_refinement_errors_are_clear(gmm, tmp_path):
         refine(gmm, greedy, teacher.noise, teacher.targets(greedy), timesteps=True, objective="final")
     with pytest.raises(ValueError, match="objective"):
         refine(gmm, greedy, teacher.noise, teacher.targets(greedy), objective="all states")
-    with pytest.raises(ValueError, match="refine_optimizer must be one of 'lbfgs', 'adam', got 'sgd'"):
+    with pytest.raises(ValueError, match="refine_optimizer must be one of 'rprop', 'lbfgs', 'adam', got 'sgd'"):
         dode.distill(gmm, "ddim", [3, 4], batch_size=4, refine="joint", refine_optimizer="sgd")
     with pytest.raises(ValueError, match="optimizer must be one of"):
         refine(gmm, greedy, teacher.noise, teacher.targets(greedy), objective="all", optimizer="newton")
@@ -346,6 +347,87 @@ def test_annealed_adam_steps_shrink_on_a_half_cosine_to_nothing():
     assert path[-1][2] == -1.0 and steps[-1, 0] == pytest.approx(rate * (1 - np.cos(np.pi / n)) / 2, rel=1e-6)
 
 
+def test_rprop_reaches_the_closed_form_minimum_of_a_quadratic_inside_its_box():
+    """The same ill-conditioned quadratic as Adam's (curvatures 1e-2 ... 1e2, the minimum outside the box in one
+    coordinate): Rprop uses the gradient's signs only, so every coordinate gets to c clipped into the box, and it
+    stops by itself once every step has shrunk to RPROP_SETTLED, long before its iteration budget."""
+    from dode.core.refine import RPROP_SETTLED
+
+    curvature, centre = np.array([1e-2, 1.0, 1e2]), np.array([0.7, -1.3, 2.5])
+    low, high = [-3.0, -3.0, -3.0], [3.0, 3.0, 2.0]
+    calls = []
+
+    def f(x):
+        calls.append(x.copy())
+        return float(np.sum(curvature * (x - centre) ** 2)), 2 * curvature * (x - centre)
+
+    result = _rprop(f, np.zeros(3), list(zip(low, high)), 1000)
+    assert "converged" in result.message and result.nit < 200 and len(calls) == result.nit + 1
+    assert all(np.all(x >= low) and np.all(x <= high) for x in calls)
+    np.testing.assert_allclose(result.x, np.clip(centre, low, high), atol=4 * RPROP_SETTLED)
+
+
+def test_rprop_takes_the_same_path_whatever_the_gradient_size():
+    """Why ``refine_optimizer="rprop"`` reproduces across CPUs: its path is a function of the gradient's signs
+    alone. The gradient of a non-convex objective, each entry multiplied by a positive factor drawn anew at every
+    call (as large as 10x either way, far beyond any kernel's last bits), and the objective's value replaced by
+    noise: the iterates are the same to the last bit. Flipping one sign once does change the path: the test can
+    fail."""
+    centre = np.array([0.4, -1.1, 2.0, 0.3])
+
+    def gradient(x):  # a sum of cosines: ridges and valleys, no single basin
+        return 2 * (x - centre) + 3 * np.sin(3 * x)
+
+    def run(scale=None, flip_at=None):
+        path, rng = [], np.random.default_rng(0)
+
+        def f(x):
+            path.append(x.copy())
+            g = gradient(x)
+            if scale is not None:
+                g = g * 10.0 ** rng.uniform(-1, 1, size=g.shape)
+            if flip_at == len(path):
+                g[0] = -g[0]
+            return float(rng.uniform(1, 2)) if scale is not None else 1.0, g
+
+        _rprop(f, np.zeros(4), [(-5.0, 5.0)] * 4, 60)
+        return np.array(path)
+
+    plain = run()
+    assert np.array_equal(plain, run(scale=True))
+    assert not np.array_equal(plain, run(flip_at=3))
+
+
+@pytest.mark.parametrize("timesteps", [False, True])
+def test_rprop_is_chosen_by_name_never_worse_and_backs_off_from_a_blow_up(gmm, monkeypatch, timesteps):
+    """optimizer="rprop": one evaluation per iteration and one at the end, never worse than its start; where the
+    student blows up (simulated past |lambda| = bound, as for Adam) it steps back and goes on with halved steps."""
+    import dode.core.refine as refine_module
+
+    teacher = dode.Teacher(gmm, batch_size=8, seed=5, substeps=4)
+    greedy = dode.distill(gmm, "unipc", 4, teacher=teacher, guard=False)
+    bound = max(abs(v) for v in greedy.lambdas) * 1.01
+    real, trials = refine_module._student_states, []
+
+    def blows_up_far_out(model, student, noise, lambdas, grid):
+        far = max(abs(float(torch.as_tensor(v).detach())) for v in lambdas) > bound
+        trials.append(far)
+        states = real(model, student, noise, lambdas, grid)
+        return [s * float("nan") for s in states] if far else states
+
+    monkeypatch.setattr(refine_module, "_student_states", blows_up_far_out)
+    probe = copy.deepcopy(greedy)
+    probe.set_timesteps(probe.num_inference_steps)
+    targets = teacher.targets(TimeGrid.of(probe)) if timesteps else teacher.targets(probe)
+    found = refine(gmm, greedy, teacher.noise, targets, timesteps=timesteps, objective="final" if timesteps else "all",
+                   max_iterations=15, optimizer="rprop", progress=False)
+    info = found.record()
+    assert info["optimizer"] == "rprop" and found.evaluations == found.iterations + 1 <= 16
+    assert any(trials) and float("inf") in info["history"]  # it went out there, and came back
+    assert np.isfinite(found.mse_refined) and found.mse_refined < found.mse_start
+    assert max(abs(v) for v in found.scheduler.lambdas) <= bound
+
+
 @pytest.mark.parametrize("timesteps", [False, True])
 def test_adam_is_chosen_by_name_runs_exactly_its_iterations_and_backs_off_from_a_blow_up(gmm, monkeypatch, timesteps):
     """optimizer="adam": one evaluation per iteration and one at the end, never worse than its start; where the
@@ -375,7 +457,7 @@ def test_adam_is_chosen_by_name_runs_exactly_its_iterations_and_backs_off_from_a
     assert np.isfinite(found.mse_refined) and found.mse_refined <= found.mse_start
     assert found.history[-1] < float("inf")  # its last point is a finite one
     assert refine(gmm, greedy, teacher.noise, targets, timesteps=timesteps, max_iterations=2, progress=False,
-                  objective="final" if timesteps else "all").record()["optimizer"] == "lbfgs"  # the default
+                  objective="final" if timesteps else "all").record()["optimizer"] == "rprop"  # the default
 
 
 def test_a_refinement_defaults_to_the_fine_teacher_and_the_paper_fit_to_c_10(gmm):
@@ -447,13 +529,19 @@ def test_early_stopping_stops_after_patience_checks_without_a_better_score(gmm):
     start = np.array(greedy.lambdas)
     judge, seen = _recording_judge(lambda lam: 1.0 + float(np.abs(lam - start).sum()))  # the start scores best
     found = refine(gmm, greedy, teacher.noise, targets, objective="all", max_iterations=30, tolerance=0.0,
-                   monitor=Monitor(judge, every=2, patience=3), progress=False)
+                   monitor=Monitor(judge, every=2, patience=3), optimizer="lbfgs", progress=False)
     assert found.stopped_early and found.iterations == 6 and len(found.checks) == 3
     assert list(found.scheduler.lambdas) == list(greedy.lambdas) and found.validation == 1.0
     assert found.mse_refined < found.mse_start  # the objective did fall: the monitor overruled it
     free = refine(gmm, greedy, teacher.noise, targets, objective="all", max_iterations=30, tolerance=0.0,
-                  progress=False)
+                  optimizer="lbfgs", progress=False)
     assert free.iterations > 6 and free.validation is None and not free.checks
+    # Rprop (the default) the same way; its last iterate is checked before the objective is had there, so the best
+    # point by the objective, where it is another, is a check more
+    found = refine(gmm, greedy, teacher.noise, targets, objective="all", max_iterations=30,
+                   monitor=Monitor(judge, every=2, patience=3), progress=False)
+    assert found.stopped_early and found.iterations == 6 and len(found.checks) in (3, 4)
+    assert list(found.scheduler.lambdas) == list(greedy.lambdas) and found.validation == 1.0
     with pytest.raises(ValueError, match="patience"):
         Monitor(judge, patience=0)
     with pytest.raises(ValueError, match="every"):

@@ -29,3 +29,28 @@ def test_a_perturbation_must_have_a_width(capsys):
     with pytest.raises(SystemExit):
         refine_kernels.main(["--perturb", "0"])
     assert "--perturb must be a width > 0" in capsys.readouterr().err
+
+
+def test_distill_keywords_reach_the_fit_and_held_out_seeds_score_it():
+    """--set's keywords go to distill (the optimizer the fit reports is the one asked for), and --heldout scores
+    the fit as notebook 02's table does: the same number as sampling its scheduler on those seeds and taking the
+    Frechet distance to the data by hand."""
+    from dode.evaluation.metrics import feature_statistics, frechet_distance
+
+    options = {"batch_size": 16, "refine_iterations": 3, "refine_starts": 1, "refine_optimizer": "rprop"}
+    row, = refine_kernels.fit(["unipc:3"], "float64", "gmm-digits", options, heldout=64)
+    assert row["optimizer"] == "rprop" and len(row["grid"]) == 3
+    model = dode.load_model("gmm-digits")
+    scheduler = dode.DODEScheduler(dode.make_scheduler("unipc", model), row["lambdas"], 3, grid=row["grid"])
+    x = dode.sample(model, scheduler, 3, 64, seed=1000, progress=False)
+    reference = feature_statistics(model.sample_data(10_000, seed=10**6), "pixel")
+    assert row["heldout"] == pytest.approx(frechet_distance(x, reference, features="pixel"), rel=1e-9)
+
+
+def test_set_takes_python_literals(capsys):
+    with pytest.raises(SystemExit):
+        refine_kernels.main(["--set", "refine_optimizer=rprop"])  # a bare word is no literal
+    assert "--set takes KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        refine_kernels.main(["--heldout", "1"])
+    assert "--heldout needs at least 2" in capsys.readouterr().err

@@ -28,8 +28,8 @@ from ..util.runtime import resolve_device
 from .fit import GreedyFit, greedy_fit
 from .guard import CRITERIA, MARGIN, FitWarning, Judge, best_factor, choose, decision, insanity, scaled
 from .reference import REFERENCE, Reference, reference_solution
-from .refine import (MOMENT_FEATURES, OPTIMIZERS, PATIENCE, REFINEMENTS, TOLERANCE, MomentTerm, Monitor, Optimised,
-                     moment_balance, optimise)
+from .refine import (MOMENT_FEATURES, OPTIMIZER, OPTIMIZERS, PATIENCE, REFINEMENTS, TOLERANCE, MomentTerm, Monitor,
+                     Optimised, moment_balance, optimise)
 from .sampling import check_batch_size, count_evaluations
 from .scheduler import DODEScheduler, grid_scheduler, make_scheduler
 from .solvers import GRID_SOLVERS, Solver, get_solver
@@ -219,7 +219,7 @@ def _judge(model, teacher: Teacher, validation, criterion: str, features: str, d
     return Judge(model, validation, criterion, device, features, reference, progress)
 
 
-def _check_refine(solver: Solver, refine, optimizer: str = "lbfgs", moments=(0.0,),
+def _check_refine(solver: Solver, refine, optimizer: str = OPTIMIZER, moments=(0.0,),
                   features: str | None = "pixel") -> None:
     """``distill``'s check of ``refine``, ``refine_optimizer`` and ``refine_moments`` (in the guard's ``features``;
     None: no guard), before any work."""
@@ -405,7 +405,7 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
             teacher=None, guard: bool = True, validation=None, criterion: str = "fd", features: str = "pixel",
             margin: float = MARGIN, reference: Reference = REFERENCE, device="auto", refine: str | None = None,
             refine_iterations: int = 200, refine_starts: int = STARTS, refine_tolerance: float = TOLERANCE,
-            refine_batch_size: int | None = None, refine_optimizer: str = "lbfgs", refine_moments=(0.0,),
+            refine_batch_size: int | None = None, refine_optimizer: str = OPTIMIZER, refine_moments=(0.0,),
             precision: str | None = None, progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
 
@@ -469,7 +469,7 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
 
 
 def refined_scheduler(model, found: "Distillation", refine: str, *, iterations: int = 200, starts: int = STARTS,
-                      tolerance: float = TOLERANCE, batch_size: int | None = None, optimizer: str = "lbfgs",
+                      tolerance: float = TOLERANCE, batch_size: int | None = None, optimizer: str = OPTIMIZER,
                       moment_weights=(0.0,), progress: bool = True) -> DODEScheduler:
     """What ``distill(refine=refine)`` returns, from its ``distillation`` ``found`` (which may have given its own
     ``scheduler`` first: D-ODE auto and its refinement from one fit): ``refine_fit`` against the fit's teacher and
@@ -568,7 +568,7 @@ def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | N
         probe.set_timesteps(probe.num_inference_steps, device=teacher.noise.device)
         targets = teacher.targets(TimeGrid.of(probe))
     monitor = None
-    if monitored and judge is not None and options.optimizer == "lbfgs":
+    if monitored and judge is not None and options.optimizer != "adam":
         monitor = Monitor(judge, options.probe_iterations, options.patience, start.score if continued else math.inf)
     found = optimise(model, start.scheduler, teacher.noise, targets, **mode_options,
                      max_iterations=options.max_iterations, tolerance=options.tolerance,
@@ -606,7 +606,7 @@ class RefineOptions(NamedTuple):
     probe_iterations: int = 10
     batch_size: int | None = None
     gradient: str = "autograd"
-    optimizer: str = "lbfgs"
+    optimizer: str = OPTIMIZER
     reference: Reference = REFERENCE
     patience: int | None = PATIENCE
     moments: MomentTerm | None = None
@@ -615,7 +615,7 @@ class RefineOptions(NamedTuple):
 def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge: Judge | None = None,
                targets=None, max_iterations: int = 200, starts: int = 1, probe_iterations: int = 10,
                tolerance: float = TOLERANCE, batch_size: int | None = None, gradient: str = "autograd",
-               grid_alone: "Refined | None" = None, joint: "Refined | None" = None, optimizer: str = "lbfgs",
+               grid_alone: "Refined | None" = None, joint: "Refined | None" = None, optimizer: str = OPTIMIZER,
                reference: Reference | None = None, patience: int | None = PATIENCE, moment_weights=(0.0,),
                progress: bool = True) -> Refined:
     """``distill(refine=mode)`` from a ``distillation``, on ``teacher``'s noise batch (the fitting batch): "joint"
@@ -751,7 +751,7 @@ def _refine_fit(model, found: Distillation, teacher: Teacher, mode: str, judge: 
     # the learned grid alone (lambda 0) and the kept joint lambdas (the grid held): starts, and floors of the result
     special = {name: part for name, part in special.items() if name == "grid_alone" or part.kept}
     points = [*(_Start(copy.deepcopy(part.scheduler), part.spacing, part.score) for part in special.values()), *points]
-    probing = len(points) > 1 and options.probe_iterations < options.max_iterations and options.optimizer == "lbfgs"
+    probing = len(points) > 1 and options.probe_iterations < options.max_iterations and options.optimizer != "adam"
     own = targets if not REFINEMENTS[mode].timesteps else None
     first = options._replace(max_iterations=options.probe_iterations) if probing else options
     attempts = [_attempt(model, p, teacher, mode, judge, first, own if p.kept else None, progress, not probing)

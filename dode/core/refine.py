@@ -5,9 +5,12 @@ are only the start (``REFINEMENTS``): "joint" moves every lambda to minimise the
 student's states to the teacher's; "timesteps" moves only the noise levels of the grid, every lambda held at 0
 (the base solver on a learned grid: the learned-grid methods without D-ODE); "joint+timesteps" moves both. With
 a grid the objective is the final samples' distance (the moving states have no fixed targets). The optimiser
-(``OPTIMIZERS``) is L-BFGS over the distillation batch, until an iteration gains less than ``TOLERANCE`` of the
-start value; ``optimizer="adam"`` anneals Adam's step to zero over a fixed number of iterations instead (an
-experiment for learned grids that reproduce across CPUs: docs/grids-and-guard.md says what it measured). The
+(``OPTIMIZERS``) is Rprop over the distillation batch (``_rprop``): each parameter steps by its own step size against
+its gradient's sign, so that the path depends on those signs alone and another CPU's last bits, which move the
+gradient's size, leave it as it is (docs/grids-and-guard.md says what that measured). ``optimizer="lbfgs"``
+(L-BFGS until an iteration gains less than ``TOLERANCE`` of the start value, the default before) fits as well but
+parts with the last bits; ``optimizer="adam"`` anneals Adam's step to zero over a fixed number of iterations (an
+earlier experiment for reproducible grids). The
 network is frozen but differentiated through: the gradient with respect to the lambdas and to every noise level
 comes from one backward pass through every model evaluation and scheduler step. The levels are one tensor in the
 graph (``dode.core.solvers.set_levels``): the scheduler's coefficients are torch functions of them, and so is the
@@ -347,13 +350,20 @@ GRADIENTS = ("autograd", "fd")
 #: L-BFGS stops when an iteration lowers the objective by less than this share of its start value (or at
 #: ``max_iterations``): a tolerance, so that the default refinement converges
 TOLERANCE = 1e-5
-#: the optimiser of ``optimise``: "lbfgs" (scipy's L-BFGS-B to ``TOLERANCE``, the default) or "adam" (projected
-#: Adam, its step annealed from ``LEARNING_RATE`` to zero over exactly ``max_iterations`` iterations, so that the
-#: iterates settle: an experiment for learned grids that reproduce across CPUs, not shown to do better than
-#: L-BFGS there, docs/grids-and-guard.md)
-OPTIMIZERS = ("lbfgs", "adam")
+#: the optimisers of ``optimise``: "rprop" (``_rprop``, the default: its path depends on the gradient's signs alone,
+#: so a learned grid comes out the same under another CPU's last bits, docs/grids-and-guard.md), "lbfgs" (scipy's
+#: L-BFGS-B to ``TOLERANCE``, the default before: as good a fit, but its path parts with the last bits) or "adam"
+#: (projected Adam, its step annealed from ``LEARNING_RATE`` to zero over exactly ``max_iterations`` iterations: an
+#: earlier experiment for reproducible grids, which reached less)
+OPTIMIZERS = ("rprop", "lbfgs", "adam")
+OPTIMIZER = "rprop"
 #: Adam's first step size, in the units of theta (lambdas; u and z of the grid), annealed on a half cosine to 0
 LEARNING_RATE = 0.1
+#: Rprop (``_rprop``): every parameter's first step, the largest and the smallest, in the units of theta; a step
+#: grows by RPROP_FACTORS[0] while its gradient keeps its sign and shrinks by RPROP_FACTORS[1] where the sign turns;
+#: the run has converged once no step is above RPROP_SETTLED
+RPROP_STEP, RPROP_MAX, RPROP_MIN, RPROP_SETTLED = 2.0 ** -5, 1.0, 2.0 ** -20, 2.0 ** -12
+RPROP_FACTORS = (1.2, 0.5)
 #: early stopping (``Monitor``): L-BFGS stops after this many checks on the validation seeds in a row without a
 #: better score (with 2, a run stopped where a later iterate would have validated better in 3 of 6 gmm-digits cells
 #: measured; with 5 in none of the 6, at 1-17 % fewer model evaluations than without stopping:
@@ -364,7 +374,7 @@ PATIENCE = 5
 def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torch.Tensor, *, timesteps: bool = False,
              lambdas: bool = True, objective: str = "final", max_iterations: int = 200,
              tolerance: float = TOLERANCE, gradient: str = "autograd", batch_size: int | None = None,
-             optimizer: str = "lbfgs", monitor: "Monitor | None" = None, moments: MomentTerm | None = None,
+             optimizer: str = OPTIMIZER, monitor: "Monitor | None" = None, moments: MomentTerm | None = None,
              progress: bool = True) -> Optimised:
     """The lambdas (``lambdas``) and grid (``timesteps``) of ``scheduler`` that minimise the mean squared distance of
     the student's states from ``noise`` to the teacher's ``targets`` (nfe, batch, ...; DDPM convention), starting from
@@ -400,8 +410,8 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
                              grid=None if grid is None else list(grid), spacing=scheduler.spacing)
 
     if monitor is not None:
-        if optimizer != "lbfgs":
-            raise ValueError("a monitor (early stopping) needs optimizer='lbfgs'")
+        if optimizer == "adam":
+            raise ValueError("a monitor (early stopping) needs optimizer='lbfgs' or 'rprop'")
         monitor.begin(at)
     result = _minimise(model, f, x0, bounds, optimizer, max_iterations, tolerance, progress,
                        f"refining {solver.name}", monitor)
@@ -500,7 +510,7 @@ def objective_at_start(model, form: DODEScheduler, noise: torch.Tensor, targets,
 
 
 def _check_optimise(scheduler, timesteps: bool, lambdas: bool, objective: str, gradient: str, batch_size,
-                    tolerance, optimizer: str = "lbfgs") -> object:
+                    tolerance, optimizer: str = OPTIMIZER) -> object:
     """``optimise``'s checks of its options, before any work; returns the solver."""
     solver = solver_of(scheduler)
     if timesteps and not solver.takes_grid:
@@ -538,9 +548,9 @@ def _check_moments(moments: MomentTerm | None, objective: str, batch_size, sampl
 
 def _minimise(model, f: _Objective, x0, bounds, optimizer: str, max_iterations: int, tolerance: float,
               progress: bool, desc: str, monitor: Monitor | None = None):
-    """``optimizer`` ("lbfgs": scipy's L-BFGS-B; "adam": ``_adam``) on ``f`` from ``x0``, with the network's
-    parameters frozen meanwhile (the gradient flows through the network to the lambdas and levels, never into its
-    weights) and a progress bar of objective evaluations."""
+    """``optimizer`` ("rprop": ``_rprop``; "lbfgs": scipy's L-BFGS-B; "adam": ``_adam``) on ``f`` from ``x0``, with
+    the network's parameters frozen meanwhile (the gradient flows through the network to the lambdas and levels,
+    never into its weights) and a progress bar of objective evaluations."""
     frozen = [p for p in model.parameters() if p.requires_grad] if hasattr(model, "parameters") else []
     for p in frozen:
         p.requires_grad_(False)
@@ -549,6 +559,8 @@ def _minimise(model, f: _Objective, x0, bounds, optimizer: str, max_iterations: 
                   else None) as f.bar:
             if optimizer == "adam":
                 return _adam(f, x0, bounds, max_iterations)
+            if optimizer == "rprop":
+                return _rprop(f, x0, bounds, max_iterations, monitor)
             return scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=monitor,
                                            options={"maxiter": max_iterations, "maxfun": 2 * max_iterations,
                                                     "ftol": tolerance, "gtol": 1e-12})
@@ -578,6 +590,51 @@ def _adam(f: _Objective, x0, bounds, iterations: int, rate: float = LEARNING_RAT
         x = np.clip(x - step * (m / (1 - 0.9 ** k)) / (np.sqrt(v / (1 - 0.999 ** k)) + 1e-8), low, high)
     f(x)  # the last point (``f`` keeps the best it saw)
     return scipy.optimize.OptimizeResult(x=x, nit=iterations, message=f"annealed Adam: {iterations} iterations")
+
+
+def _rprop(f: _Objective, x0, bounds, iterations: int, monitor: Monitor | None = None) -> scipy.optimize.OptimizeResult:
+    """Rprop (iRprop-) on ``f`` from ``x0``, each step clipped into ``bounds``: every parameter moves by its own step
+    against its gradient's sign; the step grows while the sign holds and shrinks where it turns (and that parameter
+    rests for one iteration). The path depends on the gradient's signs alone, never on its size or on the objective's
+    value: two runs whose arithmetic differs in the last bits take the same steps wherever each gradient entry is
+    further from zero than that difference, and a parameter whose entry is that near zero sits near its optimum, so
+    the runs part by at most its (shrinking) step. Stops when no step is above ``RPROP_SETTLED`` (a parameter held at
+    a bound it pushes against aside), when ``monitor``
+    stops it, or after ``iterations`` (one evaluation each, and one at the end). A point where the student blows up (an
+    infinite objective) is taken back and every step halved."""
+    low = np.array([-np.inf if b[0] is None else b[0] for b in bounds])
+    high = np.array([np.inf if b[1] is None else b[1] for b in bounds])
+    x = np.clip(np.asarray(x0, dtype=np.float64), low, high)
+    step, before, previous = np.full_like(x, RPROP_STEP), np.zeros_like(x), None
+    grow, shrink = RPROP_FACTORS
+    message, k = f"Rprop: {iterations} iterations", 0
+    for k in range(1, iterations + 1):
+        value, gradient = f(x)
+        if not math.isfinite(value):
+            if previous is None:
+                message = "Rprop: the start is not finite"
+                break
+            x, step, before = previous, step / 2, np.zeros_like(x)
+            continue
+        sign = np.sign(gradient)
+        turn = sign * before
+        step = np.where(turn > 0, np.minimum(step * grow, RPROP_MAX),
+                        np.where(turn < 0, np.maximum(step * shrink, RPROP_MIN), step))
+        sign = np.where(turn < 0, 0.0, sign)
+        previous, before = x, sign
+        x = np.clip(x - sign * step, low, high)
+        pinned = ((x == high) & (sign < 0)) | ((x == low) & (sign > 0))  # held at a bound it pushes against
+        if monitor is not None:
+            try:
+                monitor(scipy.optimize.OptimizeResult(x=x))
+            except StopIteration:
+                message = f"Rprop: stopped early after {k} iterations"
+                break
+        if np.all(pinned | (step <= RPROP_SETTLED)):
+            message = f"Rprop: converged after {k} iterations (every step at most {RPROP_SETTLED:g})"
+            break
+    f(x)  # the last point (``f`` keeps the best it saw)
+    return scipy.optimize.OptimizeResult(x=x, nit=k, message=message)
 
 
 def mode_of(*, timesteps: bool, lambdas: bool) -> str:
