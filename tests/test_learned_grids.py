@@ -135,11 +135,14 @@ def test_a_low_first_level_climbs_towards_the_schedules_top_and_no_further(gmm):
     f, x0, bounds = objective_at_start(gmm, low, teacher.noise, targets, lambdas=False, timesteps=True)
     assert 2.0 * np.exp(bounds[0][1]) == pytest.approx(top, rel=1e-8) and bounds[0][1] < np.log(top / 2.0)
     assert f.unpack(np.array([bounds[0][1], *x0[1:]]))[1][0] <= top
-    found = refine(gmm, low, teacher.noise, targets, **REFINEMENTS["timesteps"]._asdict(), max_iterations=15,
-                   progress=False)
-    grid = np.array(found.scheduler.grid)
-    assert 4.0 < grid[0] <= top and np.all(np.diff(grid) < 0)
-    assert found.mse_refined < 0.5 * found.mse_start
+    # Rprop (the default) moves by signs, its steps growing from 2^-5: it needs about 60 iterations to get where
+    # L-BFGS gets in 14 evaluations (first level 5.2 against 5.1, the objective at 0.48 of its start either way)
+    for optimizer, iterations in (("rprop", 60), ("lbfgs", 15)):
+        found = refine(gmm, low, teacher.noise, targets, **REFINEMENTS["timesteps"]._asdict(),
+                       max_iterations=iterations, optimizer=optimizer, progress=False)
+        grid = np.array(found.scheduler.grid)
+        assert 4.0 < grid[0] <= top and np.all(np.diff(grid) < 0)
+        assert found.mse_refined < 0.5 * found.mse_start
 
 
 def test_joint_refinement_from_zero_lambdas_has_a_gradient(gmm):
