@@ -173,27 +173,28 @@ def test_the_learned_rows_are_what_distill_refine_fits_on_the_refinements_own_ba
 
 def test_with_several_moment_weights_a_grid_row_says_which_one_the_guard_kept(gmm, one_thread, tmp_path):
     """Notebook 02's grid rows with ``learned_moments`` of two weights: ``moment_weight`` is the weight the saved
-    scheduler's record says was kept (here the grid alone keeps 4 and D-ODE on a learned grid 0), the grid alone
-    is ``dode.distill(refine="timesteps", refine_moments=...)``'s fit; empty where the refinement was not kept
-    (DPM-Solver++'s grid alone here) and in the joint row (its lambdas do not depend on the weight)."""
+    scheduler's record says was kept (here DDIM NFE 4's grid alone keeps 4 and its D-ODE on a learned grid 0), the
+    grid alone is ``dode.distill(refine="timesteps", refine_moments=...)``'s fit; empty where the refinement was not
+    kept (DPM-Solver++ NFE 3's grid alone here) and in the joint row (its lambdas do not depend on the weight)."""
     data = evaluation_data(gmm, 100, seed=1000, reference_samples=1000, progress=False)
     teacher = dode.Teacher(gmm, batch_size=20, seed=0, substeps=4)
     validation = dode.Teacher(gmm, batch_size=20, seed=VALIDATION_SEED, substeps="fine")
-    results, _ = evaluate_spacings(gmm, data, solvers=["ddim", "dpm_solver_pp_2m"], nfes=[3], fit_teacher=teacher, validation=validation,
-                                   learned_nfes=[3], learned_solvers=["ddim", "dpm_solver_pp_2m"], learned_starts=1, learned_iterations=3,
-                                   learned_moments=[0, 4], save_dir=tmp_path, progress=False)
+    results, _ = evaluate_spacings(gmm, data, solvers=["ddim", "dpm_solver_pp_2m"], nfes=[3, 4], fit_teacher=teacher,
+                                   validation=validation, learned_nfes=[3, 4], learned_solvers=["ddim", "dpm_solver_pp_2m"],
+                                   learned_starts=1, learned_iterations=3, learned_moments=[0, 4], save_dir=tmp_path,
+                                   progress=False)
     assert results[~results.variant.isin(["learned-grid", "dode-learned"])].moment_weight.isna().all()
-    left = results[results.solver == "dpm_solver_pp_2m"].set_index("variant")
+    left = results[(results.solver == "dpm_solver_pp_2m") & (results.nfe == 3)].set_index("variant")
     record = dode.DODEScheduler.from_pretrained(tmp_path / "dpm_solver_pp_2m-nfe3-learned-grid").fit_info["refine"]
     assert not left.at["learned-grid", "kept"] and not record.get("kept", False)
     assert math.isnan(left.at["learned-grid", "moment_weight"]) and left.at["learned-grid", "spacing"] != "learned"
-    rows = results[results.solver == "ddim"].set_index("variant")
+    rows = results[(results.solver == "ddim") & (results.nfe == 4)].set_index("variant")
     for variant in ("learned-grid", "dode-learned"):
-        record = dode.DODEScheduler.from_pretrained(tmp_path / f"ddim-nfe3-{variant}").fit_info["refine"]
+        record = dode.DODEScheduler.from_pretrained(tmp_path / f"ddim-nfe4-{variant}").fit_info["refine"]
         assert [w["weight"] for w in record["moment_weights"]] == [0, 4] and record["kept"]
         assert rows.at[variant, "moment_weight"] == record["moment_weight"], variant
     assert list(rows.loc[["learned-grid", "dode-learned"], "moment_weight"]) == [4.0, 0.0]
-    fitted = dode.distill(gmm, "ddim", 3, teacher=teacher, validation=validation, refine="timesteps", refine_starts=1,
+    fitted = dode.distill(gmm, "ddim", 4, teacher=teacher, validation=validation, refine="timesteps", refine_starts=1,
                           refine_iterations=3, refine_moments=(0, 4), progress=False)
     assert json.loads(rows.at["learned-grid", "grid"]) == pytest.approx(fitted.grid, rel=1e-6, abs=1e-6)
     assert fitted.fit_info["refine"]["moment_weight"] == rows.at["learned-grid", "moment_weight"]
