@@ -192,12 +192,19 @@ def test_the_default_refinement_converges_to_its_tolerance(gmm):
     start = dode.distill(gmm, "ddim", NFE, teacher=teacher, guard=False)
     learned = dode.core.scheduler.to_grid_form(start)
     learned.set_timesteps(learned.num_inference_steps)
-    found = optimise(gmm, start, teacher.noise, teacher.targets(TimeGrid.of(learned)), timesteps=True,
-                     progress=False)
-    assert "CONVERGENCE" in found.message and found.iterations < 200
-    assert found.mse_refined < 0.3 * found.mse_start
-    # the stopping rule: the last iterations gained less than the tolerance share of the start value
-    assert min(found.history) == found.mse_refined
+    targets = teacher.targets(TimeGrid.of(learned))
+    # Rprop (the default) stops once every step has shrunk to RPROP_SETTLED (here after about 260 iterations, at
+    # the objective its 200 reach), L-BFGS once an iteration gains less than the tolerance share of the start value
+    # (here after 27): both end at about the same point
+    ends = {}
+    for optimizer, settled, budget in (("rprop", "converged", 400), ("lbfgs", "CONVERGENCE", 200)):
+        found = optimise(gmm, start, teacher.noise, targets, timesteps=True, optimizer=optimizer,
+                         max_iterations=budget, progress=False)
+        assert settled in found.message and found.iterations < budget, (optimizer, found.message)
+        assert found.mse_refined < 0.3 * found.mse_start
+        assert min(found.history) == found.mse_refined  # the best point it saw comes back
+        ends[optimizer] = found.mse_refined
+    assert ends["rprop"] == pytest.approx(ends["lbfgs"], rel=0.05)
 
 
 def test_options_are_checked(gmm):
