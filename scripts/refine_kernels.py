@@ -2,13 +2,16 @@
 default kernels and one under other BLAS / MKL / oneDNN paths, compared.
 
 Each cell is ``dode.distill(model, solver, nfe, spacing="auto", refine="joint+timesteps", teacher="fine")``
-(3 starts, L-BFGS to its tolerance, as notebook 02's gmm-digits run; the fitting batch distill's default, 400) in each
-``--precision`` (``--model unet-digits``: float32 only, its network computes in float32). The table gives, per
-cell and precision, the validation score in each process, its relative change, and the largest relative change of
-a lambda (of those above 1e-3) and of a grid level. Prints the table; ``--out`` also writes it as CSV.
+(3 starts, distill's default optimiser, as notebook 02's gmm-digits run; the fitting batch distill's default, 400)
+in each ``--precision`` (``--model unet-digits``: float32 only, its network computes in float32); ``--set`` changes
+any of distill's keywords. The table gives, per cell and precision, the validation score in each process, its
+relative change, and the largest relative change of a lambda (of those above 1e-3) and of a grid level, and with
+``--heldout N`` the model's table metric on N held-out seeds in each process and its change. Prints the table;
+``--out`` also writes it as CSV.
 
     python scripts/refine_kernels.py                        # the ten cells below, float32 and float64
     python scripts/refine_kernels.py --cells ddim:3 deis:8 --precision float64
+    python scripts/refine_kernels.py --cells ddim:3 --set "refine_optimizer='lbfgs'" --heldout 2000   # L-BFGS
     python scripts/refine_kernels.py --env "ATEN_CPU_CAPABILITY=default"   # torch's own kernels instead
     python scripts/refine_kernels.py --model unet-digits --precision float32 --cells ddim:5 deis:5 \
         --env "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"     # on an AVX-512 CPU: its AVX2 path
