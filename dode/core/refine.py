@@ -599,9 +599,9 @@ def _rprop(f: _Objective, x0, bounds, iterations: int, monitor: Monitor | None =
     value: two runs whose arithmetic differs in the last bits take the same steps wherever each gradient entry is
     further from zero than that difference, and a parameter whose entry is that near zero sits near its optimum, so
     the runs part by at most its (shrinking) step. Stops when no step is above ``RPROP_SETTLED`` (a parameter held at
-    a bound it pushes against aside), when ``monitor``
-    stops it, or after ``iterations`` (one evaluation each, and one at the end). A point where the student blows up (an
-    infinite objective) is taken back and every step halved."""
+    a bound it pushes against aside), when ``monitor`` stops it, or after ``iterations`` (one evaluation each, and
+    one at the end). A point where the student blows up (an infinite objective) is taken back and every step
+    halved."""
     low = np.array([-np.inf if b[0] is None else b[0] for b in bounds])
     high = np.array([np.inf if b[1] is None else b[1] for b in bounds])
     x = np.clip(np.asarray(x0, dtype=np.float64), low, high)
