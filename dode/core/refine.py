@@ -597,8 +597,8 @@ def _rprop(f: _Objective, x0, bounds, iterations: int, monitor: Monitor | None =
     against its gradient's sign; the step grows while the sign holds and shrinks where it turns (and that parameter
     rests for one iteration). The path depends on the gradient's signs alone, never on its size or on the objective's
     value: two runs whose arithmetic differs in the last bits take the same steps wherever each gradient entry is
-    further from zero than that difference, and a parameter whose entry is that near zero sits near its optimum, so
-    the runs part by at most its (shrinking) step. Stops when no step is above ``RPROP_SETTLED`` (a parameter held at
+    further from zero than that difference; a parameter whose entry is that near zero mostly sits near its optimum,
+    its step shrinking, so the runs part by little (further where the objective is flat along it). Stops when no step is above ``RPROP_SETTLED`` (a parameter held at
     a bound it pushes against aside), when ``monitor`` stops it, or after ``iterations`` (one evaluation each, and
     one at the end). A point where the student blows up (an infinite objective) is taken back and every step
     halved."""
