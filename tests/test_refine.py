@@ -398,10 +398,9 @@ def test_rprop_takes_the_same_path_whatever_the_gradient_size():
     assert not np.array_equal(plain, run(flip_at=3))
 
 
-@pytest.mark.parametrize("timesteps", [False, True])
-def test_rprop_is_chosen_by_name_never_worse_and_backs_off_from_a_blow_up(gmm, monkeypatch, timesteps):
-    """optimizer="rprop": one evaluation per iteration and one at the end, never worse than its start; where the
-    student blows up (simulated past |lambda| = bound, as for Adam) it steps back and goes on with halved steps."""
+def _blowing_up_past_the_fit(gmm, monkeypatch, timesteps):
+    """(teacher, greedy UniPC NFE 4 fit, its targets, bound, trials) with the student simulated to blow up (NaN states)
+    wherever a lambda exceeds 1.01 x the fit's largest; ``trials`` records, per student run, whether it was out there."""
     import dode.core.refine as refine_module
 
     teacher = dode.Teacher(gmm, batch_size=8, seed=5, substeps=4)
@@ -419,6 +418,14 @@ def test_rprop_is_chosen_by_name_never_worse_and_backs_off_from_a_blow_up(gmm, m
     probe = copy.deepcopy(greedy)
     probe.set_timesteps(probe.num_inference_steps)
     targets = teacher.targets(TimeGrid.of(probe)) if timesteps else teacher.targets(probe)
+    return teacher, greedy, targets, bound, trials
+
+
+@pytest.mark.parametrize("timesteps", [False, True])
+def test_rprop_is_chosen_by_name_never_worse_and_backs_off_from_a_blow_up(gmm, monkeypatch, timesteps):
+    """optimizer="rprop": one evaluation per iteration and one at the end, never worse than its start; where the
+    student blows up (simulated past |lambda| = bound, as for Adam) it steps back and goes on with halved steps."""
+    teacher, greedy, targets, bound, trials = _blowing_up_past_the_fit(gmm, monkeypatch, timesteps)
     found = refine(gmm, greedy, teacher.noise, targets, timesteps=timesteps, objective="final" if timesteps else "all",
                    max_iterations=15, optimizer="rprop", progress=False)
     info = found.record()
@@ -432,23 +439,7 @@ def test_rprop_is_chosen_by_name_never_worse_and_backs_off_from_a_blow_up(gmm, m
 def test_adam_is_chosen_by_name_runs_exactly_its_iterations_and_backs_off_from_a_blow_up(gmm, monkeypatch, timesteps):
     """optimizer="adam": one evaluation per iteration and one at the end, never worse than its start; where the
     student blows up (simulated past |lambda| = bound, as above) it steps back and goes on with smaller steps."""
-    import dode.core.refine as refine_module
-
-    teacher = dode.Teacher(gmm, batch_size=8, seed=5, substeps=4)
-    greedy = dode.distill(gmm, "unipc", 4, teacher=teacher, guard=False)
-    bound = max(abs(v) for v in greedy.lambdas) * 1.01
-    real, trials = refine_module._student_states, []
-
-    def blows_up_far_out(model, student, noise, lambdas, grid):
-        far = max(abs(float(torch.as_tensor(v).detach())) for v in lambdas) > bound
-        trials.append(far)
-        states = real(model, student, noise, lambdas, grid)
-        return [s * float("nan") for s in states] if far else states
-
-    monkeypatch.setattr(refine_module, "_student_states", blows_up_far_out)
-    probe = copy.deepcopy(greedy)
-    probe.set_timesteps(probe.num_inference_steps)
-    targets = teacher.targets(TimeGrid.of(probe)) if timesteps else teacher.targets(probe)
+    teacher, greedy, targets, _, trials = _blowing_up_past_the_fit(gmm, monkeypatch, timesteps)
     found = refine(gmm, greedy, teacher.noise, targets, timesteps=timesteps, objective="final" if timesteps else "all",
                    max_iterations=12, optimizer="adam", progress=False)
     info = found.record()
