@@ -1,6 +1,7 @@
 """Learned time grids for every solver (issue 12): DDIM's exact grid form, the grid alone (refine="timesteps"),
 several starts chosen on validation seeds, and the never-worse guard on every refinement."""
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -221,6 +222,29 @@ def test_every_refinement_is_kept_only_where_it_validates_better_than_what_it_re
         assert refined.grid is None
 
 
+@pytest.mark.parametrize("mode", ["joint", "timesteps"])
+def test_a_refinement_is_kept_only_where_it_validates_better_by_the_margin(gmm, auto_fit, mode):
+    """The guard's margin (the distillation's, 2 % by default) holds for the refinements as for the lambdas: a
+    refinement that validates better than what it replaces by less than it, or by nothing, comes back as that; by
+    more, it is kept; with margin 0 any gain is kept and a tie is not."""
+    auto, teacher = auto_fit
+    assert auto.margin == dode.core.guard.MARGIN == 0.02
+    starts = refinement_starts(gmm, auto, mode, 1)
+    before = auto.scheduler.fit_info["validation"]["guarded"] if mode == "joint" else starts[0].score
+    for found, factor, kept in ((auto, 1.0, False), (auto, 0.99, False), (auto, 0.97, True),
+                                (dataclasses.replace(auto, margin=0.0), 1.0, False),
+                                (dataclasses.replace(auto, margin=0.0), 0.999, True)):
+        result = refine_fit(gmm, found, teacher, mode, judge=_Scores(before * factor), max_iterations=2,
+                            progress=False)
+        assert result.kept is kept and result.record["validation_before"] == before, (found.margin, factor)
+        if not kept and mode == "joint":  # the fit itself comes back
+            assert result.scheduler.lambdas == auto.scheduler.lambdas and result.scheduler.grid is None
+        elif not kept:
+            assert result.scheduler.lambdas == [0.0] * auto.nfe and result.scheduler.grid is None
+        else:
+            assert result.scheduler.lambdas != auto.scheduler.lambdas or result.scheduler.grid is not None
+
+
 def test_distill_learns_ddims_grid_and_the_result_round_trips(gmm, validation, tmp_path):
     teacher = dode.Teacher(gmm, batch_size=16, seed=5, substeps=4)
     learned = dode.distill(gmm, "ddim", 4, spacing="auto", teacher=teacher, validation=validation,
@@ -271,6 +295,40 @@ def test_joint_and_timesteps_never_validates_worse_than_the_learned_grid_alone(g
     again = refine_fit(gmm, auto, teacher, "joint+timesteps", judge=judge, starts=2, max_iterations=4,
                        probe_iterations=2, progress=False)
     assert again.scheduler.grid == result.scheduler.grid and again.record["grid_alone_kept"]
+
+
+class _FavoursLearnedGrids:
+    """A judge that scores a scheduler with every lambda 0 at ``low``, one with lambdas on a learned grid at
+    ``factor`` x ``low``, any other at ``high``."""
+
+    def __init__(self, low, factor, high):
+        self.low, self.factor, self.high = low, factor, high
+
+    def __call__(self, scheduler, *args, **kwargs):
+        if all(v == 0.0 for v in scheduler.lambdas):
+            return self.low
+        return self.factor * self.low if scheduler.grid is not None else self.high
+
+
+def test_joint_and_timesteps_keeps_a_special_case_unless_a_refinement_beats_it_by_the_margin(gmm, auto_fit):
+    """"joint+timesteps" whose own refinement validates 1 % better than the learned grid alone (its special case,
+    itself well below the greedy fit) returns the grid alone; 3 % better, its own refinement."""
+    auto, teacher = auto_fit
+    alone = refine_fit(gmm, auto, teacher, "timesteps", judge=_Scores(0.5 * auto.score), starts=1, max_iterations=2,
+                       progress=False)
+    assert alone.kept
+    for factor, own in ((0.99, False), (0.97, True)):
+        judge = _FavoursLearnedGrids(alone.score, factor, 2.0 * auto.score)
+        result = refine_fit(gmm, auto, teacher, "joint+timesteps", judge=judge, max_iterations=2, grid_alone=alone,
+                            progress=False)
+        info = result.record
+        assert result.kept and not info["joint"]["kept"] and info.get("grid_alone_kept", False) is not own
+        if own:
+            assert result.score == factor * alone.score and result.scheduler.lambdas != [0.0] * auto.nfe
+            assert result.scheduler.grid is not None
+        else:
+            assert result.score == alone.score and result.scheduler.grid == alone.scheduler.grid
+            assert result.scheduler.lambdas == [0.0] * auto.nfe
 
 
 class _FavoursOne:

@@ -248,12 +248,13 @@ def test_refinement_errors_are_clear(gmm, tmp_path):
 
 
 @pytest.mark.parametrize("solver, kept", [("deis", True), ("ddim", False)])
-def test_with_the_guard_a_refinement_is_kept_only_where_it_validates_no_worse(gmm, validation, solver, kept):
-    """Measured on these seeds: joint DEIS validates better than its greedy start (pixel FD 0.94 against 0.97),
-    joint DDIM worse (0.44 against 0.41), so the greedy fit comes back. The scores recomputed through dode.sample."""
+def test_with_the_guard_a_refinement_is_kept_only_where_it_validates_better(gmm, validation, solver, kept):
+    """Measured on these seeds: joint DEIS validates better than its greedy start by more than the guard's 2 %
+    margin (pixel FD 0.996 against 1.028), joint DDIM worse (0.470 against 0.441), so the greedy fit comes back. The
+    scores recomputed through dode.sample."""
     teacher = dode.Teacher(gmm, batch_size=16, seed=5, substeps=4)
     paper = dode.get_solver(solver).default_spacing  # a refinement on one spacing (without one it starts from auto)
-    joint = dode.distill(gmm, solver, 4, spacing=paper, teacher=teacher, refine="joint", refine_iterations=8,
+    joint = dode.distill(gmm, solver, 4, spacing=paper, teacher=teacher, refine="joint", refine_iterations=20,
                          validation=validation, criterion="fd", progress=False)
     greedy = dode.distill(gmm, solver, 4, spacing=paper, teacher=teacher, validation=validation, criterion="fd")
     info = joint.fit_info["refine"]
@@ -267,7 +268,7 @@ def test_with_the_guard_a_refinement_is_kept_only_where_it_validates_no_worse(gm
     assert fd(greedy) == pytest.approx(info["validation_before"], rel=1e-7)
     if kept:
         assert joint.lambdas != greedy.lambdas and fd(joint) == pytest.approx(info["validation"], rel=1e-7)
-        assert info["validation"] <= info["validation_before"]
+        assert info["validation"] < (1 - dode.core.guard.MARGIN) * info["validation_before"]
     else:
         assert joint.lambdas == greedy.lambdas and joint.grid is None
         assert info["validation"] > info["validation_before"] and info["mse_refined"] <= info["mse_start"]

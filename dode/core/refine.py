@@ -19,10 +19,11 @@ instead (one more student run per grid parameter: the method before, for ``make 
 can be split into micro-batches (the same gradient, less memory). DDIM's grid is learned on its exact grid form
 (``dode.core.scheduler.to_grid_form``: iPNDM of order 1).
 
-Every level of the grid moves. The first (``u = log(first / start)``) may go up as far as the schedule's
-largest training level, where the samples' noise is, or down by a share of the span; the rest are parametrised so that the grid stays strictly descending between the
-first level and the smallest training noise level: the gaps between consecutive log-levels are ``softmax([z, 0])``
-of that span, so any ``z`` is a valid grid (``z`` is kept in a box so that no two levels merge in float32).
+Every level of the grid moves. The first (``u = log(first / start)``) may go up as far as the schedule's largest
+training level, where the samples' noise is, or down by a share of the span; the rest are parametrised so that the
+grid stays strictly descending between the first level and the smallest training noise level: the gaps between
+consecutive log-levels are ``softmax([z, 0])`` of that span, so any ``z`` is a valid grid (``z`` is kept in a box
+so that no two levels merge in float32).
 Several starts and the never-worse guard on validation seeds are ``dode.core.distill.refine_fit``'s.
 
 On a float64 fitting batch (``dode.Teacher(precision="float64")``) the optimiser sees the objective and its
@@ -427,7 +428,7 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
 
 class Monitor:
     """Early stopping of ``optimise`` on held-out seeds: ``judge`` (a scheduler -> its score, lower is better: the
-    never-worse guard's ``dode.core.guard.Judge``) scores the iterate every ``every`` L-BFGS iterations; L-BFGS stops
+    never-worse guard's ``dode.core.guard.Judge``) scores the iterate every ``every`` iterations; the optimiser stops
     once ``patience`` checks in a row have not beaten the best score so far (``patience=None``: never, the checks only
     choose). At the end the best point by the objective is scored too, unless it is the last point checked, and the
     best-scoring of all is returned with its score. ``start_score``: the start's score, where the start is itself a
@@ -598,10 +599,10 @@ def _rprop(f: _Objective, x0, bounds, iterations: int, monitor: Monitor | None =
     rests for one iteration). The path depends on the gradient's signs alone, never on its size or on the objective's
     value: two runs whose arithmetic differs in the last bits take the same steps wherever each gradient entry is
     further from zero than that difference; a parameter whose entry is that near zero mostly sits near its optimum,
-    its step shrinking, so the runs part by little (further where the objective is flat along it). Stops when no step is above ``RPROP_SETTLED`` (a parameter held at
-    a bound it pushes against aside), when ``monitor`` stops it, or after ``iterations`` (one evaluation each, and
-    one at the end). A point where the student blows up (an infinite objective) is taken back and every step
-    halved."""
+    its step shrinking, so the runs part by little (further where the objective is flat along it). Stops when no
+    step is above ``RPROP_SETTLED`` (a parameter held at a bound it pushes against aside), when ``monitor`` stops it,
+    or after ``iterations`` (one evaluation each, and one at the end). A point where the student blows up (an
+    infinite objective) is taken back and every step halved."""
     low = np.array([-np.inf if b[0] is None else b[0] for b in bounds])
     high = np.array([np.inf if b[1] is None else b[1] for b in bounds])
     x = np.clip(np.asarray(x0, dtype=np.float64), low, high)

@@ -199,8 +199,9 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
     ``spacing="auto"`` (guarded), and at ``learned_nfes`` for ``learned_solvers`` the refinements
     (``dode.experiments.variants.REFINED_VARIANTS``, as ``distill(refine=...)`` makes them: from an auto fit on
     ``refine_teacher``'s batch, the table's own where that teacher teaches as ``fit_teacher`` does, against
-    ``refine_teacher``, from ``learned_starts`` starting spacings, at most ``learned_iterations`` L-BFGS iterations,
-    each kept only where it validates better than what it replaces; ``fit_seconds`` counts that auto fit):
+    ``refine_teacher``, from ``learned_starts`` starting spacings, at most ``learned_iterations`` Rprop iterations,
+    each kept only where it validates better than what it replaces by the guard's margin; ``fit_seconds`` counts
+    that auto fit):
     the base solver on a learned grid (lambdas 0), D-ODE auto with its lambdas refined jointly, and D-ODE with
     lambdas and grid learned together (grids only for ``GRID_SOLVERS``). ``learned_moments``: the grid refinements'
     moment weights (``refine_fit``'s ``moment_weights``: 0 the squared distance alone; several, the best-validating,

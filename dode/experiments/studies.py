@@ -92,7 +92,7 @@ def refinement(model, data: EvaluationData, solvers, nfe: int, *, refine_teacher
 
     Returns (table, fits): one row per solver and fit ("greedy", each mode, "none (base)") with the held-out
     scores, the fitting batch's RMSE to the teacher's final samples (``fit_rmse_teacher``) and to its reference
-    solution (``fit_rmse_reference``, what a learned grid is fitted to), the refinement's L-BFGS iterations and
+    solution (``fit_rmse_reference``, what a learned grid is fitted to), the refinement's optimiser iterations and
     seconds, the lambdas and the grid; ``fits[solver, label]`` is each fitted scheduler.
     """
     solvers = [s for s in solvers if possible(s, nfe)]
@@ -124,8 +124,8 @@ def seed_spread(model, data: EvaluationData, solvers, nfe: int, fit_seeds, *, le
     ``fit_seeds``), D-ODE as ``02_distill_solvers`` fits it: the auto fit (C = 10 teacher, guarded on 100 fine
     validation seeds from ``VALIDATION_SEED``), then lambdas and grid learned together (``"joint+timesteps"``
     against the fine teacher of the batch, from ``learned_starts`` starting spacings, at most
-    ``learned_iterations`` L-BFGS iterations, kept only where it validates better). One row per solver, batch
-    and variant ("dode-auto", "dode-learned") with the held-out scores, ``kept`` and ``fit_seconds``."""
+    ``learned_iterations`` Rprop iterations, kept only where it validates better by the guard's margin). One row per
+    solver, batch and variant ("dode-auto", "dode-learned") with the held-out scores, ``kept`` and ``fit_seconds``."""
     validation = Teacher(model, batch_size=100, seed=VALIDATION_SEED, substeps="fine", device=device)
     solvers = [s for s in solvers if get_solver(s).takes_grid and possible(s, nfe)]
     rows = []
