@@ -4,7 +4,7 @@
   PNDM), ``solvers`` (the base solvers as the paper configures them, their spacings);
 - ``scheduler`` (``DODEScheduler``: a base scheduler plus one lambda per model evaluation);
 - ``sampling`` (the one integration loop), ``teacher`` (the many-step reference), ``ode`` (the exact ODE of a model);
-- ``fit`` (the paper's greedy fit), ``refine`` (lambdas and grids by L-BFGS);
+- ``fit`` (the paper's greedy fit), ``refine`` (lambdas and grids by Rprop);
 - ``distill`` (the public ``distill``: spacings, the never-worse guard, refinement starts).
 
 See docs/design.md for the method and the conventions.

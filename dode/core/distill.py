@@ -441,13 +441,14 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     step), ``"joint+timesteps"`` (lambdas and every step's noise level, the first at most the schedule's top,
     against the fitting batch's ``reference`` solution, as the guard judges; ``GRID_SOLVERS`` only) or
     ``"timesteps"`` (the grid alone, every lambda 0: the base solver on a learned grid). Exact gradients (autograd,
-    the noise levels included); ``refine_optimizer`` (``OPTIMIZERS``): L-BFGS to ``refine_tolerance`` (at most
-    ``refine_iterations``), or "adam", annealed over ``refine_iterations`` from every start; ``refine_batch_size``:
-    micro-batches; ``refine_moments``: a grid's objective's moment weights (``refine_fit``'s ``moment_weights``).
-    With the guard and no ``spacing``, from ``"auto"``: ``refine_starts`` starts, the best on the validation seeds
-    kept; "joint+timesteps" also from the grid alone and the joint lambdas, never validating worse than either; a
-    refinement worse than what it would replace is dropped (``fit_info["refine"]["kept"]``). ``precision``: of the
-    fitting batch and all fitted on it (``dode.Teacher``'s, default float32; "float64" narrows what CPU kernels change).
+    the noise levels included); ``refine_optimizer`` (``OPTIMIZERS``): Rprop until its steps settle (at most
+    ``refine_iterations``; the default), "lbfgs" to ``refine_tolerance`` (at most as many), or "adam", annealed over
+    ``refine_iterations`` from every start; ``refine_batch_size``: micro-batches; ``refine_moments``: a grid's
+    objective's moment weights (``refine_fit``'s ``moment_weights``). With the guard and no ``spacing``, from
+    ``"auto"``: ``refine_starts`` starts, the best on the validation seeds kept; "joint+timesteps" also from the grid
+    alone and the joint lambdas, never validating worse than either; a refinement that does not validate better than
+    what it would replace by ``margin`` is dropped (``fit_info["refine"]["kept"]``). ``precision``: of the fitting
+    batch and all fitted on it (``dode.Teacher``'s, default float32; "float64" narrows what CPU kernels change).
 
     ``fit_info``: the spacing, every candidate's validation scores, the decision, the reference, and ``"cost"`` (model
     evaluations times samples, and seconds, by part). A fit that looks wrong warns (``FitWarning``)."""
@@ -557,7 +558,7 @@ def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | N
     """One refinement from ``start`` on ``teacher``'s batch, scored by ``judge``: "joint" against the teacher's
     states (``targets``: at the start's levels, where known), a grid against ``final_targets``. ``monitored``: with
     early stopping on the judge's seeds (``dode.core.refine.Monitor``, a check every ``options.probe_iterations``
-    iterations, ``options.patience`` in a row without a better score stop it; L-BFGS with a judge only), the start a
+    iterations, ``options.patience`` in a row without a better score stop it; not Adam), the start a
     candidate of it where it is ``continued`` (a probe's result), else not (the guard judges a refinement against its
     start)."""
     mode_options = REFINEMENTS[mode]._asdict()
@@ -591,8 +592,9 @@ def final_targets(model, teacher: Teacher, reference: Reference = REFERENCE) -> 
 
 
 class RefineOptions(NamedTuple):
-    """How a refinement runs (``refine_fit``): ``optimizer`` (``dode.core.refine.OPTIMIZERS``). L-BFGS (the
-    default) until an iteration gains less than ``tolerance`` of its start value or ``max_iterations``, with
+    """How a refinement runs (``refine_fit``): ``optimizer`` (``dode.core.refine.OPTIMIZERS``). Rprop (the
+    default) until its steps settle, or L-BFGS until an iteration gains less than ``tolerance`` of its start value,
+    or ``max_iterations``, with
     several starts each first for ``probe_iterations``, and the long run (a start's, or the best probe's continued)
     stopped early on the validation seeds: checked every ``probe_iterations``, stopped after ``patience`` checks in a
     row without a better score (None: no early stopping); Adam for exactly ``max_iterations`` from every start (an

@@ -225,7 +225,7 @@ class Optimised(NamedTuple):
     optimizer: str = "lbfgs"  # which one ran (``OPTIMIZERS``)
     validation: float | None = None  # with a ``monitor``: the returned scheduler's score on it
     checks: tuple = ()  # with a ``monitor``: its score at each check, in order
-    stopped_early: bool = False  # the monitor stopped L-BFGS (``patience`` checks in a row without a better score)
+    stopped_early: bool = False  # the monitor stopped the optimiser (``patience`` checks in a row, none better)
     moments: MomentTerm | None = None  # the objective's moment-matching term, where it had one
 
     def record(self) -> dict:
@@ -365,7 +365,7 @@ LEARNING_RATE = 0.1
 #: the run has converged once no step is above RPROP_SETTLED
 RPROP_STEP, RPROP_MAX, RPROP_MIN, RPROP_SETTLED = 2.0 ** -5, 1.0, 2.0 ** -20, 2.0 ** -12
 RPROP_FACTORS = (1.2, 0.5)
-#: early stopping (``Monitor``): L-BFGS stops after this many checks on the validation seeds in a row without a
+#: early stopping (``Monitor``): Rprop or L-BFGS stops after this many checks on the validation seeds in a row without a
 #: better score (with 2, a run stopped where a later iterate would have validated better in 3 of 6 gmm-digits cells
 #: measured; with 5 in none of the 6, at 1-17 % fewer model evaluations than without stopping:
 #: scripts/refine_patience.py)
@@ -381,17 +381,19 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     the student's states from ``noise`` to the teacher's ``targets`` (nfe, batch, ...; DDPM convention), starting from
     ``scheduler``'s. ``objective``: "all" (every state against its target, the sum the greedy fit minimises one step at
     a time) or "final" (the final samples only; the one choice with ``timesteps``, whose moving states have no fixed
-    targets). ``optimizer`` (``OPTIMIZERS``): L-BFGS runs until an iteration gains less than ``tolerance`` of the start
-    value, or ``max_iterations`` (and twice as many objective evaluations, line searches included); Adam runs exactly
+    targets). ``optimizer`` (``OPTIMIZERS``): Rprop (the default) runs until every step has settled, or
+    ``max_iterations`` (one objective evaluation each, and one at the end); L-BFGS until an iteration gains less
+    than ``tolerance`` of the start value, or ``max_iterations`` (and twice as many objective evaluations, line
+    searches included); Adam runs exactly
     ``max_iterations`` iterations, its step annealed to zero (one evaluation each, and one at the end). ``gradient``:
     "autograd" (exact, the default) or "fd" (finite differences in the grid; ``GRADIENTS``). ``batch_size``:
     micro-batches of at most that many samples (bounded memory on a real network; the gradient is the same).
     ``lambdas=False`` holds the lambdas at their start (with a zero start: a learned grid alone, the base solver's).
     DDIM's grid is learned on its grid form (``dode.core.scheduler.to_grid_form``). Never returns a worse fit than its
-    start: the best point the optimiser visits is kept (``Optimised.scheduler``). With a ``monitor`` (L-BFGS only):
+    start: the best point the optimiser visits is kept (``Optimised.scheduler``). With a ``monitor`` (not Adam):
     early stopping on held-out seeds, the best-scoring of the start, every ``monitor.every``-th iterate and the best
-    point by the objective is returned instead, and L-BFGS stops once ``monitor.patience`` checks in a row score no
-    better (``Monitor``). ``moments``: a moment-matching term added to the final objective (``MomentTerm``; over the
+    point by the objective is returned instead, and the optimiser stops once ``monitor.patience`` checks in a row score
+    no better (``Monitor``). ``moments``: a moment-matching term added to the final objective (``MomentTerm``; over the
     whole batch, so no micro-batches)."""
     solver = _check_optimise(scheduler, timesteps, lambdas, objective, gradient, batch_size, tolerance, optimizer)
     _check_moments(moments, objective, batch_size, len(noise))

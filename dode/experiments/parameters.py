@@ -64,7 +64,7 @@ REPRODUCE = {
     "01_quickstart": {"model_name": "gmm-digits", "num_samples": 1000},
     "02_distill_solvers": {
         # the paper's NFEs, judged against the exact data distribution; learned grids (the grid alone, joint
-        # lambdas, both) at every NFE from three starting spacings, L-BFGS to its tolerance (at most 200
+        # lambdas, both) at every NFE from three starting spacings, Rprop until its steps settle (at most 200
         # iterations), on the fine teacher and 400 seeds as distill(refine=...) fits by default; the criteria's rank
         # correlation. The fits in float64, as the model computes: far fewer of the learned grids move with the
         # CPU's kernels (docs/reproducing.md)

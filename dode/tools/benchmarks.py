@@ -443,7 +443,8 @@ def refine_cost(sizes: Sizes = FULL, progress: bool = True) -> pd.DataFrame:
     autograd and each grid parameter by a finite difference (one more run each: `fd_runs` = NFE + 1 runs in all);
     `micro_x`: autograd in micro-batches of `refine_micro_batch` samples (`refine_batch_size`). Peak tensor memory of
     a run, of an autograd evaluation and of one in micro-batches. On gmm-digits, unet-digits and a CIFAR-sized
-    `UNet2DModel` (32x32x3, random weights, NFE 5 only). L-BFGS makes 1 to 2 evaluations per iteration."""
+    `UNet2DModel` (32x32x3, random weights, NFE 5 only). Rprop, the default optimiser, makes one evaluation
+    per iteration (L-BFGS 1 to 2)."""
     size, channels, blocks = sizes.cifar_unet
     cells = [(dode.load_model(name), s, n) for name, _ in sizes.eval_samples for s in sizes.refine_solvers
              for n in sizes.refine_nfes if possible(s, n)]
