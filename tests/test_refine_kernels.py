@@ -1,4 +1,4 @@
-"""scripts/refine_kernels.py's --perturb: another kernel's last bits, emulated at a chosen size."""
+"""scripts/refine_kernels.py: --perturb (another kernel's last bits, emulated at a chosen size), --set, --patch."""
 import importlib.util
 
 import pytest
@@ -50,7 +50,37 @@ def test_distill_keywords_reach_the_fit_and_held_out_seeds_score_it():
 def test_set_takes_python_literals(capsys):
     with pytest.raises(SystemExit):
         refine_kernels.main(["--set", "refine_optimizer=rprop"])  # a bare word is no literal
-    assert "--set takes KEY=VALUE" in capsys.readouterr().err
+    assert "--set and --patch take KEY=VALUE" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         refine_kernels.main(["--heldout", "1"])
     assert "--heldout needs at least 2" in capsys.readouterr().err
+
+
+def test_patch_sets_refines_constants_for_the_fit_and_puts_them_back():
+    """--patch's constants reach the optimiser (Rprop's first step 2^-2 instead of 2^-5 ends elsewhere) and are
+    restored after the fit, and after an error inside."""
+    from dode.core import refine
+
+    default = refine.RPROP_STEP
+    options = {"batch_size": 16, "refine_iterations": 3, "refine_starts": 1}
+    plain, = refine_kernels.fit(["unipc:3"], "float64", "gmm-digits", options)
+    stepped, = refine_kernels.fit(["unipc:3"], "float64", "gmm-digits", options, patches={"RPROP_STEP": 0.25})
+    assert refine.RPROP_STEP == default == 2.0 ** -5
+    assert stepped["grid"] != plain["grid"] and stepped["lambdas"] != plain["lambdas"]
+    again, = refine_kernels.fit(["unipc:3"], "float64", "gmm-digits", options, patches={"RPROP_STEP": default})
+    assert (again["grid"], again["lambdas"]) == (plain["grid"], plain["lambdas"])
+    with pytest.raises(RuntimeError), refine_kernels.patched({"RPROP_STEP": 0.5, "PATIENCE": 2}):
+        assert (refine.RPROP_STEP, refine.PATIENCE) == (0.5, 2)
+        raise RuntimeError
+    assert (refine.RPROP_STEP, refine.PATIENCE) == (default, 5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--patch", "rprop_step=0.25"], "constants of dode.core.refine"),
+    (["--patch", "NO_SUCH_CONSTANT=1"], "constants of dode.core.refine"),
+    (["--patch", "RPROP_STEP=quarter"], "--set and --patch take KEY=VALUE"),
+    (["--single", "--perturb", "1e-6"], "no second one to --perturb")])
+def test_bad_patches_and_a_single_process_perturbation_are_errors(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        refine_kernels.main(argv)
+    assert message in capsys.readouterr().err
