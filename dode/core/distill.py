@@ -415,9 +415,8 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     ``spacing``: the time grid. None (the paper's, ``Solver.default_spacing``), one of the solver's spacings
     (``dode.get_solver(solver).spacings``), an explicit list of noise levels (one per step, for the solvers in
     ``dode.core.solvers.GRID_SOLVERS``), or ``"auto"``: every supported spacing is fitted and the one that scores
-    best on the validation seeds (after the guard) is returned; the spacings other than the paper's that start at
-    the same noise level share one teacher run, at least as fine as each one's own (``Teacher.sharing``,
-    ``shared_grids``; ``fit_info["teacher_shared_with"]``), spacings with identical grids read one run, and the
+    best on the validation seeds (after the guard) is returned; spacings that start at the same noise level share a
+    teacher run at least as fine as each one's own (``shared_grids``; ``fit_info["teacher_shared_with"]``), but the
     paper's spacing gets the paper's fit.
 
     The fitting batch is ``batch_size`` samples (default 100, the paper's; with ``refine`` ``REFINE_BATCH``, 400)
@@ -437,18 +436,16 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     ``features``: the feature space of ``"fd"`` (``"pixel"``, or ``"digits"`` / ``"inception"`` to validate in the
     space of the metric you report). ``guard=False`` and a named spacing: the paper's plain fit, no validation.
 
-    ``refine``: None (the paper's fit), ``"joint"`` (all lambdas together, against the teacher's state after every
-    step), ``"joint+timesteps"`` (lambdas and every step's noise level, the first at most the schedule's top,
-    against the fitting batch's ``reference`` solution, as the guard judges; ``GRID_SOLVERS`` only) or
-    ``"timesteps"`` (the grid alone, every lambda 0: the base solver on a learned grid). Exact gradients (autograd,
-    the noise levels included); ``refine_optimizer`` (``OPTIMIZERS``): Rprop until its steps settle (at most
-    ``refine_iterations``; the default), "lbfgs" to ``refine_tolerance`` (at most as many), or "adam", annealed over
-    ``refine_iterations`` from every start; ``refine_batch_size``: micro-batches; ``refine_moments``: a grid's
-    objective's moment weights (``refine_fit``'s ``moment_weights``). With the guard and no ``spacing``, from
-    ``"auto"``: ``refine_starts`` starts, the best on the validation seeds kept; "joint+timesteps" also from the grid
-    alone and the joint lambdas, never validating worse than either; a refinement that does not validate better than
-    what it would replace by ``margin`` is dropped (``fit_info["refine"]["kept"]``). ``precision``: of the fitting
-    batch and all fitted on it (``dode.Teacher``'s, default float32; "float64" narrows what CPU kernels change).
+    ``refine`` (beyond the paper; ``refine_fit`` has the detail): None (the paper's fit), ``"joint"`` (every lambda
+    together, against the teacher's states), ``"joint+timesteps"`` (lambdas and every noise level, against the
+    fitting batch's ``reference`` solution; ``GRID_SOLVERS`` only) or ``"timesteps"`` (the grid alone, every lambda
+    0). Exact gradients; ``refine_optimizer`` (``OPTIMIZERS``): Rprop (the default) or "lbfgs" (to
+    ``refine_tolerance``), at most ``refine_iterations``, or "adam" for exactly as many; ``refine_batch_size``:
+    micro-batches; ``refine_moments``: moment weights of a grid's objective. With the guard and no ``spacing``, from
+    ``"auto"`` and ``refine_starts`` starts (and for "joint+timesteps" the grid alone and the joint lambdas, never
+    worse than either); kept only where it validates better than what it replaces by ``margin``
+    (``fit_info["refine"]["kept"]``). ``precision``: of the fitting batch and all fitted on it (``dode.Teacher``'s,
+    default float32; "float64" narrows what CPU kernels change).
 
     ``fit_info``: the spacing, every candidate's validation scores, the decision, the reference, and ``"cost"`` (model
     evaluations times samples, and seconds, by part). A fit that looks wrong warns (``FitWarning``)."""
