@@ -589,16 +589,15 @@ def final_targets(model, teacher: Teacher, reference: Reference = REFERENCE) -> 
 
 
 class RefineOptions(NamedTuple):
-    """How a refinement runs (``refine_fit``): ``optimizer`` (``dode.core.refine.OPTIMIZERS``). Rprop (the
-    default) until its steps settle, or L-BFGS until an iteration gains less than ``tolerance`` of its start value,
-    or ``max_iterations``, with
-    several starts each first for ``probe_iterations``, and the long run (a start's, or the best probe's continued)
-    stopped early on the validation seeds: checked every ``probe_iterations``, stopped after ``patience`` checks in a
-    row without a better score (None: no early stopping); Adam for exactly ``max_iterations`` from every start (an
-    annealed run cannot be probed and continued). The fitting batch in micro-batches of ``batch_size`` samples
-    (None: whole); ``gradient``: "autograd" or "fd" (``GRADIENTS``); ``reference``: how a grid refinement's targets
-    are solved (``final_targets``); ``moments``: a moment-matching term in a grid refinement's objective
-    (``dode.core.refine.MomentTerm``), None for the squared distance alone."""
+    """How a refinement runs (``refine_fit``): ``optimizer`` (``dode.core.refine.OPTIMIZERS``). Rprop (the default)
+    until its steps settle, or L-BFGS until an iteration gains less than ``tolerance`` of its start value, or
+    ``max_iterations``, with several starts each first for ``probe_iterations``, and the long run (a start's, or the
+    best probe's continued) stopped early on the validation seeds: checked every ``probe_iterations``, stopped after
+    ``patience`` checks in a row without a better score (None: no early stopping); Adam for exactly ``max_iterations``
+    from every start (an annealed run cannot be probed and continued). The fitting batch in micro-batches of
+    ``batch_size`` samples (None: whole); ``gradient``: "autograd" or "fd" (``GRADIENTS``); ``reference``: how a grid
+    refinement's targets are solved (``final_targets``); ``moments``: a moment-matching term in a grid refinement's
+    objective (``dode.core.refine.MomentTerm``), None for the squared distance alone."""
 
     max_iterations: int = 200
     tolerance: float = TOLERANCE

@@ -382,19 +382,18 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
     ``scheduler``'s. ``objective``: "all" (every state against its target, the sum the greedy fit minimises one step at
     a time) or "final" (the final samples only; the one choice with ``timesteps``, whose moving states have no fixed
     targets). ``optimizer`` (``OPTIMIZERS``): Rprop (the default) runs until every step has settled, or
-    ``max_iterations`` (one objective evaluation each, and one at the end); L-BFGS until an iteration gains less
-    than ``tolerance`` of the start value, or ``max_iterations`` (and twice as many objective evaluations, line
-    searches included); Adam runs exactly
-    ``max_iterations`` iterations, its step annealed to zero (one evaluation each, and one at the end). ``gradient``:
-    "autograd" (exact, the default) or "fd" (finite differences in the grid; ``GRADIENTS``). ``batch_size``:
-    micro-batches of at most that many samples (bounded memory on a real network; the gradient is the same).
-    ``lambdas=False`` holds the lambdas at their start (with a zero start: a learned grid alone, the base solver's).
-    DDIM's grid is learned on its grid form (``dode.core.scheduler.to_grid_form``). Never returns a worse fit than its
-    start: the best point the optimiser visits is kept (``Optimised.scheduler``). With a ``monitor`` (not Adam):
-    early stopping on held-out seeds, the best-scoring of the start, every ``monitor.every``-th iterate and the best
-    point by the objective is returned instead, and the optimiser stops once ``monitor.patience`` checks in a row score
-    no better (``Monitor``). ``moments``: a moment-matching term added to the final objective (``MomentTerm``; over the
-    whole batch, so no micro-batches)."""
+    ``max_iterations`` (one objective evaluation each, and one at the end); L-BFGS until an iteration gains less than
+    ``tolerance`` of the start value, or ``max_iterations`` (and twice as many objective evaluations, line searches
+    included); Adam runs exactly ``max_iterations`` iterations, its step annealed to zero (one evaluation each, and one
+    at the end). ``gradient``: "autograd" (exact, the default) or "fd" (finite differences in the grid; ``GRADIENTS``).
+    ``batch_size``: micro-batches of at most that many samples (bounded memory on a real network; the gradient is the
+    same). ``lambdas=False`` holds the lambdas at their start (with a zero start: a learned grid alone, the base
+    solver's). DDIM's grid is learned on its grid form (``dode.core.scheduler.to_grid_form``). Never returns a worse fit
+    than its start: the best point the optimiser visits is kept (``Optimised.scheduler``). With a ``monitor`` (not
+    Adam): early stopping on held-out seeds, the best-scoring of the start, every ``monitor.every``-th iterate and the
+    best point by the objective is returned instead, and the optimiser stops once ``monitor.patience`` checks in a row
+    score no better (``Monitor``). ``moments``: a moment-matching term added to the final objective (``MomentTerm``;
+    over the whole batch, so no micro-batches)."""
     solver = _check_optimise(scheduler, timesteps, lambdas, objective, gradient, batch_size, tolerance, optimizer)
     _check_moments(moments, objective, batch_size, len(noise))
     began = time.perf_counter()
