@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pandas as pd
 
@@ -65,27 +67,13 @@ def perturbed(model, width: float):
 
 def patched(patches: dict):
     """A context in which each ``{NAME: value}`` of ``patches`` is ``dode.core.refine.NAME`` (``--patch``), restored
-    after; a name that is no upper-case constant of that module is an error."""
-    import contextlib
-
+    after (``unittest.mock.patch.multiple``); a name that is no upper-case constant of that module is an error."""
     from dode.core import refine
 
     unknown = [name for name in patches if not (name.isupper() and hasattr(refine, name))]
     if unknown:
         raise ValueError(f"--patch sets constants of dode.core.refine (RPROP_STEP, PATIENCE, ...), not {unknown}")
-
-    @contextlib.contextmanager
-    def context():
-        before = {name: getattr(refine, name) for name in patches}
-        try:
-            for name, value in patches.items():
-                setattr(refine, name, value)
-            yield
-        finally:
-            for name, value in before.items():
-                setattr(refine, name, value)
-
-    return context()
+    return mock.patch.multiple(refine, **patches) if patches else contextlib.nullcontext()
 
 
 def fit(cells: list, precision: str, model_name: str = "gmm-digits", options: dict | None = None,
