@@ -104,6 +104,34 @@ def test_single_gaussian_denoise_per_sample_sigmas(single_gaussian):
         torch.testing.assert_close(got[b], expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("sigma", [0.01, 0.7, 150.0])
+def test_one_level_for_the_batch_agrees_with_a_level_per_sample(three_gaussians, sigma):
+    """The denoiser's two paths: one level for the batch (the precision formed once) and one per sample (through
+    the eigenbasis and back) give the same noise direction and eps, and so the same gradient in sigma: the one a
+    learned grid follows."""
+    model = three_gaussians[0]
+    y = torch.randn(7, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * (1 + sigma)
+    one = torch.tensor([sigma], dtype=torch.float64, requires_grad=True)
+    each = torch.full((7,), sigma, dtype=torch.float64, requires_grad=True)
+    a, b = model.noise_direction(y, one), model.noise_direction(y, each)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    torch.testing.assert_close(one.grad, each.grad.sum().reshape(1), rtol=1e-10, atol=1e-15)
+    # and the eps-prediction at one timestep for the batch against one per sample (the same level each)
+    x_t = y.reshape(7, 1, 1, 2) / float(np.sqrt(1 + sigma**2))
+    torch.testing.assert_close(model(x_t, torch.tensor(321.5)), model(x_t, torch.full((7,), 321.5)),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_the_noise_direction_differentiates_as_finite_differences_say(three_gaussians):
+    """d eps / d sigma of the one-level path against central differences (float64)."""
+    model = three_gaussians[0]
+    y = torch.randn(5, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 2
+    torch.autograd.gradcheck(lambda s: model.noise_direction(y, s) * s, (torch.tensor([0.8], dtype=torch.float64,
+                                                                                         requires_grad=True),))
+
+
 @pytest.mark.parametrize("sigma", [0.5, 1.0])
 def test_mixture_denoise_matches_monte_carlo_posterior(three_gaussians, sigma):
     """E[x0 | y] by self-normalised importance sampling of x0 from the prior, weighted by N(y; x0, sigma^2 I).

@@ -44,9 +44,11 @@ class GaussianMixtureDenoiser(nn.Module):
 
     For data x0 ~ sum_k w_k N(mu_k, S_k) and x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, the scaled
     state y = x_t / sqrt(abar_t) = x0 + sigma_t eps is a mixture of N(mu_k, S_k + sigma_t^2 I), and the
-    posterior mean E[x0 | y] = sum_k r_k(y) (mu_k + S_k (S_k + sigma^2 I)^-1 (y - mu_k)) is computed in
-    float64 through the eigendecomposition S_k = U_k diag(d_k) U_k^T; it does not depend on which basis U_k
-    the eigensolver picks inside a repeated eigenvalue. Draws from the data (``sample_data``) go through the
+    posterior mean E[x0 | y] = sum_k r_k(y) (mu_k + S_k (S_k + sigma^2 I)^-1 (y - mu_k)) = y - sigma^2 sum_k
+    r_k(y) (S_k + sigma^2 I)^-1 (y - mu_k) is computed in float64 through the eigendecomposition
+    S_k = U_k diag(d_k) U_k^T (``noise_direction``); it does not depend on which basis U_k the eigensolver picks
+    inside a repeated eigenvalue. The eps-prediction is sigma times that sum, with no difference of near-equal
+    terms at small sigma. Draws from the data (``sample_data``) go through the
     Cholesky factor, which is unique: an eigenvector basis would turn with the last bit of the covariance where
     eigenvalues repeat (the ``reg_covar`` floor on constant pixels), and the same seed would draw other samples
     on another CPU. Fractional timesteps use the log-sigma interpolation that diffusers' sigma-space schedulers
@@ -77,30 +79,43 @@ class GaussianMixtureDenoiser(nn.Module):
         """Noise level sigma(t), log-linear between training timesteps, float64."""
         return interpolated_sigma(t, self.log_sigmas)
 
+    def noise_direction(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """sum_k r_k(y) (S_k + sigma^2 I)^-1 (y - mu_k), minus the score of the noisy data at y = x0 + sigma * noise,
+        for y of shape (B, D), float64: E[x0 | y] = y - sigma^2 times it (Tweedie), E[noise | y] = sigma times it.
+        ``sigma``: one level for the whole batch (one element), or one per sample (B,). One level, as a sampler's
+        step has, takes one batched product: the precision (S_k + sigma^2 I)^-1 = U_k diag(1 / (d_k + sigma^2)) U_k^T
+        is formed once per call; per-sample levels go through U_k and back (twice the products)."""
+        if sigma.numel() == 1:
+            var = self.eigvals + sigma.reshape(()) ** 2  # (K, D)
+            precision = torch.matmul(self.eigvecs / var[:, None, :], self.eigvecs.transpose(1, 2))  # (K, D, D)
+            offset = y[None] - self.means[:, None, :]  # (K, B, D)
+            direction = torch.matmul(offset, precision)  # (S_k + sigma^2 I)^-1 (y - mu_k), the precision symmetric
+            quadratic, log_det = (offset * direction).sum(-1), torch.log(var).sum(-1)[:, None]
+        else:
+            var = self.eigvals[:, None, :] + sigma[None, :, None] ** 2  # (K, B, D)
+            z = torch.matmul(y[None] - self.means[:, None, :], self.eigvecs)  # rows of U_k^T (y - mu_k): (K, B, D)
+            direction = torch.matmul(z / var, self.eigvecs.transpose(1, 2))
+            quadratic, log_det = (z**2 / var).sum(-1), torch.log(var).sum(-1)
+        resp = torch.softmax(torch.log(self.weights)[:, None] - 0.5 * (log_det + quadratic), dim=0)  # (K, B)
+        return (resp[..., None] * direction).sum(0)
+
     def posterior_mean(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """E[x0 | x0 + sigma * noise = y] for y of shape (B, D) and sigma of shape (B,), float64."""
-        var = self.eigvals[:, None, :] + sigma[None, :, None] ** 2  # (K, B, D)
-        z = torch.matmul(y[None] - self.means[:, None, :], self.eigvecs)  # rows of U_k^T (y - mu_k): (K, B, D)
-        log_resp = torch.log(self.weights)[:, None] - 0.5 * (torch.log(var).sum(-1) + (z**2 / var).sum(-1))
-        resp = torch.softmax(log_resp, dim=0)  # (K, B)
-        shrunk = torch.matmul(z * (self.eigvals[:, None, :] / var), self.eigvecs.transpose(1, 2))  # (K, B, D)
-        return torch.einsum("kb,kbd->bd", resp, self.means[:, None, :] + shrunk)
+        """E[x0 | x0 + sigma * noise = y] for y of shape (B, D) and sigma of shape (B,) or one element, float64."""
+        return y - sigma.reshape(-1, 1) ** 2 * self.noise_direction(y, sigma)
 
     def denoise(self, x_ve: torch.Tensor, sigma) -> torch.Tensor:
         """D(x, sigma) = E[x0 | x] for a state in the variance-exploding convention x = x0 + sigma * noise."""
         batch = x_ve.shape[0]
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x_ve.device).reshape(-1).expand(batch)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x_ve.device).reshape(-1)
         mean = self.posterior_mean(x_ve.reshape(batch, -1).double(), sigma)
         return mean.reshape(x_ve.shape)
 
     def forward(self, x_t: torch.Tensor, t) -> torch.Tensor:
-        sigma = self.sigma(t).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(x_t.shape[0])
+        sigma = self.sigma(t).reshape(-1)  # one level for the batch, or one per sample
         scale = torch.sqrt(1 + sigma**2).reshape(-1, *[1] * (x_t.dim() - 1))
         x_ve = x_t.double() * scale
-        eps = (x_ve - self.denoise(x_ve, sigma)) / sigma.reshape(scale.shape)
-        return eps.to(x_t.dtype)
+        eps = sigma.reshape(-1, 1) * self.noise_direction(x_ve.reshape(x_t.shape[0], -1), sigma)
+        return eps.reshape(x_t.shape).to(x_t.dtype)
 
     @torch.no_grad()
     def sample_data(self, n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
