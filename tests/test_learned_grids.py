@@ -223,6 +223,22 @@ def test_every_refinement_is_kept_only_where_it_validates_better_than_what_it_re
 
 
 @pytest.mark.parametrize("mode", ["joint", "timesteps"])
+def test_probes_and_checks_take_their_lengths_from_the_refine_constants(gmm, auto_fit, monkeypatch, mode):
+    """Without ``probe_iterations``, each start is probed for ``PROBE_ITERATIONS`` (read when called); the best probe
+    goes on, scored every ``CHECK_EVERY`` iterations: under a judge that finds nothing better it stops after
+    ``patience`` checks, CHECK_EVERY x patience iterations."""
+    auto, teacher = auto_fit
+    monkeypatch.setattr(refine_module, "PROBE_ITERATIONS", 3)
+    monkeypatch.setattr(refine_module, "CHECK_EVERY", 2)
+    info = refine_fit(gmm, auto, teacher, mode, judge=_Scores(1.0), starts=2, max_iterations=50, patience=2,
+                      progress=False).record
+    probes, continued = info["steps"][:-1], info["steps"][-1]
+    assert len(probes) == 2 and [p["iterations"] for p in probes] == [3, 3] and continued["continued"]
+    assert continued["iterations"] == 2 * 2 and info["stopped_early"]
+    assert info["checks"] == [1.0, 1.0] or info["checks"] == [1.0, 1.0, 1.0]  # and the best point, unless checked
+
+
+@pytest.mark.parametrize("mode", ["joint", "timesteps"])
 def test_a_refinement_is_kept_only_where_it_validates_better_by_the_margin(gmm, auto_fit, mode):
     """The guard's margin (the distillation's, 2 % by default) holds for the refinements as for the lambdas: a
     refinement that validates better than what it replaces by less than it, or by nothing, comes back as that; by

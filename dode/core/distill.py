@@ -28,8 +28,9 @@ from ..util.runtime import resolve_device
 from .fit import GreedyFit, greedy_fit
 from .guard import CRITERIA, MARGIN, FitWarning, Judge, best_factor, choose, decision, insanity, scaled
 from .reference import REFERENCE, Reference, reference_solution
-from .refine import (MOMENT_FEATURES, OPTIMIZER, OPTIMIZERS, PATIENCE, REFINEMENTS, TOLERANCE, MomentTerm, Monitor,
-                     Optimised, moment_balance, optimise)
+from . import refine as refine_constants  # PROBE_ITERATIONS, CHECK_EVERY: read when called (--patch can set them)
+from .refine import (MOMENT_FEATURES, OPTIMIZER, OPTIMIZERS, PATIENCE, PROBE_ITERATIONS, REFINEMENTS, TOLERANCE,
+                     MomentTerm, Monitor, Optimised, moment_balance, optimise)
 from .sampling import check_batch_size, count_evaluations
 from .scheduler import DODEScheduler, grid_scheduler, make_scheduler
 from .solvers import GRID_SOLVERS, Solver, get_solver
@@ -554,10 +555,9 @@ def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | N
              targets=None, progress: bool = True, monitored: bool = False, continued: bool = False) -> _Attempt:
     """One refinement from ``start`` on ``teacher``'s batch, scored by ``judge``: "joint" against the teacher's
     states (``targets``: at the start's levels, where known), a grid against ``final_targets``. ``monitored``: with
-    early stopping on the judge's seeds (``dode.core.refine.Monitor``, a check every ``options.probe_iterations``
-    iterations, ``options.patience`` in a row without a better score stop it; not Adam), the start a
-    candidate of it where it is ``continued`` (a probe's result), else not (the guard judges a refinement against its
-    start)."""
+    early stopping on the judge's seeds (``dode.core.refine.Monitor``, a check every ``CHECK_EVERY`` iterations,
+    ``options.patience`` in a row without a better score stop it; not Adam), the start a candidate of it where it
+    is ``continued`` (a probe's result), else not (the guard judges a refinement against its start)."""
     mode_options = REFINEMENTS[mode]._asdict()
     if mode_options["objective"] == "final":  # what the guard judges by: the ODE's solution, from pure noise
         targets = final_targets(model, teacher, options.reference)
@@ -567,7 +567,7 @@ def _attempt(model, start: _Start, teacher: Teacher, mode: str, judge: Judge | N
         targets = teacher.targets(TimeGrid.of(probe))
     monitor = None
     if monitored and judge is not None and options.optimizer != "adam":
-        monitor = Monitor(judge, options.probe_iterations, options.patience, start.score if continued else math.inf)
+        monitor = Monitor(judge, refine_constants.CHECK_EVERY, options.patience, start.score if continued else math.inf)
     found = optimise(model, start.scheduler, teacher.noise, targets, **mode_options,
                      max_iterations=options.max_iterations, tolerance=options.tolerance,
                      gradient=options.gradient, batch_size=options.batch_size, optimizer=options.optimizer,
@@ -592,7 +592,7 @@ class RefineOptions(NamedTuple):
     """How a refinement runs (``refine_fit``): ``optimizer`` (``dode.core.refine.OPTIMIZERS``). Rprop (the default)
     until its steps settle, or L-BFGS until an iteration gains less than ``tolerance`` of its start value, or
     ``max_iterations``, with several starts each first for ``probe_iterations``, and the long run (a start's, or the
-    best probe's continued) stopped early on the validation seeds: checked every ``probe_iterations``, stopped after
+    best probe's continued) stopped early on the validation seeds: checked every ``CHECK_EVERY``, stopped after
     ``patience`` checks in a row without a better score (None: no early stopping); Adam for exactly ``max_iterations``
     from every start (an annealed run cannot be probed and continued). The fitting batch in micro-batches of
     ``batch_size`` samples (None: whole); ``gradient``: "autograd" or "fd" (``GRADIENTS``); ``reference``: how a grid
@@ -601,7 +601,7 @@ class RefineOptions(NamedTuple):
 
     max_iterations: int = 200
     tolerance: float = TOLERANCE
-    probe_iterations: int = 10
+    probe_iterations: int = PROBE_ITERATIONS
     batch_size: int | None = None
     gradient: str = "autograd"
     optimizer: str = OPTIMIZER
@@ -611,7 +611,7 @@ class RefineOptions(NamedTuple):
 
 
 def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge: Judge | None = None,
-               targets=None, max_iterations: int = 200, starts: int = 1, probe_iterations: int = 10,
+               targets=None, max_iterations: int = 200, starts: int = 1, probe_iterations: int | None = None,
                tolerance: float = TOLERANCE, batch_size: int | None = None, gradient: str = "autograd",
                grid_alone: "Refined | None" = None, joint: "Refined | None" = None, optimizer: str = OPTIMIZER,
                reference: Reference | None = None, patience: int | None = PATIENCE, moment_weights=(0.0,),
@@ -622,17 +622,18 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
 
     ``mode``: "joint", "timesteps" (a learned grid, every lambda 0: the base solver on it) or "joint+timesteps".
     ``starts``: how many starting points (``refinement_starts``; they need ``judge``). With several and Rprop or
-    L-BFGS, each is refined for ``probe_iterations`` and the best-validating goes on until the optimiser converges
-    (Rprop: every step settled; L-BFGS: ``tolerance``), at most ``max_iterations`` in all, or, with ``judge``, stops
-    early: scored every ``probe_iterations`` iterations, it stops after ``patience`` checks in a row without a better
-    score (None: never), its best-scoring iterate kept (``dode.core.refine.Monitor``; a single start's run too);
-    with ``optimizer="adam"`` each runs its ``max_iterations``. The best-validating of all is the result. With
-    ``judge``, the never-worse guard (``_guarded``): the refinement comes back only where it validates better, by
-    more than the distillation's ``margin``, than what it would replace (the distillation's result; for "timesteps"
-    the best base among the starts), else that (``Refined.kept`` False). "joint+timesteps" with ``judge`` also starts
-    from the learned grid alone (``grid_alone``: a "timesteps" ``refine_fit`` of the same distillation, else made
-    here) and the joint lambdas (``joint``: a "joint" one, else made here; where kept), its special cases, and never
-    validates worse than either.
+    L-BFGS, each is run ``probe_iterations`` (None: ``dode.core.refine.PROBE_ITERATIONS``) and the best-validating
+    goes on until the optimiser converges (Rprop: every step settled; L-BFGS: ``tolerance``), at most
+    ``max_iterations`` in all, or, with ``judge``, stops early: scored every ``dode.core.refine.CHECK_EVERY``
+    iterations, after ``patience`` checks in a row without a better score (None: never), its best-scoring iterate
+    kept (``dode.core.refine.Monitor``; a single start's run too); with ``optimizer="adam"`` each runs its
+    ``max_iterations``. The best-validating of all is the result. With ``judge``, the never-worse guard
+    (``_guarded``): the refinement comes back only where it validates better, by more than the distillation's
+    ``margin``, than what it would replace (the distillation's result; for "timesteps" the best base among the
+    starts), else that (``Refined.kept`` False). "joint+timesteps" with ``judge`` also starts from the learned grid
+    alone (``grid_alone``: a "timesteps" ``refine_fit`` of the same distillation, else made here) and the joint
+    lambdas (``joint``: a "joint" one, else made here; where kept), its special cases, and never validates worse
+    than either.
     ``targets``: the teacher's states at the distillation's own levels, where the caller has them. ``batch_size``:
     micro-batches (bounded memory); ``gradient``: "autograd" (exact) or "fd" (finite differences in the grid).
 
@@ -649,8 +650,8 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
             progress=progress))
     if reference is None:  # the guard's, so that a learned grid is fitted to what it is judged by
         reference = judge.solution.reference if isinstance(judge, Judge) else REFERENCE
-    options = RefineOptions(max_iterations, tolerance, probe_iterations, batch_size, gradient, optimizer, reference,
-                            patience)
+    probes = refine_constants.PROBE_ITERATIONS if probe_iterations is None else probe_iterations
+    options = RefineOptions(max_iterations, tolerance, probes, batch_size, gradient, optimizer, reference, patience)
     special = {}  # "joint+timesteps"'s special cases: its starts and floors, their costs part of its own
     if mode == "joint+timesteps" and judge is not None:
         for name, given, what in (("grid_alone", grid_alone, "timesteps"), ("joint", joint, "joint")):
