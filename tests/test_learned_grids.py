@@ -238,6 +238,16 @@ def test_probes_and_checks_take_their_lengths_from_the_refine_constants(gmm, aut
     assert info["checks"] == [1.0, 1.0] or info["checks"] == [1.0, 1.0, 1.0]  # and the best point, unless checked
 
 
+@pytest.mark.parametrize("budget, probe", [(9, 3), (30, 10), (2, 1)])
+def test_a_probe_takes_at_most_a_third_of_the_iterations(gmm, auto_fit, budget, probe):
+    """PROBE_ITERATIONS (30) is cut to a third of a smaller ``max_iterations`` (at least 1), so that the best probe
+    has the rest: notebook 02's 30-iteration unet-digits refinements probe for 10, as before the longer probes."""
+    auto, teacher = auto_fit
+    info = refine_fit(gmm, auto, teacher, "joint", judge=_Scores(1.0), starts=2, max_iterations=budget, patience=None,
+                      progress=False).record
+    assert [p["iterations"] for p in info["steps"][:-1]] == [probe, probe] and info["steps"][-1]["continued"]
+
+
 @pytest.mark.parametrize("mode", ["joint", "timesteps"])
 def test_a_refinement_is_kept_only_where_it_validates_better_by_the_margin(gmm, auto_fit, mode):
     """The guard's margin (the distillation's, 2 % by default) holds for the refinements as for the lambdas: a
@@ -267,9 +277,11 @@ def test_distill_learns_ddims_grid_and_the_result_round_trips(gmm, validation, t
                            refine="joint+timesteps", refine_iterations=6, refine_starts=2, progress=False)
     info = learned.fit_info["refine"]
     assert info["validation"] <= info["validation_before"] or not info["kept"]
-    # the learned grid alone, the joint lambdas where kept and two spacings, each for all 6 iterations (fewer than a
-    # probe's 10: no probing)
-    assert len(info["steps"]) == 3 + info["joint"]["kept"] and "grid_alone" in info
+    # the learned grid alone, the joint lambdas where kept and two spacings, each probed for 2 iterations (a third of
+    # the 6), and the best continued
+    assert len(info["steps"]) == 3 + info["joint"]["kept"] + 1 and "grid_alone" in info
+    assert [s["iterations"] for s in info["steps"][:-1]] == [2] * (len(info["steps"]) - 1)
+    assert info["steps"][-1]["continued"]
     if info["kept"]:
         assert isinstance(learned.base_scheduler, dode.IPNDMDiscreteScheduler) and learned.grid is not None
     learned.save_pretrained(tmp_path)

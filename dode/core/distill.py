@@ -610,6 +610,12 @@ class RefineOptions(NamedTuple):
     moments: MomentTerm | None = None
 
 
+def _probes(given: int | None, max_iterations: int) -> int:
+    """A probe's iterations: ``given``, or ``PROBE_ITERATIONS`` (read when called), at most a third of
+    ``max_iterations`` so that the best probe has the rest to go on with (and at least 1)."""
+    return given if given is not None else max(1, min(refine_constants.PROBE_ITERATIONS, max_iterations // 3))
+
+
 def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge: Judge | None = None,
                targets=None, max_iterations: int = 200, starts: int = 1, probe_iterations: int | None = None,
                tolerance: float = TOLERANCE, batch_size: int | None = None, gradient: str = "autograd",
@@ -622,9 +628,9 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
 
     ``mode``: "joint", "timesteps" (a learned grid, every lambda 0: the base solver on it) or "joint+timesteps".
     ``starts``: how many starting points (``refinement_starts``; they need ``judge``). With several and Rprop or
-    L-BFGS, each is run ``probe_iterations`` (None: ``dode.core.refine.PROBE_ITERATIONS``) and the best-validating
-    goes on until the optimiser converges (Rprop: every step settled; L-BFGS: ``tolerance``), at most
-    ``max_iterations`` in all, or, with ``judge``, stops early: scored every ``dode.core.refine.CHECK_EVERY``
+    L-BFGS, each is run ``probe_iterations`` (None: ``PROBE_ITERATIONS``, at most a third of ``max_iterations``) and
+    the best-validating goes on until the optimiser converges (Rprop: every step settled; L-BFGS: ``tolerance``), at
+    most ``max_iterations`` in all, or, with ``judge``, stops early: scored every ``dode.core.refine.CHECK_EVERY``
     iterations, after ``patience`` checks in a row without a better score (None: never), its best-scoring iterate
     kept (``dode.core.refine.Monitor``; a single start's run too); with ``optimizer="adam"`` each runs its
     ``max_iterations``. The best-validating of all is the result. With ``judge``, the never-worse guard
@@ -650,8 +656,8 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
             progress=progress))
     if reference is None:  # the guard's, so that a learned grid is fitted to what it is judged by
         reference = judge.solution.reference if isinstance(judge, Judge) else REFERENCE
-    probes = refine_constants.PROBE_ITERATIONS if probe_iterations is None else probe_iterations
-    options = RefineOptions(max_iterations, tolerance, probes, batch_size, gradient, optimizer, reference, patience)
+    options = RefineOptions(max_iterations, tolerance, _probes(probe_iterations, max_iterations), batch_size, gradient,
+                            optimizer, reference, patience)
     special = {}  # "joint+timesteps"'s special cases: its starts and floors, their costs part of its own
     if mode == "joint+timesteps" and judge is not None:
         for name, given, what in (("grid_alone", grid_alone, "timesteps"), ("joint", joint, "joint")):

@@ -370,10 +370,11 @@ RPROP_FACTORS = (1.2, 0.5)
 #: measured; with 5 in none of the 6, at 1-17 % fewer model evaluations than without stopping:
 #: scripts/refine_patience.py)
 PATIENCE = 5
-#: several starts of a refinement (``dode.core.distill.refine_fit``) are each run this many iterations first, and the
-#: one that then validates best goes on. With 10, the default before, gmm-digits' DDIM NFE 4 and 5, iPNDM NFE 3 and
-#: UniPC NFE 5 went on from a start that led to a worse fit than another one would have; with 30 they met issue 25's
-#: limits, at 1.4 times the model evaluations (docs/grids-and-guard.md, "Longer probes, measured")
+#: several starts of a refinement (``dode.core.distill.refine_fit``) are each run this many iterations first (at
+#: most a third of the refinement's, so that the best has the rest), and the one that then validates best goes on.
+#: With 10, the default before, gmm-digits' DDIM NFE 4 and 5, iPNDM NFE 3 and UniPC NFE 5 went on from a start that
+#: led to a worse fit than another would have; with 30 they met issue 25's limits, at 1.4 times the model evaluations
+#: (docs/grids-and-guard.md, "Longer probes, measured")
 PROBE_ITERATIONS = 30
 #: with the guard, a refinement's long run is scored on the validation seeds every this many iterations (``Monitor``)
 CHECK_EVERY = 10
