@@ -449,7 +449,8 @@ class Monitor:
     were continued from (results of d2b736e), and D-DPM-Solver++ at NFE 10 (the default call) validates at 0.00014
     from its best checked iterate against 0.0115 from the best point by the objective."""
 
-    def __init__(self, judge, every: int = 10, patience: int | None = PATIENCE, start_score: float | None = None):
+    def __init__(self, judge, every: int = CHECK_EVERY, patience: int | None = PATIENCE,
+                 start_score: float | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
