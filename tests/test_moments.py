@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dode
-from dode.core.distill import distillation, final_targets, refine_fit
+from dode.core.distill import _first_unless_beaten, distillation, final_targets, refine_fit
 from dode.core.refine import (MomentTerm, _student_states, moment_balance, moment_distance, moment_features,
                               moments_of, objective_at_start, optimise)
 from dode.experiments.checks import check_parameters
@@ -100,14 +100,16 @@ def _returned_score(refined):
 
 
 @pytest.mark.parametrize("mode", ["timesteps", "joint+timesteps"])
-def test_the_guard_keeps_the_weight_whose_refinement_validates_best_and_counts_every_weight_s_cost(gmm, auto_fit,
-                                                                                                   mode):
+def test_the_guard_keeps_the_weight_whose_refinement_validates_best_by_the_margin_and_counts_every_weight_s_cost(
+        gmm, auto_fit, mode):
     weights = (0.0, 1.0, 4.0)
     joint = _refine(gmm, auto_fit, "joint", (0.0,)) if mode == "joint+timesteps" else None
     alone = {w: _refine(gmm, auto_fit, mode, (w,), joint=joint) for w in weights}
     chosen = _refine(gmm, auto_fit, mode, weights, joint=joint)
     scores = {w: _returned_score(r) for w, r in alone.items()}
-    best = min(weights, key=lambda w: (scores[w], weights.index(w)))
+    # the first weight unless another validates better by more than the margin, as the guard keeps a refinement
+    lowest = min(weights, key=lambda w: (scores[w], weights.index(w)))
+    best = lowest if scores[lowest] < (1 - auto_fit[0].margin) * scores[0.0] else 0.0
     record = chosen.record
     # each weight's refinement is what a refinement with that weight alone gives
     assert [e["weight"] for e in record["moment_weights"]] == list(weights)
@@ -150,3 +152,14 @@ def test_moment_weights_are_checked_before_any_work(gmm, auto_fit):
     assert check_parameters(learned_moments=1).learned_moments == [1.0]
     with pytest.raises(ValueError, match="learned_moments"):
         check_parameters(learned_moments=[0, -2])
+
+
+@pytest.mark.parametrize("scores, margin, chosen", [
+    ([1.0, 0.99, 0.5], 0.02, 2),  # the best by far
+    ([1.0, 0.985, 0.99], 0.02, 0),  # within the margin of the first: the first, though another is lower
+    ([1.0, 0.97, 0.97], 0.02, 1),  # beyond it: the best, the first of a tie
+    ([0.5, 0.7, 0.9], 0.0, 0),  # the first is the best
+    ([1.0, 0.99, 0.98], 0.0, 2),  # no margin: the lowest
+])
+def test_another_weight_replaces_the_first_only_beyond_the_margin(scores, margin, chosen):
+    assert _first_unless_beaten(scores, margin) == chosen

@@ -645,8 +645,8 @@ def refine_fit(model, found: Distillation, teacher: Teacher, mode: str, *, judge
 
     ``moment_weights`` (beyond the paper; grid refinements): weights of a moment-matching term in the judge's features
     added to the squared distance (``dode.core.refine.MomentTerm``; 0 alone, the default). With several, the whole
-    refinement runs once per weight (a "joint+timesteps" one with its own grid alone unless ``grid_alone`` is given),
-    and the best-validating is kept, the first on a tie (``_weighed``; its record says what each weight gave)."""
+    refinement runs once per weight ("joint+timesteps" with its own grid alone unless ``grid_alone`` is given); the
+    first weight's is kept unless another's validates better by the ``margin`` (``_weighed`` records each's)."""
     weights = _moment_weights(moment_weights, mode, None if judge is None else getattr(judge, "features", "pixel"))
     if len(weights) > 1:
         return _weighed(model, found, teacher, mode, weights, dict(
@@ -721,14 +721,15 @@ def _with_moments(model, found: Distillation, teacher: Teacher, judge, options: 
 
 
 def _weighed(model, found: Distillation, teacher: Teacher, mode: str, weights: tuple, options: dict) -> Refined:
-    """``refine_fit`` once per moment weight; the one whose result validates best (the first on a tie), its record
-    with every weight's validation and the cost of all (given ``grid_alone`` and ``joint`` counted once)."""
+    """``refine_fit`` once per moment weight; the first weight's result unless another's validates better by more
+    than the distillation's ``margin`` (``_first_unless_beaten``), its record with every weight's validation and the
+    cost of all (given ``grid_alone`` and ``joint`` counted once)."""
     if mode == "joint+timesteps" and options["joint"] is None:  # the joint lambdas do not depend on the weight
         options = dict(options, joint=refine_fit(model, found, teacher, "joint", **{
             k: v for k, v in options.items() if k not in ("grid_alone", "joint")}))
     tried = [refine_fit(model, found, teacher, mode, moment_weights=(w,), **options) for w in weights]
     returned = [t.score if t.kept else t.record.get("validation_before", t.score) for t in tried]
-    chosen = min(range(len(tried)), key=lambda i: (returned[i], i))
+    chosen = _first_unless_beaten(returned, found.margin)
     given = [p for p in (options["grid_alone"], options["joint"]) if p is not None] if mode == "joint+timesteps" else []
     # each weight's refinement with its special cases (refine_fit's cost), the given ones counted once in all
     costs = [{"sample_evaluations": t.record["sample_evaluations"] + sum(
@@ -745,6 +746,15 @@ def _weighed(model, found: Distillation, teacher: Teacher, mode: str, weights: t
     best.scheduler.fit_info = {**found.record(best.spacing, (evaluations, seconds)), "refine": record}
     return Refined(best.scheduler, best.kept, best.spacing, best.score, seconds,
                    sum(t.iterations for t in tried), record)
+
+
+def _first_unless_beaten(scores: list, margin: float) -> int:
+    """Which of several validation ``scores`` (lower is better) to keep: the first, unless another validates better
+    than it by more than ``margin`` (relative; then the best of those, the first on a tie), as the guard keeps a
+    refinement only where it beats what it replaces by the margin: a score within it cannot be told apart on the
+    validation seeds, and the choice would follow the last bits of the arithmetic."""
+    best = min(range(len(scores)), key=lambda i: (scores[i], i))
+    return best if scores[best] < (1 - margin) * scores[0] else 0
 
 
 def _refine_fit(model, found: Distillation, teacher: Teacher, mode: str, judge: Judge | None, targets, starts: int,

@@ -204,8 +204,9 @@ def evaluate_spacings(model, data: EvaluationData, *, solvers=SOLVERS, nfes=PAPE
     that auto fit):
     the base solver on a learned grid (lambdas 0), D-ODE auto with its lambdas refined jointly, and D-ODE with
     lambdas and grid learned together (grids only for ``GRID_SOLVERS``). ``learned_moments``: the grid refinements'
-    moment weights (``refine_fit``'s ``moment_weights``: 0 the squared distance alone; several, the best-validating,
-    and then a grid row's ``moment_weight`` is the one kept, empty where the refinement was not).
+    moment weights (``refine_fit``'s ``moment_weights``: 0 the squared distance alone; several, the guard choosing:
+    the first unless another validates better by the margin), and then a grid row's ``moment_weight`` is the one
+    kept, empty where the refinement was not.
     Validation Frechet distances are in ``validation_features`` (default: the feature space of ``metric``).
     A sweep row is scored in ``metric``'s feature space (and by RMSE); the other ``features`` only where the row is
     also a table row (a feature network on every sweep row was most of the sweep's time: on gmm-digits FD-digits
