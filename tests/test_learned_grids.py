@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dode
-from dode.core.distill import distillation, refine_fit, refinement_starts
+from dode.core.distill import distillation, refine_fit, refined_scheduler, refinement_starts
 from dode.core.timegrid import TimeGrid
 from dode.models.registry import training_sigmas
 from dode.core import refine as refine_module
@@ -236,6 +236,42 @@ def test_probes_and_checks_take_their_lengths_from_the_refine_constants(gmm, aut
     assert len(probes) == 2 and [p["iterations"] for p in probes] == [3, 3] and continued["continued"]
     assert continued["iterations"] == 2 * 2 and info["stopped_early"]
     assert info["checks"] == [1.0, 1.0] or info["checks"] == [1.0, 1.0, 1.0]  # and the best point, unless checked
+
+
+class _Fixed(_Scores):
+    """``judge`` (its seeds, reference and criterion for the records) scoring every refined scheduler ``score``."""
+
+    def __init__(self, judge, score):
+        super().__init__(score)
+        self.judge = judge
+
+    def __getattr__(self, name):
+        return getattr(self.judge, name)
+
+
+@pytest.mark.parametrize("patience", [2, 3, None])
+def test_distill_s_refine_patience_is_the_continued_run_s(gmm, auto_fit, monkeypatch, patience):
+    """``distill(refine_patience=...)`` reaches the refinement (through ``refined_scheduler``): under a judge that
+    finds nothing better the best probe's run stops after ``patience`` checks, CHECK_EVERY x patience iterations,
+    and with None it runs until the optimiser converges or the iterations run out."""
+    auto, _ = auto_fit
+    monkeypatch.setattr(refine_module, "PROBE_ITERATIONS", 3)
+    monkeypatch.setattr(refine_module, "CHECK_EVERY", 2)
+    found = dataclasses.replace(auto, judge=_Fixed(auto.judge, 1.0))
+    info = refined_scheduler(gmm, found, "joint", iterations=40, starts=2, patience=patience,
+                             progress=False).fit_info["refine"]
+    continued = info["steps"][-1]
+    assert continued["continued"] and info["stopped_early"] == (patience is not None)
+    if patience is None:  # until Rprop settles or the iterations left run out, past any patience's stop
+        assert 2 * 3 < continued["iterations"] <= 40 - 3
+        assert continued["iterations"] == 40 - 3 or "converged" in info["optimizer_message"]
+    else:
+        assert continued["iterations"] == 2 * patience
+    for bad in (0, -1, 2.5, True, "5"):
+        with pytest.raises(ValueError, match="refine_patience must be a positive integer or None"):
+            dode.distill(gmm, "deis", [3, 4], refine="joint", refine_patience=bad)
+        with pytest.raises(ValueError, match="refine_patience must be a positive integer or None"):
+            dode.distill(gmm, "deis", 4, refine="joint", refine_patience=bad)
 
 
 @pytest.mark.parametrize("budget, probe", [(9, 3), (30, 10), (2, 1)])

@@ -221,9 +221,11 @@ def _judge(model, teacher: Teacher, validation, criterion: str, features: str, d
 
 
 def _check_refine(solver: Solver, refine, optimizer: str = OPTIMIZER, moments=(0.0,),
-                  features: str | None = "pixel") -> None:
-    """``distill``'s check of ``refine``, ``refine_optimizer`` and ``refine_moments`` (in the guard's ``features``;
-    None: no guard), before any work."""
+                  features: str | None = "pixel", patience: int | None = PATIENCE) -> None:
+    """``distill``'s check of ``refine``, ``refine_optimizer``, ``refine_moments`` (in the guard's ``features``;
+    None: no guard) and ``refine_patience``, before any work."""
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"refine_patience must be a positive integer or None, got {patience!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"refine_optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
     if refine is not None and refine not in REFINEMENTS:
@@ -388,7 +390,7 @@ def _distill_counts(single, arguments: dict) -> DODEScheduler:
     if given["spacing"] is not None and not isinstance(given["spacing"], str):
         raise ValueError("an explicit grid fixes one step count: distil several NFE on a named spacing or 'auto'")
     _check_refine(solver, given["refine"], given["refine_optimizer"], given["refine_moments"],
-                  given["features"] if given["guard"] else None)
+                  given["features"] if given["guard"] else None, given["refine_patience"])
     for n in nfes:  # every argument check before any work
         _check(solver, n, given["spacing"], given["guard"], given["criterion"], given["margin"])
     device = given["device"] = resolve_device(given["device"])
@@ -407,7 +409,7 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
             margin: float = MARGIN, reference: Reference = REFERENCE, device="auto", refine: str | None = None,
             refine_iterations: int = 200, refine_starts: int = STARTS, refine_tolerance: float = TOLERANCE,
             refine_batch_size: int | None = None, refine_optimizer: str = OPTIMIZER, refine_moments=(0.0,),
-            precision: str | None = None, progress: bool = True) -> DODEScheduler:
+            refine_patience: int | None = PATIENCE, precision: str | None = None, progress: bool = True) -> DODEScheduler:
     """Fit the D-ODE lambdas of ``solver`` at ``nfe`` model evaluations on one batch; returns a DODEScheduler.
 
     ``nfe``: model evaluations, or a list of them: then one DODEScheduler holds each count's fit (one teacher, one
@@ -442,7 +444,8 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     fitting batch's ``reference`` solution; ``GRID_SOLVERS`` only) or ``"timesteps"`` (the grid alone, every lambda
     0). Exact gradients; ``refine_optimizer`` (``OPTIMIZERS``): Rprop (the default) or "lbfgs" (to
     ``refine_tolerance``), at most ``refine_iterations``, or "adam" for exactly as many; ``refine_batch_size``:
-    micro-batches; ``refine_moments``: moment weights of a grid's objective. With the guard and no ``spacing``, from
+    micro-batches; ``refine_moments``: moment weights of a grid's objective; ``refine_patience``: validation checks
+    in a row without a better score that stop a run (None: never). With the guard and no ``spacing``, from
     ``"auto"`` and ``refine_starts`` starts (and for "joint+timesteps" the grid alone and the joint lambdas, never
     worse than either); kept only where it validates better than what it replaces by ``margin``
     (``fit_info["refine"]["kept"]``). ``precision``: of the fitting batch and all fitted on it (``dode.Teacher``'s,
@@ -454,7 +457,8 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
     batch_size = REFINE_BATCH if batch_size is None and refine and not isinstance(teacher, Teacher) else batch_size
     if isinstance(nfe, (list, tuple)):  # one fit per count, in one scheduler
         return _distill_counts(distill, locals())
-    _check_refine(get_solver(solver), refine, refine_optimizer, refine_moments, features if guard else None)
+    _check_refine(get_solver(solver), refine, refine_optimizer, refine_moments, features if guard else None,
+                  refine_patience)
     if refine is not None and spacing is None and guard:  # the best a user can get: from auto's choice and more
         spacing = "auto"
     found = distillation(model, solver, nfe, spacing=spacing, batch_size=batch_size, seed=seed, teacher=teacher,
@@ -464,12 +468,12 @@ def distill(model, solver, nfe: int | list, *, spacing=None, batch_size: int | N
         return found.scheduler
     return refined_scheduler(model, found, refine, iterations=refine_iterations, starts=refine_starts,
                              tolerance=refine_tolerance, batch_size=refine_batch_size, optimizer=refine_optimizer,
-                             moment_weights=refine_moments, progress=progress)
+                             moment_weights=refine_moments, patience=refine_patience, progress=progress)
 
 
 def refined_scheduler(model, found: "Distillation", refine: str, *, iterations: int = 200, starts: int = STARTS,
                       tolerance: float = TOLERANCE, batch_size: int | None = None, optimizer: str = OPTIMIZER,
-                      moment_weights=(0.0,), progress: bool = True) -> DODEScheduler:
+                      moment_weights=(0.0,), patience: int | None = PATIENCE, progress: bool = True) -> DODEScheduler:
     """What ``distill(refine=refine)`` returns, from its ``distillation`` ``found`` (which may have given its own
     ``scheduler`` first: D-ODE auto and its refinement from one fit): ``refine_fit`` against the fit's teacher and
     targets, with ``starts`` starts where ``found`` is an auto fit (one otherwise)."""
@@ -477,7 +481,7 @@ def refined_scheduler(model, found: "Distillation", refine: str, *, iterations: 
         return refine_fit(model, found, found.teacher, refine, judge=found.judge, targets=found.kept.fit.targets,
                           max_iterations=iterations, starts=starts if found.auto else 1, tolerance=tolerance,
                           batch_size=batch_size, optimizer=optimizer, moment_weights=moment_weights,
-                          progress=progress).scheduler
+                          patience=patience, progress=progress).scheduler
 
 
 @dataclass
