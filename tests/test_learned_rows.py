@@ -1,6 +1,7 @@
 """``make learned-rows`` (dode.tools.learned_rows): unet-digits' learned-grid rows at every NFE, outside make reproduce."""
 import json
 import math
+from pathlib import Path
 
 import nbformat
 import pandas as pd
@@ -122,8 +123,14 @@ def test_the_committed_report_is_what_the_tool_writes_from_the_committed_rows(tm
 
 
 def test_the_report_says_which_moment_weight_made_each_cell_s_grid_rows_where_the_rows_carry_it():
-    rows = pd.read_csv(ROOT / "results" / "learned_rows" / "unet-digits.csv")
+    saved = pd.read_csv(ROOT / "results" / "learned_rows" / "unet-digits.csv")
     meta = json.loads((ROOT / "results" / "learned_rows" / "unet-digits.json").read_text())
+    # the committed rows carry the column: each cell's weights are its two grid rows'
+    for _, w in learned_rows.kept_weights(saved).iterrows():
+        cell = saved[(saved.solver == w.solver) & (saved.nfe == w.nfe)].set_index("variant").moment_weight
+        assert [w.weight_learned, w.weight_grid] == pytest.approx(
+            [cell["dode-learned"], cell["learned-grid"]], nan_ok=True), tuple(w)
+    rows = saved.drop(columns="moment_weight")  # rows made before the column: no count
     assert learned_rows.kept_weights(rows) is None and "moment weight kept" not in learned_rows.report(rows, meta)
     grid = rows.variant.isin(["dode-learned", "learned-grid"])
     cells = rows.loc[grid, ["solver", "nfe"]].drop_duplicates().reset_index(drop=True)
@@ -226,3 +233,19 @@ def test_a_check_run_into_another_folder_keeps_its_shards_there_and_leaves_the_m
     assert learned_rows.main(["--solvers", "ddim", "--out", str(tmp_path / "avx2")]) == 0
     assert learned_rows.main(["--solvers", "ddim", "--out", str(tmp_path), "--work", str(tmp_path / "w")]) == 0
     assert targets == [tmp_path / "avx2" / "learned_rows-work" / "unet-digits", tmp_path / "w" / "unet-digits"]
+
+
+def test_a_relative_out_folder_gets_the_shard_s_rows_where_collect_reads_them(monkeypatch, tmp_path):
+    """papermill runs notebook 02 in notebooks/ (``cwd``): the shard's ``out_dir`` must not be relative to the caller's
+    folder (``--out build/avx2`` once wrote a check run's rows under notebooks/build/ and ``collect`` found none)."""
+    import papermill
+
+    written = []
+
+    def execute(notebook, output, cwd, parameters, **kwargs):  # where the kernel, in cwd, would write its rows
+        written.append((Path(cwd) / parameters["out_dir"]).resolve())
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    monkeypatch.chdir(tmp_path)
+    learned_rows._run_shard(0, {"solvers": ["ddim"]}, Path("build") / "avx2" / "unet-digits")
+    assert written == [tmp_path / "build" / "avx2" / "unet-digits" / "shard-0" / "out"]

@@ -99,7 +99,7 @@ def work_folder(out: Path, work: Path | None = None) -> Path:
 def _run_shard(k: int, values: dict, work: Path) -> float:
     import papermill
 
-    folder = work / f"shard-{k}"
+    folder = (work / f"shard-{k}").resolve()  # the notebook runs in notebooks/: a relative out_dir would land there
     shutil.rmtree(folder, ignore_errors=True)  # a shard starts clean: no rows of an earlier run are collected
     folder.mkdir(parents=True)
     began = time.perf_counter()
