@@ -30,7 +30,7 @@ from .guard import CRITERIA, MARGIN, FitWarning, Judge, best_factor, choose, dec
 from .reference import REFERENCE, Reference, reference_solution
 from . import refine as refine_constants  # PROBE_ITERATIONS, CHECK_EVERY: read when called (--patch can set them)
 from .refine import (MOMENT_FEATURES, OPTIMIZER, OPTIMIZERS, PATIENCE, PROBE_ITERATIONS, REFINEMENTS, TOLERANCE,
-                     MomentTerm, Monitor, Optimised, moment_balance, optimise)
+                     MomentTerm, Monitor, Optimised, check_patience, moment_balance, optimise)
 from .sampling import check_batch_size, count_evaluations
 from .scheduler import DODEScheduler, grid_scheduler, make_scheduler
 from .solvers import GRID_SOLVERS, Solver, get_solver
@@ -224,8 +224,7 @@ def _check_refine(solver: Solver, refine, optimizer: str = OPTIMIZER, moments=(0
                   features: str | None = "pixel", patience: int | None = PATIENCE) -> None:
     """``distill``'s check of ``refine``, ``refine_optimizer``, ``refine_moments`` (in the guard's ``features``;
     None: no guard) and ``refine_patience``, before any work."""
-    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
-        raise ValueError(f"refine_patience must be a positive integer or None, got {patience!r}")
+    check_patience(patience, "refine_patience")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"refine_optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
     if refine is not None and refine not in REFINEMENTS:

@@ -435,6 +435,12 @@ def optimise(model, scheduler: DODEScheduler, noise: torch.Tensor, targets: torc
                      f.history, gradient, f.backward // len(f.parts), optimizer, score, checks, early, moments)
 
 
+def check_patience(patience, name: str = "patience") -> None:
+    """A patience (``Monitor``'s, ``distill``'s ``refine_patience``) is a positive integer or None."""
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {patience!r}")
+
+
 class Monitor:
     """Early stopping of ``optimise`` on held-out seeds: ``judge`` (a scheduler -> its score, lower is better: the
     never-worse guard's ``dode.core.guard.Judge``) scores the iterate every ``every`` iterations; the optimiser stops
@@ -453,8 +459,7 @@ class Monitor:
                  start_score: float | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
-            raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+        check_patience(patience)
         self.judge, self.every, self.patience, self.start_score = judge, every, patience, start_score
         self.scores, self.stopped = [], False
 
